@@ -1,0 +1,168 @@
+"""Domain model: roles, worker identity and status, the schedule request, error codes.
+
+Everything here is plain data with no I/O, shared by the strategies (pure), the state store (Redis) and the HTTP
+layer. Wire names follow the original FlexLB (see docs and ``../shared/FLEXLB_REFERENCE.md``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Role(enum.StrEnum):
+    PREFILL = "PREFILL"
+    DECODE = "DECODE"
+    PDFUSION = "PDFUSION"
+    VIT = "VIT"
+
+    @classmethod
+    def parse(cls, value: str) -> Role:
+        """Accept ``PREFILL``, ``prefill`` and RTP-LLM's ``RoleType.PREFILL``; raise ValueError otherwise."""
+        name = value.strip().upper().removeprefix("ROLETYPE.")
+        aliases = {"PD_FUSION": "PDFUSION", "FUSION": "PDFUSION", "VISION": "VIT"}
+        name = aliases.get(name, name)
+        try:
+            return cls(name)
+        except ValueError:
+            raise ValueError(f"unknown role {value!r}; expected one of {', '.join(r.value for r in cls)}") from None
+
+
+# Order in which roles are chosen for one request (as the original): a later role is limited to the group of
+# the earlier choice.
+ROLE_ORDER: tuple[Role, ...] = (Role.PDFUSION, Role.DECODE, Role.PREFILL, Role.VIT)
+
+
+class ErrorCode(enum.IntEnum):
+    """Numeric codes of the original FlexLB, plus flexlb's own (>= 8600)."""
+
+    OK = 200
+    CONNECT_FAILED = 8202
+    CONNECT_TIMEOUT = 8203
+    NO_AVAILABLE_WORKER = 8400
+    NO_PREFILL_WORKER = 8402
+    NO_DECODE_WORKER = 8403
+    NO_PDFUSION_WORKER = 8404
+    NO_VIT_WORKER = 8405
+    INVALID_REQUEST = 8406
+    QUEUE_FULL = 8502
+    QUEUE_TIMEOUT = 8503
+    REQUEST_CANCELLED = 8504
+    # flexlb: Redis (the fleet's shared state) unreachable and the local snapshot too old to schedule from.
+    STATE_UNAVAILABLE = 8600
+    # flexlb: the request names a model this router does not serve.
+    UNKNOWN_MODEL = 8601
+
+    @property
+    def retryable(self) -> bool:
+        return 8400 <= self.value <= 8405
+
+
+NO_WORKER_CODE: dict[Role, ErrorCode] = {
+    Role.PREFILL: ErrorCode.NO_PREFILL_WORKER,
+    Role.DECODE: ErrorCode.NO_DECODE_WORKER,
+    Role.PDFUSION: ErrorCode.NO_PDFUSION_WORKER,
+    Role.VIT: ErrorCode.NO_VIT_WORKER,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Identity of one engine worker. ``worker_id`` (``ip:http_port``) is its key in Redis."""
+
+    ip: str
+    http_port: int
+    role: Role
+    grpc_port: int = 0  # 0: http_port + 1, RTP-LLM's convention
+    group: str = ""
+    # Admission limit: reservations + reported running/waiting tasks must stay at or below it. 0 = unlimited.
+    max_concurrency: int = 0
+
+    @property
+    def worker_id(self) -> str:
+        return f"{self.ip}:{self.http_port}"
+
+    @property
+    def effective_grpc_port(self) -> int:
+        return self.grpc_port or self.http_port + 1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """Last measured state of a worker, as reported by the worker (or registered by an operator)."""
+
+    alive: bool = True
+    running: int = 0  # tasks the worker is running
+    waiting: int = 0  # tasks in the worker's queue
+    queued_tokens: int = 0  # prompt tokens still to prefill on the worker (running + waiting); 0 if unknown
+    kv_used: int = 0  # KV cache in tokens
+    kv_total: int = 0  # 0 = unknown / unlimited
+    block_size: int = 64  # tokens per KV block (seq_size_per_block)
+    step_latency_ms: float = 0.0
+    prefill_tokens_per_ms: float = 0.0  # measured prefill throughput; 0 = not measured yet
+    status_version: int = 0
+    updated_ms: int = 0  # Redis server time of the last status write
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """One worker as a strategy sees it for one request: identity, status, this fleet's pending load, cache hit."""
+
+    spec: WorkerSpec
+    status: WorkerStatus
+    pending_count: int = 0  # live reservations made by any router and not yet released
+    pending_tokens: int = 0  # tokens of those reservations
+    hit_blocks: int = 0  # longest cached prefix of the request's block keys, in blocks
+
+    @property
+    def worker_id(self) -> str:
+        return self.spec.worker_id
+
+    @property
+    def hit_tokens(self) -> int:
+        return self.hit_blocks * self.status.block_size
+
+    @property
+    def load(self) -> int:
+        """Tasks on the worker or on their way to it."""
+        return self.status.running + self.status.waiting + self.pending_count
+
+    @property
+    def kv_free(self) -> int:
+        """KV tokens not used and not reserved; a large number when the total is unknown."""
+        if self.status.kv_total <= 0:
+            return 1 << 62
+        return self.status.kv_total - self.status.kv_used - self.pending_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRequest:
+    """The body of ``POST /rtp_llm/schedule`` after validation."""
+
+    request_id: int
+    seq_len: int
+    block_cache_keys: tuple[int, ...] = ()
+    generate_timeout_ms: int = 3_600_000
+    model: str | None = None
+    request_time_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A strategy's pick for one role."""
+
+    worker: WorkerView
+    estimate_ttft_ms: float = 0.0
+    reserve_tokens: int = 0  # tokens the reservation holds on the worker (KV it will need)
+
+
+@dataclass(slots=True)
+class ScheduleResult:
+    """Outcome of scheduling one request over all roles."""
+
+    success: bool
+    code: ErrorCode = ErrorCode.OK
+    message: str = ""
+    choices: dict[Role, Choice] = field(default_factory=dict)
+    degraded: bool = False  # chosen from the local snapshot while Redis was unreachable
+    attempts: int = 1

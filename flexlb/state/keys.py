@@ -1,0 +1,50 @@
+"""Every Redis key flexlb uses, built in one place (documented in docs/redis-keys.md).
+
+All keys of one model service share the Redis Cluster hash tag ``{<service>}``, so every script touches one slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flexlb.domain import Role
+
+ROLE_SET_ORDER: tuple[Role, ...] = (Role.PREFILL, Role.DECODE, Role.PDFUSION, Role.VIT)  # as upsert_worker.lua
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKeys:
+    service: str
+
+    @property
+    def prefix(self) -> str:
+        return f"flexlb:{{{self.service}}}"
+
+    @property
+    def members_version(self) -> str:
+        return f"{self.prefix}:members_version"
+
+    def role_set(self, role: Role) -> str:
+        return f"{self.prefix}:role:{role.value}"
+
+    def role_sets(self) -> list[str]:
+        return [self.role_set(r) for r in ROLE_SET_ORDER]
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def reservations(self, worker_id: str) -> str:
+        return f"{self.prefix}:resv:{worker_id}"
+
+    def reservation_tokens(self, worker_id: str) -> str:
+        return f"{self.prefix}:resv_tokens:{worker_id}"
+
+    def cache_blocks(self, worker_id: str) -> str:
+        return f"{self.prefix}:cache:{worker_id}"
+
+    def request(self, request_id: int) -> str:
+        return f"{self.prefix}:req:{request_id}"
+
+    def reservation_triple(self, worker_id: str) -> list[str]:
+        """Status hash, reservations zset and tokens hash: the keys reserve/release/sweep take per worker."""
+        return [self.worker(worker_id), self.reservations(worker_id), self.reservation_tokens(worker_id)]

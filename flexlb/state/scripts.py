@@ -1,0 +1,40 @@
+"""Loads the Lua scripts in lua/ once and calls them by SHA (redis-py's AsyncScript falls back to EVAL on NOSCRIPT)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+SCRIPT_NAMES = ("snapshot", "reserve", "release", "sweep", "upsert_worker", "remove_worker")
+_INCLUDE = "-- @include "
+
+
+def script_source(name: str) -> str:
+    """The text of lua/<name>.lua with its ``-- @include file`` lines replaced by that file."""
+    folder = resources.files("flexlb.lua")
+    lines = []
+    for line in folder.joinpath(f"{name}.lua").read_text().splitlines():
+        if line.startswith(_INCLUDE):
+            lines.append(folder.joinpath(line.removeprefix(_INCLUDE).strip()).read_text())
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+class Scripts:
+    """One registered script per Lua file, bound to a client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._scripts: dict[str, AsyncScript] = {n: redis.register_script(script_source(n)) for n in SCRIPT_NAMES}
+
+    async def preload(self) -> None:
+        """SCRIPT LOAD every script so the first calls need no fallback round trip."""
+        for script in self._scripts.values():
+            await self._redis.script_load(script.script)
+
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._scripts[name](keys=keys, args=args)

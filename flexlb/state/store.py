@@ -1,0 +1,165 @@
+"""FleetStore: the fleet's shared state in Redis (workers, reservations, cache index). The only Redis user.
+
+Round trips: a snapshot is one script call (two when membership changed since the last one), a reservation of
+every role one script call, a release one call (two when the caller does not know the request's workers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from flexlb.domain import Role, WorkerSpec, WorkerStatus, WorkerView
+from flexlb.state.codec import parse_status_value, spec_fields, status_fields, view_from_hash
+from flexlb.state.keys import ROLE_SET_ORDER, ServiceKeys
+from flexlb.state.scripts import Scripts
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSnapshot:
+    """Workers of the roles asked for, with pending load and the request's cache hit, at Redis time ``now_ms``."""
+
+    views: dict[Role, list[WorkerView]]
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOutcome:
+    ok: bool
+    refused_index: int = -1  # index into the picks of the worker that refused
+    reason: str = ""  # gone | not_alive | concurrency_full | kv_full
+    detail: str = ""
+
+
+class WorkerNotFound(LookupError):
+    pass
+
+
+def _flat_to_dict(flat: Sequence[str]) -> dict[str, str]:
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
+
+
+class FleetStore:
+    def __init__(self, redis: Redis, service: str) -> None:
+        self.redis = redis
+        self.keys = ServiceKeys(service)
+        self.scripts = Scripts(redis)
+        self._members: dict[Role, list[str]] = {r: [] for r in ROLE_SET_ORDER}
+        self._members_version = "-1"  # never a real version: the first snapshot fetches membership
+
+    async def snapshot(self, roles: Sequence[Role], block_keys: Sequence[int] = ()) -> FleetSnapshot:
+        """One consistent read of the roles' workers and each one's cached prefix of ``block_keys``."""
+        for _ in range(3):  # membership rarely changes twice between two calls; three tries is plenty
+            keys = [self.keys.members_version, *self.keys.role_sets()]
+            for role in roles:
+                for wid in self._members[role]:
+                    keys += [*self.keys.reservation_triple(wid), self.keys.cache_blocks(wid)]
+            args = [self._members_version, len(ROLE_SET_ORDER), *block_keys]
+            reply = await self.scripts.call("snapshot", keys, args)
+            if reply[0] == 1:
+                return self._decode_snapshot(roles, reply)
+            self._members_version = reply[1]
+            self._members = {r: sorted(m) for r, m in zip(ROLE_SET_ORDER, reply[2:], strict=True)}
+        raise RuntimeError("worker membership kept changing during the snapshot read")
+
+    def _decode_snapshot(self, roles: Sequence[Role], reply: list) -> FleetSnapshot:
+        entries = iter(reply[2:])
+        views: dict[Role, list[WorkerView]] = {}
+        for role in roles:
+            views[role] = [
+                view_from_hash(wid, _flat_to_dict(flat), int(hit))
+                for wid, (flat, hit) in zip(self._members[role], entries, strict=False)
+            ]
+        return FleetSnapshot(views=views, now_ms=int(reply[1]))
+
+    async def reserve(self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int) -> ReserveOutcome:
+        """Reserve ``tokens`` on each ``(worker_id, tokens)`` for ``request_id``: all of them or none."""
+        keys = [self.keys.request(request_id)]
+        args: list[str | int] = [request_id, ttl_ms]
+        for wid, tokens in picks:
+            keys += self.keys.reservation_triple(wid)
+            args += [wid, tokens]
+        reply = await self.scripts.call("reserve", keys, args)
+        if reply[0] == 1:
+            return ReserveOutcome(ok=True)
+        return ReserveOutcome(ok=False, refused_index=int(reply[1]) - 1, reason=reply[2], detail=reply[3])
+
+    async def request_workers(self, request_id: int) -> list[str]:
+        """Workers that hold (or held until expiry) a reservation of the request."""
+        return sorted(await self.redis.hkeys(self.keys.request(request_id)))
+
+    async def release(self, request_id: int, worker_ids: Sequence[str] | None = None) -> int:
+        """Remove the request's reservations (on ``worker_ids`` only, for a rollback); exactly once each."""
+        if worker_ids is None:
+            worker_ids = await self.request_workers(request_id)
+        if not worker_ids:
+            return 0
+        keys = [self.keys.request(request_id)]
+        for wid in worker_ids:
+            keys += self.keys.reservation_triple(wid)
+        return int(await self.scripts.call("release", keys, [request_id, *worker_ids]))
+
+    async def sweep(self, worker_ids: Sequence[str]) -> int:
+        """Expire overdue reservations of these workers; returns how many were expired."""
+        if not worker_ids:
+            return 0
+        keys = [k for wid in worker_ids for k in self.keys.reservation_triple(wid)]
+        return int(await self.scripts.call("sweep", keys, []))
+
+    # ---- membership and status (admin API / CLI now, the master's poller later) ----
+
+    async def _upsert(self, worker_id: str, role: str, create: bool, fields: Mapping[str, str]) -> bool:
+        keys = [self.keys.members_version, *self.keys.role_sets(), self.keys.worker(worker_id)]
+        args = [worker_id, role, "1" if create else "0"]
+        for name, value in fields.items():
+            args += [name, value]
+        reply = await self.scripts.call("upsert_worker", keys, args)
+        if reply[0] != 1:
+            raise WorkerNotFound(reply[1])
+        return bool(reply[1])
+
+    async def register_worker(self, spec: WorkerSpec, status: WorkerStatus | None = None) -> bool:
+        """Add or replace a worker's identity (and status, when given). Returns True if membership changed."""
+        fields = spec_fields(spec)
+        if status is not None:
+            fields |= status_fields(status)
+        return await self._upsert(spec.worker_id, spec.role.value, True, fields)
+
+    async def update_status(self, worker_id: str, changes: Mapping[str, object]) -> None:
+        """Set some status fields of a registered worker; values are validated. Raises WorkerNotFound."""
+        fields = {name: parse_status_value(name, str(value)) for name, value in changes.items()}
+        await self._upsert(worker_id, "", False, fields)
+
+    async def remove_worker(self, worker_id: str) -> bool:
+        keys = [
+            self.keys.members_version,
+            *self.keys.role_sets(),
+            *self.keys.reservation_triple(worker_id),
+            self.keys.cache_blocks(worker_id),
+        ]
+        return bool(await self.scripts.call("remove_worker", keys, [worker_id]))
+
+    async def set_cache_blocks(self, worker_id: str, block_keys: Sequence[int]) -> None:
+        """Replace the set of block hashes a worker holds (operators and tests; the poller applies diffs)."""
+        key = self.keys.cache_blocks(worker_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if block_keys:
+                pipe.sadd(key, *block_keys)
+            await pipe.execute()
+
+    async def list_workers(self) -> list[WorkerView]:
+        """Every registered worker with its status and pending load (no cache hit)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in self.keys.role_sets():
+                pipe.smembers(key)
+            members = await pipe.execute()
+        ids = sorted({wid for m in members for wid in m})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hgetall(self.keys.worker(wid))
+            hashes = await pipe.execute()
+        return [view_from_hash(wid, h) for wid, h in zip(ids, hashes, strict=True) if h]

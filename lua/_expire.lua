@@ -1,0 +1,25 @@
+-- Shared helpers, pasted by the loader in place of "-- @include _expire.lua" (not a script of its own).
+
+-- Redis server time in ms: one clock for every router host, so TTLs do not depend on their clocks.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Drop the reservations of one worker whose expiry has passed and give their load back.
+-- A router that crashed never releases; this is what returns its capacity.
+local function expire_reservations(worker_key, resv_key, tokens_key, now)
+  local overdue = redis.call('ZRANGEBYSCORE', resv_key, '-inf', now)
+  if #overdue == 0 then return 0 end
+  local freed = 0
+  for _, rid in ipairs(overdue) do
+    freed = freed + (tonumber(redis.call('HGET', tokens_key, rid)) or 0)
+    redis.call('HDEL', tokens_key, rid)
+  end
+  redis.call('ZREM', resv_key, unpack(overdue))
+  if redis.call('EXISTS', worker_key) == 1 then
+    redis.call('HINCRBY', worker_key, 'pending_count', -#overdue)
+    redis.call('HINCRBY', worker_key, 'pending_tokens', -freed)
+  end
+  return #overdue
+end

@@ -1,0 +1,24 @@
+-- release: give back a request's reservations (request finished or failed, or rollback of earlier roles).
+-- KEYS[1]          the request's index hash (worker id -> reserved tokens)
+-- KEYS[2..]        3 keys per worker: status hash, reservations zset, reservation tokens hash
+-- ARGV[1]          request id
+-- ARGV[2..]        worker id per KEYS triple
+-- Returns the number of reservations removed.
+-- Guarantees: exactly once per (request, worker): a second release, or a release after expiry, changes nothing;
+-- a worker removed meanwhile is not re-created.
+local rid = ARGV[1]
+local released = 0
+for i = 1, (#KEYS - 1) / 3 do
+  local wk, rk, tk = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  if redis.call('ZREM', rk, rid) == 1 then
+    local tokens = tonumber(redis.call('HGET', tk, rid)) or 0
+    redis.call('HDEL', tk, rid)
+    if redis.call('EXISTS', wk) == 1 then
+      redis.call('HINCRBY', wk, 'pending_count', -1)
+      redis.call('HINCRBY', wk, 'pending_tokens', -tokens)
+    end
+    released = released + 1
+  end
+  redis.call('HDEL', KEYS[1], ARGV[1 + i])
+end
+return released

@@ -1,0 +1,38 @@
+-- upsert_worker: register a worker or update its identity and status fields.
+-- KEYS[1]          members version counter
+-- KEYS[2..5]       role sets of PREFILL, DECODE, PDFUSION, VIT
+-- KEYS[6]          the worker's status hash
+-- ARGV[1]          worker id
+-- ARGV[2]          role (one of the four), or '' to keep the current one
+-- ARGV[3]          '1' to create when missing, '0' to refuse an unknown worker
+-- ARGV[4..]        field, value pairs to set
+-- Returns {1, members_changed} or {0, reason}.
+-- Guarantees: a worker is in exactly one role set; the members version moves whenever membership does, so
+-- routers rebuild the keys they read; status_version grows by one and updated_ms is server time on every write.
+local ROLES = {'PREFILL', 'DECODE', 'PDFUSION', 'VIT'}
+local wid, role, create = ARGV[1], ARGV[2], ARGV[3] == '1'
+local exists = redis.call('EXISTS', KEYS[6]) == 1
+if not exists and not create then return {0, 'unknown worker ' .. wid} end
+if role == '' then
+  role = redis.call('HGET', KEYS[6], 'role')
+  if not role then return {0, 'worker ' .. wid .. ' has no role; give one'} end
+end
+local changed = 0
+for i, name in ipairs(ROLES) do
+  if name == role then
+    changed = changed + redis.call('SADD', KEYS[1 + i], wid)
+  else
+    changed = changed + redis.call('SREM', KEYS[1 + i], wid)
+  end
+end
+local t = redis.call('TIME')
+local fields = {'role', role, 'updated_ms', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[6], unpack(fields))
+redis.call('HINCRBY', KEYS[6], 'status_version', 1)
+if not exists then
+  redis.call('HSETNX', KEYS[6], 'pending_count', 0)
+  redis.call('HSETNX', KEYS[6], 'pending_tokens', 0)
+end
+if changed > 0 then redis.call('INCR', KEYS[1]) end
+return {1, changed}
