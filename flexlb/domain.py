@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+DEFAULT_BLOCK_SIZE = 64  # tokens per KV block when a worker has not said (RTP-LLM's seq_size_per_block)
+
 
 class Role(enum.StrEnum):
     PREFILL = "PREFILL"
@@ -97,7 +99,7 @@ class WorkerStatus:
     queued_tokens: int = 0  # prompt tokens still to prefill on the worker (running + waiting); 0 if unknown
     kv_used: int = 0  # KV cache in tokens
     kv_total: int = 0  # 0 = unknown / unlimited
-    block_size: int = 64  # tokens per KV block (seq_size_per_block)
+    block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block (seq_size_per_block)
     step_latency_ms: float = 0.0
     prefill_tokens_per_ms: float = 0.0  # measured prefill throughput; 0 = not measured yet
     status_version: int = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from flexlb.domain import Role, WorkerSpec, WorkerStatus, WorkerView
+from flexlb.domain import DEFAULT_BLOCK_SIZE, Role, WorkerSpec, WorkerStatus, WorkerView
 
 # Written by upsert_worker.lua itself, never by a caller.
 SCRIPT_OWNED = frozenset({"status_version", "updated_ms", "pending_count", "pending_tokens"})
@@ -55,13 +55,13 @@ def view_from_hash(worker_id: str, h: dict[str, str], hit_blocks: int = 0) -> Wo
         max_concurrency=_int(h, "max_concurrency"),
     )
     status = WorkerStatus(
-        alive=h.get("alive", "1") == "1",
+        alive=h.get("alive") == "1",  # as reserve.lua: no report, not alive
         running=_int(h, "running"),
         waiting=_int(h, "waiting"),
         queued_tokens=_int(h, "queued_tokens"),
         kv_used=_int(h, "kv_used"),
         kv_total=_int(h, "kv_total"),
-        block_size=_int(h, "block_size", WorkerStatus.block_size) or WorkerStatus.block_size,
+        block_size=_int(h, "block_size", DEFAULT_BLOCK_SIZE) or DEFAULT_BLOCK_SIZE,
         step_latency_ms=_float(h, "step_latency_ms"),
         prefill_tokens_per_ms=_float(h, "prefill_tokens_per_ms"),
         status_version=_int(h, "status_version"),

@@ -121,11 +121,16 @@ class FleetStore:
             raise WorkerNotFound(reply[1])
         return bool(reply[1])
 
-    async def register_worker(self, spec: WorkerSpec, status: WorkerStatus | None = None) -> bool:
-        """Add or replace a worker's identity (and status, when given). Returns True if membership changed."""
-        fields = spec_fields(spec)
-        if status is not None:
-            fields |= status_fields(status)
+    async def register_worker(
+        self, spec: WorkerSpec, status: WorkerStatus | Mapping[str, object] | None = None
+    ) -> bool:
+        """Add or replace a worker: its identity and every status field (``WorkerStatus()`` defaults, overridden by
+        ``status``: a full status or some validated fields). Returns True if membership changed."""
+        if isinstance(status, WorkerStatus):
+            fields = spec_fields(spec) | status_fields(status)
+        else:
+            fields = spec_fields(spec) | status_fields(WorkerStatus())
+            fields |= {name: parse_status_value(name, str(value)) for name, value in (status or {}).items()}
         return await self._upsert(spec.worker_id, spec.role.value, True, fields)
 
     async def update_status(self, worker_id: str, changes: Mapping[str, object]) -> None:

@@ -1,0 +1,139 @@
+"""create_app: wiring of one router process (Redis client, store, scheduler, HTTP routes). No logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from flexlb.domain import ROLE_ORDER, Role
+from flexlb.http.admin import setup_admin_routes
+from flexlb.http.middleware import json_errors
+from flexlb.http.routes import CONTEXT, RouterContext, setup_routes
+from flexlb.metrics import SchedulerMetrics
+from flexlb.routing import ChoiceMemory, StrategyName, StrategyParams, TtftModel
+from flexlb.scheduler import REDIS_UNAVAILABLE, Scheduler, SchedulerOptions
+from flexlb.settings import FlexlbConfig, Settings
+from flexlb.state.store import FleetStore
+
+log = logging.getLogger("flexlb.app")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a schedule body with 100k block keys is ~2 MB; more is a client bug
+
+
+def make_redis(url: str, timeout_ms: int) -> Redis:
+    """A client that fails fast when Redis is away (the scheduler then degrades) and retries a stale connection once."""
+    timeout = timeout_ms / 1000
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=0,
+    )
+
+
+def scheduler_options(config: FlexlbConfig, roles: tuple[Role, ...]) -> SchedulerOptions:
+    return SchedulerOptions(
+        strategies={role: StrategyName(config.strategy_for(role)) for role in ROLE_ORDER},
+        params=StrategyParams(
+            ttft=TtftModel(
+                default_prefill_tokens_per_ms=config.default_prefill_tokens_per_ms,
+                overhead_ms=config.prefill_overhead_ms,
+            ),
+            weighted_cache_decay=config.weighted_cache_decay_factor,
+            tie_ratio=config.ttft_tie_ratio,
+            best_fraction=config.ttft_best_fraction,
+        ),
+        roles=roles,
+        reservation_ttl_ms=config.reservation_ttl_ms,
+        retries=config.schedule_retries,
+        max_staleness_ms=config.degraded_max_staleness_ms,
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    redis: Redis | None = None,
+    registry: CollectorRegistry | None = None,
+    master_host: str | None = None,
+    rng: random.Random | None = None,
+) -> web.Application:
+    """One router. ``redis`` and ``registry`` may be passed in (tests); otherwise built from settings."""
+    config = settings.flexlb
+    if redis is None:
+        if settings.redis_url is None:
+            raise ValueError("REDIS_URL is not set: pass redis_url (the CLI starts an embedded redis-server)")
+        redis = make_redis(settings.redis_url, config.redis_timeout_ms)
+    metrics = SchedulerMetrics(registry or CollectorRegistry())
+    store = FleetStore(redis, settings.service.service_id)
+    scheduler = Scheduler(
+        store,
+        scheduler_options(config, settings.service.roles),
+        ChoiceMemory(rng=rng or random.Random()),
+        metrics,
+    )
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+    app[CONTEXT] = RouterContext(
+        scheduler=scheduler,
+        store=store,
+        metrics=metrics,
+        service_id=settings.service.service_id,
+        master_host=master_host or f"127.0.0.1:{config.http_port}",
+    )
+    setup_routes(app)
+    setup_admin_routes(app)
+    app.cleanup_ctx.append(_redis_lifecycle(settings, redis, store))
+    return app
+
+
+def _redis_lifecycle(settings: Settings, redis: Redis, store: FleetStore):
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await _prepare_redis(settings, store)
+        sweeper = asyncio.create_task(_sweep_forever(store, settings.flexlb.reservation_ttl_ms))
+        yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await redis.aclose()
+
+    return lifecycle
+
+
+async def _prepare_redis(settings: Settings, store: FleetStore) -> None:
+    """Load the scripts and register MODEL_SERVICE_CONFIG's workers; a router that starts while Redis is down
+    still starts (it answers STATE_UNAVAILABLE until Redis answers)."""
+    try:
+        await store.scripts.preload()
+        registered = {v.worker_id for v in await store.list_workers()}
+        for worker in settings.service.endpoints:
+            if worker.worker_id not in registered:
+                # no poller yet: a configured worker is taken as alive until a status says otherwise
+                await store.register_worker(worker.to_spec())
+                log.info("registered %s worker %s from MODEL_SERVICE_CONFIG", worker.role.value, worker.worker_id)
+    except REDIS_UNAVAILABLE as exc:
+        log.error("Redis unreachable at start-up (%s); serving STATE_UNAVAILABLE until it answers", exc)
+
+
+async def _sweep_forever(store: FleetStore, ttl_ms: int) -> None:
+    """Expire reservations of workers no request reads (reads and reservations expire the others themselves)."""
+    interval = min(max(ttl_ms / 4000, 0.1), 5.0)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            views = await store.list_workers()
+            await store.sweep([v.worker_id for v in views if v.pending_count])
+        except REDIS_UNAVAILABLE:
+            pass  # the scheduler reports the outage; sweeping resumes with Redis
+        except Exception:
+            log.exception("reservation sweep failed")

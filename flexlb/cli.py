@@ -1,0 +1,199 @@
+"""flexlb command line: parse arguments -> settings -> run. No scheduling logic here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+import orjson
+import uvloop
+from aiohttp import web
+
+from flexlb.domain import Role, WorkerSpec
+from flexlb.embedded_redis import EmbeddedRedis, RedisNotInstalled
+from flexlb.scheduler import REDIS_UNAVAILABLE
+from flexlb.settings import ConfigError, Settings, load_settings
+from flexlb.state.codec import parse_status_value
+from flexlb.state.store import FleetStore, WorkerNotFound
+
+log = logging.getLogger("flexlb")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+
+
+def _advertised(host: str, port: int) -> str:
+    """The ip:port clients reach this router on (reported as real_master_host)."""
+    if host not in ("0.0.0.0", "::", ""):
+        return f"{host}:{port}"
+    try:
+        return f"{socket.gethostbyname(socket.gethostname())}:{port}"
+    except OSError:
+        return f"127.0.0.1:{port}"
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from flexlb.app import create_app
+
+    config = settings.flexlb
+    host = args.host or config.http_host
+    port = args.port if args.port is not None else config.http_port
+    embedded: EmbeddedRedis | None = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis().start()
+        settings = dataclasses.replace(settings, redis_url=embedded.url)
+        print(f"flexlb: REDIS_URL not set; started redis-server at {embedded.url}", flush=True)
+        print(f"flexlb: to use it from another shell: export REDIS_URL={embedded.url}", flush=True)
+    try:
+        uvloop.install()
+        app = create_app(settings, master_host=args.advertise or _advertised(host, port))
+        print(f"flexlb: router for service {settings.service.service_id!r} on http://{host}:{port}", flush=True)
+        web.run_app(app, host=host, port=port, print=None, access_log=None, reuse_port=True)
+    finally:
+        if embedded is not None:
+            embedded.close()
+    return 0
+
+
+# ---- worker admin (writes the same Redis keys as the admin API) ----
+
+
+def _parse_assignments(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"expected field=value, got {item!r}")
+        try:
+            out[name] = parse_status_value(name.strip(), value.strip())
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return out
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    ip, sep, port = address.rpartition(":")
+    if not sep or not ip or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"expected a worker address ip:http_port, got {address!r}")
+    return ip, int(port)
+
+
+async def _worker_command(args: argparse.Namespace, settings: Settings) -> int:
+    from flexlb.app import make_redis
+
+    url = args.redis_url or settings.redis_url
+    if url is None:
+        raise UsageError("set REDIS_URL (or --redis-url) to the fleet's Redis; `flexlb serve` prints it")
+    redis = make_redis(url, settings.flexlb.redis_timeout_ms)
+    store = FleetStore(redis, args.service or settings.service.service_id)
+    try:
+        if args.worker_cmd == "list":
+            for view in await store.list_workers():
+                s = view.status
+                print(
+                    f"{view.worker_id:<22} {view.spec.role.value:<8} group={view.spec.group or '-':<6} "
+                    f"alive={int(s.alive)} running={s.running} waiting={s.waiting} kv={s.kv_used}/{s.kv_total} "
+                    f"pending={view.pending_count} ({view.pending_tokens} tokens)"
+                )
+            return 0
+        if args.worker_cmd == "add":
+            ip, port = _split_address(args.address)
+            try:
+                role = Role.parse(args.role)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            spec = WorkerSpec(ip, port, role, args.grpc_port, args.group, args.max_concurrency)
+            await store.register_worker(spec, _parse_assignments(args.set))
+            print(f"registered {role.value} worker {spec.worker_id} in service {store.keys.service!r}")
+        elif args.worker_cmd == "update":
+            _split_address(args.address)
+            changes = _parse_assignments(args.fields)
+            if not changes:
+                raise UsageError("give at least one field=value")
+            try:
+                await store.update_status(args.address, changes)
+            except WorkerNotFound:
+                raise UsageError(f"unknown worker {args.address} in service {store.keys.service!r}") from None
+            print(f"updated {args.address}: {orjson.dumps(changes).decode()}")
+        elif args.worker_cmd == "remove":
+            if not await store.remove_worker(args.address):
+                raise UsageError(f"unknown worker {args.address} in service {store.keys.service!r}")
+            print(f"removed {args.address}")
+        return 0
+    finally:
+        await redis.aclose()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexlb", description="Fleet-wide load balancer for LLM inference workers.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a router (starts its own redis-server when REDIS_URL is not set)")
+    serve.add_argument("--host", help="listen address (default: FLEXLB_CONFIG httpHost, 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="listen port (default: FLEXLB_CONFIG httpPort, 7001)")
+    serve.add_argument("--advertise", help="ip:port reported as real_master_host (default: this host's address)")
+
+    worker = sub.add_parser("worker", help="register, update, remove or list workers in Redis")
+    worker.add_argument("--redis-url", help="default: REDIS_URL")
+    worker.add_argument("--service", help="model service id (default: from MODEL_SERVICE_CONFIG, else 'default')")
+    wsub = worker.add_subparsers(dest="worker_cmd", required=True)
+    add = wsub.add_parser("add", help="register a worker (or replace its identity)")
+    add.add_argument("address", help="ip:http_port")
+    add.add_argument("--role", required=True, help="prefill, decode, pdfusion or vit")
+    add.add_argument("--grpc-port", type=int, default=0, help="default: http_port + 1")
+    add.add_argument("--group", default="")
+    add.add_argument("--max-concurrency", type=int, default=0, help="0 = unlimited")
+    add.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="initial status field")
+    update = wsub.add_parser("update", help="set status fields, e.g. running=3 kv_used=2048 alive=false")
+    update.add_argument("address", help="ip:http_port")
+    update.add_argument("fields", nargs="*", metavar="FIELD=VALUE")
+    remove = wsub.add_parser("remove", help="remove a worker and its reservations")
+    remove.add_argument("address", help="ip:http_port")
+    wsub.add_parser("list", help="list workers with status and pending load")
+
+    from flexlb.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        settings = load_settings()
+        if args.command == "serve":
+            return cmd_serve(args, settings)
+        if args.command == "worker":
+            return asyncio.run(_worker_command(args, settings))
+        if args.command == "bench":
+            from flexlb.bench.cli import run_bench
+
+            return run_bench(args, settings)
+    except (ConfigError, UsageError, RedisNotInstalled) as exc:
+        print(f"flexlb: error: {exc}", file=sys.stderr)
+        return 2
+    except REDIS_UNAVAILABLE as exc:
+        print(f"flexlb: error: {exc}", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""HTTP handlers of the router: the original's schedule API plus release, snapshot, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from flexlb.domain import ErrorCode
+from flexlb.http.wire import (
+    BadRequest,
+    error_body,
+    http_status_for,
+    parse_json_object,
+    parse_request_id,
+    parse_schedule_request,
+    schedule_body,
+)
+from flexlb.metrics import SchedulerMetrics
+from flexlb.scheduler import REDIS_UNAVAILABLE, Scheduler
+from flexlb.state.store import FleetStore
+
+log = logging.getLogger("flexlb.http")
+
+# Names a request may carry for this service besides its id: older RTP-LLM clients send "engine_service".
+GENERIC_MODEL_NAMES = frozenset({"engine_service"})
+
+
+@dataclass(slots=True)
+class RouterContext:
+    """Everything the handlers use, built once by create_app."""
+
+    scheduler: Scheduler
+    store: FleetStore
+    metrics: SchedulerMetrics
+    service_id: str
+    master_host: str  # this router's ip:port, reported as real_master_host (any router can schedule)
+    model_names: frozenset[str] = frozenset()
+
+
+CONTEXT = web.AppKey("context", RouterContext)
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def bad_request(exc: BadRequest, ctx: RouterContext) -> web.Response:
+    return json_response(error_body(exc.code, exc.message, master_host=ctx.master_host), exc.status)
+
+
+async def read_object(request: web.Request) -> dict[str, Any]:
+    return parse_json_object(await request.read())
+
+
+def check_model(ctx: RouterContext, model: str | None) -> None:
+    if model is None or model == ctx.service_id or model in ctx.model_names or model in GENERIC_MODEL_NAMES:
+        return
+    raise BadRequest(
+        f"unknown model {model!r}: this router serves {ctx.service_id!r}",
+        status=404,
+        code=ErrorCode.UNKNOWN_MODEL,
+    )
+
+
+async def schedule(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    started = time.perf_counter()
+    try:
+        req = parse_schedule_request(await read_object(request))
+        check_model(ctx, req.model)
+    except BadRequest as exc:
+        ctx.metrics.schedules.labels(code=str(int(exc.code))).inc()
+        return bad_request(exc, ctx)
+    result = await ctx.scheduler.schedule(req)
+    ctx.metrics.schedules.labels(code=str(int(result.code))).inc()
+    ctx.metrics.schedule_latency.observe(time.perf_counter() - started)
+    if not result.success:
+        log.info("request %s: %s (%s)", req.request_id, result.code.name, result.message)
+    return json_response(
+        schedule_body(result, req.request_id, master_host=ctx.master_host), http_status_for(result.code)
+    )
+
+
+async def release(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    try:
+        data = await read_object(request)
+        request_id = parse_request_id(data)
+        check_model(ctx, data.get("model") if isinstance(data.get("model"), str) else None)
+    except BadRequest as exc:
+        return bad_request(exc, ctx)
+    released = await ctx.scheduler.release(request_id)
+    return json_response({"success": True, "code": 200, "request_id": request_id, "released": released})
+
+
+async def schedule_snapshot(request: web.Request) -> web.Response:
+    """The fleet as this router sees it: every worker's status and pending load, plus this router's own state."""
+    ctx = request.app[CONTEXT]
+    sched = ctx.scheduler
+    body: dict[str, Any] = {
+        "service_id": ctx.service_id,
+        "redis_up": sched.redis_up,
+        "snapshot_age_ms": sched.snapshot_age_ms,
+        "strategies": {r.value: s.value for r, s in sched.options.strategies.items()},
+        "local_reservations": {str(rid): picks for rid, picks in sched.local_reservations().items()},
+    }
+    try:
+        views = await ctx.store.list_workers()
+        body["source"] = "redis"
+    except REDIS_UNAVAILABLE as exc:
+        last = sched.last_snapshot
+        views = [v for vs in last.views.values() for v in vs] if last else []
+        body["source"] = f"local snapshot (Redis unreachable: {exc})"
+    body["workers"] = [worker_json(v) for v in views]
+    return json_response(body)
+
+
+def worker_json(view: Any) -> dict[str, Any]:
+    spec, status = view.spec, view.status
+    return {
+        "worker_id": view.worker_id,
+        "role": spec.role.value,
+        "ip": spec.ip,
+        "http_port": spec.http_port,
+        "grpc_port": spec.effective_grpc_port,
+        "group": spec.group,
+        "max_concurrency": spec.max_concurrency,
+        "alive": status.alive,
+        "running": status.running,
+        "waiting": status.waiting,
+        "queued_tokens": status.queued_tokens,
+        "kv_used": status.kv_used,
+        "kv_total": status.kv_total,
+        "block_size": status.block_size,
+        "step_latency_ms": status.step_latency_ms,
+        "prefill_tokens_per_ms": status.prefill_tokens_per_ms,
+        "status_version": status.status_version,
+        "updated_ms": status.updated_ms,
+        "pending_count": view.pending_count,
+        "pending_tokens": view.pending_tokens,
+    }
+
+
+async def master_info(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    # Every router schedules on the shared state, so each names itself (see the reference's flexlb note); the
+    # lock holder and epoch arrive with the master election.
+    return json_response(
+        {
+            "real_master_host": ctx.master_host,
+            "queue_length": 0,
+            "code": 200,
+            "master_lock_holder": None,
+            "master_epoch": None,
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    sched = ctx.scheduler
+    ready = sched.can_schedule()
+    body = {"status": "ok" if ready else "unavailable", "redis_up": sched.redis_up, "degraded": not sched.redis_up}
+    return json_response(body, 200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    return web.Response(body=generate_latest(ctx.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/rtp_llm/schedule", schedule)
+    app.router.add_post("/rtp_llm/release", release)
+    app.router.add_post("/rtp_llm/schedule_snapshot", schedule_snapshot)
+    app.router.add_post("/rtp_llm/master/info", master_info)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,158 @@
+"""JSON wire format of the schedule API: validation of requests, shapes of responses (the original's field names)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from flexlb.domain import Choice, ErrorCode, Role, ScheduleRequest, ScheduleResult
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+MAX_SEQ_LEN = 100_000_000  # far beyond any context window: larger is a client bug
+
+
+class BadRequest(ValueError):
+    """A request the client must fix; the message names the field and what was wrong."""
+
+    def __init__(self, message: str, *, status: int = 400, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise BadRequest("empty body: expected a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def int_field(
+    data: dict[str, Any], name: str, *, required: bool, default: int = 0, low: int = INT64_MIN, high: int = INT64_MAX
+) -> int:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(f"{name}: required")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name}: expected an integer, got {type(value).__name__} {_preview(value)}")
+    if not low <= value <= high:
+        raise BadRequest(f"{name}: {value} is out of range [{low}, {high}]")
+    return value
+
+
+def _preview(value: Any) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, bytes) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_request_id(data: dict[str, Any]) -> int:
+    rid = int_field(data, "request_id", required=True)
+    if rid == 0:
+        raise BadRequest("request_id: must not be 0 (the original reserves 0 for 'no id')")
+    return rid
+
+
+def parse_schedule_request(data: dict[str, Any]) -> ScheduleRequest:
+    """Validate a schedule request body; unknown fields are ignored as in the original."""
+    request_id = parse_request_id(data)
+    seq_len = int_field(data, "seq_len", required=True, low=0, high=MAX_SEQ_LEN)
+    keys = data.get("block_cache_keys")
+    if keys is None:
+        keys = []
+    if not isinstance(keys, list):
+        raise BadRequest(f"block_cache_keys: expected a list of integers, got {type(keys).__name__}")
+    for i, key in enumerate(keys):
+        if isinstance(key, bool) or not isinstance(key, int) or not INT64_MIN <= key <= INT64_MAX:
+            raise BadRequest(f"block_cache_keys[{i}]: expected a 64-bit integer, got {_preview(key)}")
+    timeout = int_field(data, "generate_timeout", required=False, default=3_600_000, low=1)
+    request_time = data.get("request_time_ms")
+    if request_time is not None:
+        request_time = int_field(data, "request_time_ms", required=False, low=0)
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"model: expected a string, got {type(model).__name__}")
+    return ScheduleRequest(
+        request_id=request_id,
+        seq_len=seq_len,
+        block_cache_keys=tuple(keys),
+        generate_timeout_ms=timeout,
+        model=model,
+        request_time_ms=request_time,
+    )
+
+
+def error_body(code: ErrorCode, message: str, *, master_host: str | None = None) -> dict[str, Any]:
+    return {
+        "server_status": [],
+        "success": False,
+        "code": int(code),
+        "error_message": message,
+        "real_master_host": master_host,
+        "queue_length": None,
+    }
+
+
+def _server_status(role: Role, choice: Choice, request_id: int, degraded: bool) -> dict[str, Any]:
+    view = choice.worker
+    spec, status = view.spec, view.status
+    return {
+        "role": role.value,
+        "server_ip": spec.ip,
+        "http_port": spec.http_port,
+        "grpc_port": spec.effective_grpc_port,
+        "group": spec.group,
+        "request_id": request_id,
+        "prefill_time": round(choice.estimate_ttft_ms),
+        "success": True,
+        "code": int(ErrorCode.OK),
+        "message": "",
+        "debug_info": {
+            "running_batch_size": status.running,
+            "queue_size": status.waiting + view.pending_count,
+            "waiting_time_ms": 0,
+            "available_kv_cache_len": max(view.kv_free, 0) if status.kv_total > 0 else 0,
+            "estimate_ttft_ms": round(choice.estimate_ttft_ms, 3),
+            "estimate_tpot_ms": status.step_latency_ms,
+            "hit_cache_len": view.hit_tokens,
+            "reserved_tokens": choice.reserve_tokens,
+            "degraded": degraded,
+        },
+    }
+
+
+def schedule_body(result: ScheduleResult, request_id: int, *, master_host: str | None) -> dict[str, Any]:
+    if not result.success:
+        return error_body(result.code, result.message, master_host=master_host)
+    return {
+        "server_status": [_server_status(r, c, request_id, result.degraded) for r, c in result.choices.items()],
+        "success": True,
+        "code": int(ErrorCode.OK),
+        "error_message": "",
+        "real_master_host": master_host,
+        "queue_length": 0,
+        "degraded": result.degraded,
+    }
+
+
+def http_status_for(code: ErrorCode) -> int:
+    """4xx for the client's mistakes, 503 for no capacity or no shared state, as flexlb promises."""
+    if code == ErrorCode.OK:
+        return 200
+    if code == ErrorCode.UNKNOWN_MODEL:
+        return 404
+    if code == ErrorCode.INVALID_REQUEST:
+        return 400
+    if code == ErrorCode.QUEUE_FULL:
+        return 429
+    if code == ErrorCode.REQUEST_CANCELLED:
+        return 499
+    return 503

@@ -1,0 +1,38 @@
+"""Prometheus metrics of one router process, on a registry passed in (tests make their own)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class SchedulerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.schedules = Counter(
+            "flexlb_schedule_requests_total", "Schedule requests by result code.", ["code"], registry=registry
+        )
+        self.schedule_latency = Histogram(
+            "flexlb_schedule_latency_seconds",
+            "Time to answer a schedule request.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=registry,
+        )
+        self.reserve_refused = Counter(
+            "flexlb_reservations_refused_total",
+            "Reservations refused by Redis (a concurrent router took the capacity), by role and reason.",
+            ["role", "reason"],
+            registry=registry,
+        )
+        self.schedules_degraded = Counter(
+            "flexlb_degraded_schedules_total",
+            "Requests scheduled from the local snapshot while Redis was unreachable.",
+            registry=registry,
+        )
+        self.schedules_unavailable = Counter(
+            "flexlb_state_unavailable_total",
+            "Requests refused because Redis was unreachable and the local snapshot too old.",
+            registry=registry,
+        )
+        self.redis_errors = Counter("flexlb_redis_errors_total", "Failed Redis calls.", registry=registry)
+        self.redis_up = Gauge("flexlb_redis_up", "1 while Redis answers, 0 while it does not.", registry=registry)
+        self.redis_up.set(1)
