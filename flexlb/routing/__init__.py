@@ -1,0 +1,31 @@
+"""Routing decisions: pure functions over snapshots of workers (no I/O)."""
+
+from flexlb.routing.eligibility import eligible, is_eligible
+from flexlb.routing.strategies import (
+    STRATEGIES,
+    ChoiceMemory,
+    StrategyFn,
+    StrategyName,
+    StrategyParams,
+    choose,
+    near_best,
+    weighted_cache_weights,
+)
+from flexlb.routing.ttft import TtftModel, estimate_ttft_ms, prefill_rate, reserve_tokens
+
+__all__ = [
+    "STRATEGIES",
+    "ChoiceMemory",
+    "StrategyFn",
+    "StrategyName",
+    "StrategyParams",
+    "TtftModel",
+    "choose",
+    "eligible",
+    "estimate_ttft_ms",
+    "is_eligible",
+    "near_best",
+    "prefill_rate",
+    "reserve_tokens",
+    "weighted_cache_weights",
+]
