@@ -100,7 +100,7 @@ def create_app(
 def _redis_lifecycle(settings: Settings, redis: Redis, store: FleetStore):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await _prepare_redis(settings, store)
-        sweeper = asyncio.create_task(_sweep_forever(store, settings.flexlb.reservation_ttl_ms))
+        sweeper = asyncio.create_task(_sweep_forever(store, app[CONTEXT].scheduler, settings.flexlb.reservation_ttl_ms))
         yield
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -125,12 +125,14 @@ async def _prepare_redis(settings: Settings, store: FleetStore) -> None:
         log.error("Redis unreachable at start-up (%s); serving STATE_UNAVAILABLE until it answers", exc)
 
 
-async def _sweep_forever(store: FleetStore, ttl_ms: int) -> None:
-    """Expire reservations of workers no request reads (reads and reservations expire the others themselves)."""
-    interval = min(max(ttl_ms / 4000, 0.1), 5.0)
+async def _sweep_forever(store: FleetStore, scheduler: Scheduler, ttl_ms: int) -> None:
+    """Expire reservations of workers no request reads (reads and reservations expire the others themselves),
+    and write the releases Redis missed while it was down."""
+    interval = min(max(ttl_ms / 4000, 0.1), 1.0)
     while True:
         await asyncio.sleep(interval)
         try:
+            await scheduler.write_unwritten_releases()
             views = await store.list_workers()
             await store.sweep([v.worker_id for v in views if v.pending_count])
         except REDIS_UNAVAILABLE:

@@ -34,6 +34,8 @@ from flexlb.state.store import FleetSnapshot, FleetStore
 
 log = logging.getLogger("flexlb.scheduler")
 
+MAX_UNWRITTEN_RELEASES = 100_000  # beyond that, the rest expire by TTL
+
 # Errors that mean "Redis is not there", as opposed to a bug in a script (ResponseError), which must surface.
 REDIS_UNAVAILABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
 
@@ -75,6 +77,8 @@ class Scheduler:
         self._next_probe_at = 0.0
         # Reservations made while Redis was down: only this process knows them, until released or expired.
         self._local: dict[int, _LocalReservation] = {}
+        # Releases Redis did not get (it was down): written when it is back, so capacity is not held until TTL.
+        self._unwritten_releases: set[int] = set()
 
     # ---- public API ----
 
@@ -101,6 +105,8 @@ class Scheduler:
         ttl_ms = max(1, min(self.options.reservation_ttl_ms, request.generate_timeout_ms))
         if self._should_try_redis():
             try:
+                if self._unwritten_releases:  # free what Redis missed before deciding on its state
+                    await self.write_unwritten_releases()
                 result = await self._schedule_shared(request, ttl_ms)
                 self._mark_redis_up()
                 return result
@@ -114,15 +120,24 @@ class Scheduler:
         local = self._local.pop(request_id, None)
         if local is not None:
             released += len(local.picks)
-        if self._should_try_redis():
-            try:
-                released += await self.store.release(request_id)
-                self._mark_redis_up()
-            except REDIS_UNAVAILABLE as exc:
-                # its reservations expire by TTL; nothing is lost but capacity for that long
-                self._mark_redis_down(exc)
-                log.warning("release of request %s not written to Redis (%s); it expires by TTL", request_id, exc)
+        try:
+            released += await self.store.release(request_id)
+            self._mark_redis_up()
+        except REDIS_UNAVAILABLE as exc:
+            self._mark_redis_down(exc)
+            if len(self._unwritten_releases) < MAX_UNWRITTEN_RELEASES:
+                self._unwritten_releases.add(request_id)
+            log.warning("release of request %s not written to Redis (%s); retried when Redis is back", request_id, exc)
         return released
+
+    async def write_unwritten_releases(self) -> int:
+        """Write the releases Redis missed while it was down; returns how many reservations they freed."""
+        freed = 0
+        while self._unwritten_releases:
+            request_id = next(iter(self._unwritten_releases))
+            freed += await self.store.release(request_id)  # raises while Redis is still away: try again later
+            self._unwritten_releases.discard(request_id)
+        return freed
 
     def local_reservations(self) -> dict[int, list[tuple[str, int]]]:
         self._prune_local()
@@ -146,6 +161,7 @@ class Scheduler:
             outcome = await self.store.reserve(request.request_id, picks, ttl_ms)
             if outcome.ok:
                 result.attempts = attempt
+                self._last_snapshot = _with_reservation(snapshot, picks)
                 return result
             refused_role = roles[outcome.refused_index]
             refusal = f"{outcome.reason} on {picks[outcome.refused_index][0]} ({outcome.detail})"
@@ -268,6 +284,21 @@ class Scheduler:
             self._redis_down_since = None
             self.metrics.redis_up.set(1)
             log.warning("Redis reachable again after %.1fs: shared scheduling resumed", down_s)
+
+
+def _with_reservation(snapshot: FleetSnapshot, picks: Sequence[tuple[str, int]]) -> FleetSnapshot:
+    """The snapshot as it stands after our own reservation, so degraded mode does not count it as free."""
+    tokens = dict(picks)
+    views = {
+        role: [
+            replace(v, pending_count=v.pending_count + 1, pending_tokens=v.pending_tokens + tokens[v.worker_id])
+            if v.worker_id in tokens
+            else v
+            for v in vs
+        ]
+        for role, vs in snapshot.views.items()
+    }
+    return FleetSnapshot(views=views, now_ms=snapshot.now_ms)
 
 
 def _why_none(role: Role, registered: Sequence[WorkerView], group: str) -> str:
