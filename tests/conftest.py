@@ -52,3 +52,82 @@ async def store(any_redis: aioredis.Redis, service: str) -> FleetStore:
 @pytest.fixture
 async def real_store(real_redis: aioredis.Redis, service: str) -> FleetStore:
     return FleetStore(real_redis, service)
+
+
+class RouterProcess:
+    """A ``flexlb serve`` child process on a free port."""
+
+    def __init__(self, redis_url: str, service: str, config: dict | None = None, env: dict | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        import orjson
+
+        from flexlb.embedded_redis import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "FLEXLB_SERVICE_ID": service,
+            "FLEXLB_CONFIG": orjson.dumps(config or {}).decode(),
+            **(env or {}),
+        }
+        self.log_path = f"/tmp/flexlb-router-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flexlb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float = 20.0) -> RouterProcess:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"router exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"router on {self.url} not ready in {timeout_s}s:\n{self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_router(redis_server: EmbeddedRedis, service: str) -> Iterator:
+    """Factory: start_router(config=..., redis_url=...) -> a ready RouterProcess; all are stopped at the end."""
+    started: list[RouterProcess] = []
+
+    def start(config: dict | None = None, *, redis_url: str | None = None, wait: bool = True) -> RouterProcess:
+        router = RouterProcess(redis_url or redis_server.url, service, config)
+        started.append(router)
+        return router.wait_ready() if wait else router
+
+    yield start
+    for router in started:
+        router.stop()

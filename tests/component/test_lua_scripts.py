@@ -1,0 +1,228 @@
+"""The Lua scripts through FleetStore, on a real redis-server (the reference) and on fakeredis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from flexlb.domain import Role, WorkerSpec, WorkerStatus
+from flexlb.state.scripts import SCRIPT_NAMES, Scripts, script_source
+from flexlb.state.store import FleetStore
+
+P1 = WorkerSpec("10.0.0.1", 8000, Role.PREFILL, max_concurrency=2)
+P2 = WorkerSpec("10.0.0.2", 8000, Role.PREFILL, max_concurrency=2)
+D1 = WorkerSpec("10.0.0.3", 8000, Role.DECODE, max_concurrency=1)
+
+
+async def register_fleet(store: FleetStore) -> None:
+    for spec in (P1, P2, D1):
+        await store.register_worker(spec, WorkerStatus(kv_total=1000, block_size=16))
+
+
+async def worker_state(store: FleetStore, wid: str) -> tuple:
+    """Everything Redis holds about a worker's load, read raw (not through the code under test's decoding)."""
+    r = store.redis
+    h = await r.hgetall(store.keys.worker(wid))
+    return (
+        h.get("pending_count"),
+        h.get("pending_tokens"),
+        await r.zrange(store.keys.reservations(wid), 0, -1, withscores=True),
+        await r.hgetall(store.keys.reservation_tokens(wid)),
+    )
+
+
+def raw_pending(state: tuple) -> tuple[int, int]:
+    return int(state[0]), int(state[1])
+
+
+async def test_reserve_records_and_release_gives_back_exactly(store: FleetStore) -> None:
+    await register_fleet(store)
+    before = await worker_state(store, P1.worker_id)
+    out = await store.reserve(42, [(P1.worker_id, 300), (D1.worker_id, 500)], ttl_ms=60_000)
+    assert out.ok
+    p1 = await worker_state(store, P1.worker_id)
+    assert raw_pending(p1) == (1, 300)
+    assert [m for m, _ in p1[2]] == ["42"] and p1[3] == {"42": "300"}
+    assert raw_pending(await worker_state(store, D1.worker_id)) == (1, 500)
+    assert sorted(await store.request_workers(42)) == sorted([P1.worker_id, D1.worker_id])
+
+    assert await store.release(42) == 2
+    assert await worker_state(store, P1.worker_id) == before
+    assert raw_pending(await worker_state(store, D1.worker_id)) == (0, 0)
+    # exactly once: a second release finds nothing and changes nothing
+    assert await store.release(42) == 0
+    assert await worker_state(store, P1.worker_id) == before
+    assert await store.redis.exists(store.keys.request(42)) == 0
+
+
+async def test_refused_later_role_leaves_earlier_worker_exactly_as_before(store: FleetStore) -> None:
+    await register_fleet(store)
+    assert (await store.reserve(1, [(D1.worker_id, 100)], 60_000)).ok  # D1 is now at max_concurrency=1
+    await store.reserve(2, [(P1.worker_id, 50)], 60_000)
+    before_p1 = await worker_state(store, P1.worker_id)
+    before_d1 = await worker_state(store, D1.worker_id)
+
+    out = await store.reserve(3, [(P1.worker_id, 200), (D1.worker_id, 100)], 60_000)
+
+    assert not out.ok and out.refused_index == 1 and out.reason == "concurrency_full"
+    assert "load 1 of max 1" in out.detail
+    assert await worker_state(store, P1.worker_id) == before_p1
+    assert await worker_state(store, D1.worker_id) == before_d1
+    assert await store.redis.exists(store.keys.request(3)) == 0
+
+
+async def test_rollback_of_some_roles_keeps_the_others(store: FleetStore) -> None:
+    await register_fleet(store)
+    assert (await store.reserve(7, [(P1.worker_id, 100), (D1.worker_id, 100)], 60_000)).ok
+    assert await store.release(7, [P1.worker_id]) == 1
+    assert raw_pending(await worker_state(store, P1.worker_id)) == (0, 0)
+    assert raw_pending(await worker_state(store, D1.worker_id)) == (1, 100)
+    assert await store.request_workers(7) == [D1.worker_id]
+
+
+async def test_refusal_reasons(store: FleetStore) -> None:
+    await register_fleet(store)
+    assert (await store.reserve(1, [(P1.worker_id, 900)], 60_000)).ok
+    kv = await store.reserve(2, [(P1.worker_id, 200)], 60_000)
+    assert (kv.ok, kv.reason, kv.detail) == (False, "kv_full", "needs 200 tokens, 100 free")
+    await store.update_status(P2.worker_id, {"alive": "false"})
+    dead = await store.reserve(3, [(P2.worker_id, 1)], 60_000)
+    assert (dead.ok, dead.reason) == (False, "not_alive")
+    gone = await store.reserve(4, [("10.9.9.9:1", 1)], 60_000)
+    assert (gone.ok, gone.reason) == (False, "gone")
+    # the worker's own reported load counts against the limit too
+    await store.update_status(P2.worker_id, {"alive": "true", "running": "1", "waiting": "1"})
+    busy = await store.reserve(5, [(P2.worker_id, 1)], 60_000)
+    assert (busy.ok, busy.reason, busy.detail) == (False, "concurrency_full", "load 2 of max 2")
+
+
+async def test_re_reserving_the_same_request_does_not_count_twice(store: FleetStore) -> None:
+    await register_fleet(store)
+    assert (await store.reserve(9, [(D1.worker_id, 100)], 60_000)).ok
+    # D1 is full (max 1), but request 9 already holds it: a retry of the same request is not refused
+    assert (await store.reserve(9, [(D1.worker_id, 100)], 60_000)).ok
+    assert raw_pending(await worker_state(store, D1.worker_id)) == (1, 100)
+
+
+async def test_overdue_reservations_expire_and_give_load_back(store: FleetStore) -> None:
+    await register_fleet(store)
+    assert (await store.reserve(11, [(P1.worker_id, 100), (P2.worker_id, 100)], ttl_ms=1)).ok
+    assert (await store.reserve(12, [(P1.worker_id, 70)], ttl_ms=60_000)).ok
+    await _wait_until_server_time_passes(store.redis, 5)
+
+    # P1 is read by a snapshot: its overdue reservation goes, the live one stays
+    snap = await store.snapshot([Role.PREFILL])
+    p1 = next(v for v in snap.views[Role.PREFILL] if v.worker_id == P1.worker_id)
+    assert (p1.pending_count, p1.pending_tokens) == (1, 70)
+    assert raw_pending(await worker_state(store, P1.worker_id)) == (1, 70)
+    # and the sweep script does the same for a worker nobody reads
+    assert (await store.reserve(13, [(P2.worker_id, 5)], ttl_ms=1)).ok
+    await _wait_until_server_time_passes(store.redis, 5)
+    assert await store.sweep([P2.worker_id]) >= 1
+    assert raw_pending(await worker_state(store, P2.worker_id)) == (0, 0)
+    # a release after expiry is a no-op
+    assert await store.release(11) == 0
+    assert raw_pending(await worker_state(store, P1.worker_id)) == (1, 70)
+
+
+async def _wait_until_server_time_passes(redis: aioredis.Redis, ms: int) -> None:
+    """Poll Redis's own clock (the scripts' clock) until ``ms`` have passed."""
+    start = await redis.time()
+    start_ms = start[0] * 1000 + start[1] // 1000
+    for _ in range(1000):
+        now = await redis.time()
+        if now[0] * 1000 + now[1] // 1000 >= start_ms + ms:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("Redis clock did not advance")
+
+
+@pytest.mark.parametrize(
+    ("cached", "request_keys", "expected"),
+    [
+        ([1, 2, 3], [1, 2, 3, 4], 3),
+        ([1, 2, 3], [1, 2, 3], 3),
+        ([2, 3], [1, 2, 3], 0),  # the first block missing ends the match at once
+        ([1, 3], [1, 2, 3], 1),  # a hole ends the match even if later blocks are cached
+        ([], [1, 2], 0),
+        ([1], [], 0),
+        (list(range(100)), list(range(100)), 100),  # across several lookup chunks
+        (list(range(70)), [*range(65), 999, *range(66, 100)], 65),
+    ],
+)
+async def test_snapshot_cached_prefix_is_a_strict_prefix_match(
+    store: FleetStore, cached: list[int], request_keys: list[int], expected: int
+) -> None:
+    await register_fleet(store)
+    await store.set_cache_blocks(P1.worker_id, cached)
+    snap = await store.snapshot([Role.PREFILL], request_keys)
+    hits = {v.worker_id: v.hit_blocks for v in snap.views[Role.PREFILL]}
+    assert hits == {P1.worker_id: expected, P2.worker_id: 0}
+
+
+async def test_snapshot_follows_membership_changes(store: FleetStore) -> None:
+    await register_fleet(store)
+    first = await store.snapshot([Role.PREFILL, Role.DECODE])
+    assert {v.worker_id for v in first.views[Role.PREFILL]} == {P1.worker_id, P2.worker_id}
+    # another process changes membership: removes P2, moves D1 to PREFILL
+    other = FleetStore(store.redis, store.keys.service)
+    assert await other.remove_worker(P2.worker_id)
+    await other.register_worker(WorkerSpec(D1.ip, D1.http_port, Role.PREFILL), WorkerStatus())
+    snap = await store.snapshot([Role.PREFILL, Role.DECODE])
+    assert {v.worker_id for v in snap.views[Role.PREFILL]} == {P1.worker_id, D1.worker_id}
+    assert snap.views[Role.DECODE] == []
+    assert await store.redis.exists(store.keys.worker(P2.worker_id)) == 0
+
+
+async def test_update_of_unknown_worker_is_refused_and_creates_nothing(store: FleetStore) -> None:
+    from flexlb.state.store import WorkerNotFound
+
+    with pytest.raises(WorkerNotFound, match=r"unknown worker 1\.2\.3\.4:5"):
+        await store.update_status("1.2.3.4:5", {"running": 1})
+    assert await store.redis.exists(store.keys.worker("1.2.3.4:5")) == 0
+
+
+async def test_status_version_grows_and_updated_ms_is_server_time(store: FleetStore) -> None:
+    await register_fleet(store)
+    v0 = (await store.snapshot([Role.DECODE])).views[Role.DECODE][0].status
+    await store.update_status(D1.worker_id, {"running": 3, "kv_used": 120})
+    snap = await store.snapshot([Role.DECODE])
+    v1 = snap.views[Role.DECODE][0].status
+    assert v1.status_version == v0.status_version + 1
+    assert (v1.running, v1.kv_used) == (3, 120)
+    assert v0.updated_ms <= v1.updated_ms <= snap.now_ms
+
+
+async def test_every_script_call_touches_one_cluster_slot(store: FleetStore) -> None:
+    """Redis Cluster: all keys of a script must hash to one slot; the {service} tag guarantees it."""
+    seen: list[tuple[str, list[str]]] = []
+    real_call = Scripts.call
+
+    async def recording_call(self: Scripts, name: str, keys: list[str], args: list) -> object:
+        seen.append((name, keys))
+        return await real_call(self, name, keys, args)
+
+    store.scripts.call = recording_call.__get__(store.scripts)  # type: ignore[method-assign]
+    await register_fleet(store)
+    await store.set_cache_blocks(P1.worker_id, [1, 2])
+    await store.snapshot([Role.PREFILL, Role.DECODE], [1, 2])
+    await store.reserve(5, [(P1.worker_id, 1), (D1.worker_id, 1)], 60_000)
+    await store.sweep([P1.worker_id, D1.worker_id])
+    await store.release(5)
+    await store.remove_worker(P2.worker_id)
+    assert {name for name, _ in seen} == set(SCRIPT_NAMES)
+    for name, keys in seen:
+        assert len({key_slot(k.encode()) for k in keys}) == 1, (name, keys)
+
+
+def test_script_sources_have_their_includes_expanded_and_a_header() -> None:
+    for name in SCRIPT_NAMES:
+        text = script_source(name)
+        assert not [line for line in text.splitlines() if line.startswith("-- @include ")]
+        if "expire_reservations(" in text:
+            assert "local function expire_reservations" in text
+        assert text.startswith(f"-- {name}:"), f"lua/{name}.lua must open with its KEYS/ARGV header"
+        assert "KEYS" in text.split("\n\n")[0] or name == "sweep"

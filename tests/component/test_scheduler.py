@@ -1,0 +1,158 @@
+"""Scheduler decisions against a FleetStore (real Redis and fakeredis): roles, groups, retries and rollback."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from flexlb.domain import ErrorCode, Role, ScheduleRequest, WorkerSpec, WorkerStatus
+from flexlb.metrics import SchedulerMetrics
+from flexlb.routing import ChoiceMemory, StrategyName
+from flexlb.scheduler import Scheduler, SchedulerOptions
+from flexlb.state.store import FleetSnapshot, FleetStore
+
+STRATEGIES = {
+    Role.PREFILL: StrategyName.SHORTEST_TTFT,
+    Role.PDFUSION: StrategyName.SHORTEST_TTFT,
+    Role.DECODE: StrategyName.LEAST_KV_USED,
+    Role.VIT: StrategyName.ROUND_ROBIN,
+}
+
+
+def make_scheduler(store: FleetStore, **options: object) -> Scheduler:
+    return Scheduler(
+        store,
+        SchedulerOptions(strategies=STRATEGIES, **options),  # type: ignore[arg-type]
+        ChoiceMemory(rng=random.Random(7)),
+        SchedulerMetrics(CollectorRegistry()),
+    )
+
+
+async def add(store: FleetStore, ip: str, role: Role, group: str = "", limit: int = 0, **status: int) -> str:
+    spec = WorkerSpec(ip, 8000, role, group=group, max_concurrency=limit)
+    await store.register_worker(spec, WorkerStatus(kv_total=10_000, **status))
+    return spec.worker_id
+
+
+async def test_disaggregated_request_gets_one_prefill_and_one_decode(store: FleetStore) -> None:
+    p = await add(store, "10.0.1.1", Role.PREFILL)
+    d = await add(store, "10.0.1.2", Role.DECODE)
+    result = await make_scheduler(store).schedule(ScheduleRequest(request_id=1, seq_len=100))
+    assert result.success and result.attempts == 1
+    assert {r: c.worker.worker_id for r, c in result.choices.items()} == {Role.DECODE: d, Role.PREFILL: p}
+    assert sorted(await store.request_workers(1)) == sorted([p, d])
+
+
+async def test_fused_deployment_uses_pdfusion_only(store: FleetStore) -> None:
+    f = await add(store, "10.0.2.1", Role.PDFUSION)
+    result = await make_scheduler(store).schedule(ScheduleRequest(request_id=2, seq_len=100))
+    assert result.success and list(result.choices) == [Role.PDFUSION]
+    assert result.choices[Role.PDFUSION].worker.worker_id == f
+
+
+async def test_later_role_stays_in_the_group_of_the_earlier_choice(store: FleetStore) -> None:
+    await add(store, "10.0.3.1", Role.DECODE, group="a", kv_used=9_000)  # least free KV: chosen last
+    await add(store, "10.0.3.2", Role.DECODE, group="b")
+    await add(store, "10.0.3.3", Role.PREFILL, group="a")
+    p_b = await add(store, "10.0.3.4", Role.PREFILL, group="b", waiting=50)  # much slower than a's
+    result = await make_scheduler(store).schedule(ScheduleRequest(request_id=3, seq_len=100))
+    assert result.success
+    assert result.choices[Role.DECODE].worker.spec.group == "b"  # decode is chosen first (original's order)
+    assert result.choices[Role.PREFILL].worker.worker_id == p_b  # so prefill must come from group b
+
+
+@pytest.mark.parametrize(
+    ("setup", "code", "message"),
+    [
+        ("none", ErrorCode.NO_AVAILABLE_WORKER, "no workers registered"),
+        ("no_decode", ErrorCode.NO_DECODE_WORKER, "no DECODE worker registered"),
+        ("dead_prefill", ErrorCode.NO_PREFILL_WORKER, "none of 1 PREFILL workers is alive"),
+        ("full_decode", ErrorCode.NO_DECODE_WORKER, "at their concurrency or KV limit"),
+    ],
+)
+async def test_no_worker_answers_name_the_role_and_reason(
+    store: FleetStore, setup: str, code: ErrorCode, message: str
+) -> None:
+    roles: tuple[Role, ...] = ()
+    if setup != "none":
+        await add(store, "10.0.4.1", Role.PREFILL, alive=setup != "dead_prefill")
+    if setup == "no_decode":
+        roles = (Role.PREFILL, Role.DECODE)  # the deployment declares decode, but none is registered
+    if setup in ("dead_prefill", "full_decode"):
+        await add(store, "10.0.4.2", Role.DECODE, limit=1, running=1 if setup == "full_decode" else 0)
+    result = await make_scheduler(store, roles=roles).schedule(ScheduleRequest(request_id=4, seq_len=10))
+    assert not result.success and result.code == code
+    assert message in result.message and result.message.startswith(code.name)
+    assert await store.request_workers(4) == []
+
+
+class InterloperStore(FleetStore):
+    """A FleetStore after whose every snapshot another router takes the decode worker's last slot: the race that
+    optimistic reservation must survive."""
+
+    def __init__(self, store: FleetStore, decode_id: str) -> None:
+        super().__init__(store.redis, store.keys.service)
+        self.other_router = FleetStore(store.redis, store.keys.service)
+        self.decode_id = decode_id
+        self.snapshots = 0
+
+    async def snapshot(self, roles: Sequence[Role], block_keys: Sequence[int] = ()) -> FleetSnapshot:
+        snap = await super().snapshot(roles, block_keys)
+        self.snapshots += 1
+        if self.snapshots == 1:
+            assert (await self.other_router.reserve(-self.snapshots, [(self.decode_id, 1)], 60_000)).ok
+        return snap
+
+
+async def test_decode_refused_after_prefill_chosen_leaves_prefill_exactly_as_before(store: FleetStore) -> None:
+    p = await add(store, "10.0.5.1", Role.PREFILL, limit=4)
+    d = await add(store, "10.0.5.2", Role.DECODE, limit=1)
+    racing = InterloperStore(store, d)
+    before = await store.redis.hgetall(store.keys.worker(p))
+    result = await make_scheduler(racing, retries=2).schedule(ScheduleRequest(request_id=5, seq_len=100))
+    # first attempt: prefill and decode chosen, reservation refused on decode (taken meanwhile); second
+    # attempt sees decode full and answers NO_DECODE_WORKER without reserving anything
+    assert racing.snapshots == 2
+    assert not result.success and result.code == ErrorCode.NO_DECODE_WORKER
+    assert await store.redis.hgetall(store.keys.worker(p)) == before
+    assert await store.redis.zcard(store.keys.reservations(p)) == 0
+    assert await store.request_workers(5) == []
+
+
+async def test_refused_reservation_is_retried_on_a_fresh_snapshot(store: FleetStore) -> None:
+    await add(store, "10.0.6.1", Role.PREFILL, limit=4)
+    d1 = await add(store, "10.0.6.2", Role.DECODE, limit=1)
+    d2 = await add(store, "10.0.6.3", Role.DECODE, limit=1, kv_used=5_000)  # LEAST_KV_USED prefers d1
+    racing = InterloperStore(store, d1)
+    result = await make_scheduler(racing).schedule(ScheduleRequest(request_id=6, seq_len=100))
+    assert result.success and result.attempts == 2
+    assert result.choices[Role.DECODE].worker.worker_id == d2
+
+
+async def test_retries_are_bounded(store: FleetStore) -> None:
+    await add(store, "10.0.7.1", Role.DECODE, limit=1)
+
+    class AlwaysTaken(FleetStore):
+        async def snapshot(self, roles: Sequence[Role], block_keys: Sequence[int] = ()) -> FleetSnapshot:
+            await self.release(-1)  # the snapshot sees the worker free...
+            snap = await super().snapshot(roles, block_keys)
+            assert (await self.reserve(-1, [("10.0.7.1:8000", 1)], 60_000)).ok  # ...and it is taken again
+            return snap
+
+    store2 = AlwaysTaken(store.redis, store.keys.service)
+    result = await make_scheduler(store2, retries=3).schedule(ScheduleRequest(request_id=7, seq_len=1))
+    assert not result.success and result.attempts == 4 and result.code == ErrorCode.NO_DECODE_WORKER
+    assert "refused 4 times, last concurrency_full on 10.0.7.1:8000" in result.message
+
+
+async def test_reservation_ttl_is_capped_by_generate_timeout(store: FleetStore) -> None:
+    p = await add(store, "10.0.8.1", Role.PDFUSION)
+    sched = make_scheduler(store, reservation_ttl_ms=60_000)
+    assert (await sched.schedule(ScheduleRequest(request_id=8, seq_len=1, generate_timeout_ms=2_000))).success
+    expiry = await store.redis.zscore(store.keys.reservations(p), "8")
+    now = await store.redis.time()
+    remaining = expiry - (now[0] * 1000 + now[1] // 1000)
+    assert 0 < remaining <= 2_000
