@@ -99,20 +99,20 @@ def create_app(
 
 def _redis_lifecycle(settings: Settings, redis: Redis, store: FleetStore):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await _prepare_redis(settings, store)
-        sweeper = asyncio.create_task(_sweep_forever(store, app[CONTEXT].scheduler, settings.flexlb.reservation_ttl_ms))
+        prepared = await _prepare_redis(settings, store)
+        background = asyncio.create_task(_maintain(settings, store, app[CONTEXT].scheduler, prepared))
         yield
-        sweeper.cancel()
+        background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+            await background
         await redis.aclose()
 
     return lifecycle
 
 
-async def _prepare_redis(settings: Settings, store: FleetStore) -> None:
-    """Load the scripts and register MODEL_SERVICE_CONFIG's workers; a router that starts while Redis is down
-    still starts (it answers STATE_UNAVAILABLE until Redis answers)."""
+async def _prepare_redis(settings: Settings, store: FleetStore) -> bool:
+    """Load the scripts and register MODEL_SERVICE_CONFIG's workers. False while Redis is down: a router that starts
+    then still starts (answering STATE_UNAVAILABLE) and the maintenance loop tries again."""
     try:
         await store.scripts.preload()
         registered = {v.worker_id for v in await store.list_workers()}
@@ -123,19 +123,23 @@ async def _prepare_redis(settings: Settings, store: FleetStore) -> None:
                 log.info("registered %s worker %s from MODEL_SERVICE_CONFIG", worker.role.value, worker.worker_id)
     except REDIS_UNAVAILABLE as exc:
         log.error("Redis unreachable at start-up (%s); serving STATE_UNAVAILABLE until it answers", exc)
+        return False
+    return True
 
 
-async def _sweep_forever(store: FleetStore, scheduler: Scheduler, ttl_ms: int) -> None:
-    """Expire reservations of workers no request reads (reads and reservations expire the others themselves),
-    and write the releases Redis missed while it was down."""
-    interval = min(max(ttl_ms / 4000, 0.1), 1.0)
+async def _maintain(settings: Settings, store: FleetStore, scheduler: Scheduler, prepared: bool) -> None:
+    """Background duties of every router: finish start-up once Redis answers, write the releases Redis missed while
+    it was down, and expire reservations of workers no request reads (reads and reservations expire the others)."""
+    interval = min(max(settings.flexlb.reservation_ttl_ms / 4000, 0.1), 1.0)
     while True:
         await asyncio.sleep(interval)
         try:
+            if not prepared:
+                prepared = await _prepare_redis(settings, store)
             await scheduler.write_unwritten_releases()
             views = await store.list_workers()
             await store.sweep([v.worker_id for v in views if v.pending_count])
         except REDIS_UNAVAILABLE:
-            pass  # the scheduler reports the outage; sweeping resumes with Redis
+            pass  # the scheduler reports the outage; these duties resume with Redis
         except Exception:
-            log.exception("reservation sweep failed")
+            log.exception("router maintenance failed")

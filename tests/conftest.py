@@ -123,8 +123,10 @@ def start_router(redis_server: EmbeddedRedis, service: str) -> Iterator:
     """Factory: start_router(config=..., redis_url=...) -> a ready RouterProcess; all are stopped at the end."""
     started: list[RouterProcess] = []
 
-    def start(config: dict | None = None, *, redis_url: str | None = None, wait: bool = True) -> RouterProcess:
-        router = RouterProcess(redis_url or redis_server.url, service, config)
+    def start(
+        config: dict | None = None, *, redis_url: str | None = None, env: dict | None = None, wait: bool = True
+    ) -> RouterProcess:
+        router = RouterProcess(redis_url or redis_server.url, service, config, env)
         started.append(router)
         return router.wait_ready() if wait else router
 

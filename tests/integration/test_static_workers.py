@@ -1,0 +1,58 @@
+"""Workers listed in MODEL_SERVICE_CONFIG are registered by the routers, also when Redis comes up after them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import orjson
+
+from flexlb.embedded_redis import EmbeddedRedis, free_port
+
+SERVICE_CONFIG = {
+    "service_id": "ignored-because-FLEXLB_SERVICE_ID-wins",
+    "role_endpoints": [
+        {
+            "group": "g1",
+            "prefill_endpoint": {"address": '["10.6.0.1:8000"]', "type": "SpecifiedIpPortList"},
+            "decode_endpoint": {"address": '["10.6.0.2:8000", "10.6.0.3:8000"]', "type": "SpecifiedIpPortList"},
+        }
+    ],
+}
+
+
+async def test_router_started_before_redis_registers_its_static_workers_when_redis_appears(start_router) -> None:
+    port = free_port()
+    router = start_router(
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        env={"MODEL_SERVICE_CONFIG": orjson.dumps(SERVICE_CONFIG).decode()},
+        wait=False,
+    )
+    async with aiohttp.ClientSession() as http:
+
+        async def schedule() -> tuple[int, dict] | None:
+            try:
+                async with http.post(f"{router.url}/rtp_llm/schedule", json={"request_id": 1, "seq_len": 8}) as r:
+                    return r.status, await r.json()
+            except aiohttp.ClientConnectionError:
+                return None  # not listening yet
+
+        deadline = time.monotonic() + 20
+        while (answer := await schedule()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert answer is not None, router.log()
+        status, body = answer
+        assert status == 503 and body["code"] == 8600 and "no snapshot yet" in body["error_message"]
+
+        with EmbeddedRedis(port=port):
+            while time.monotonic() < deadline:
+                status, body = await schedule() or (0, {})
+                if status == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert status == 200, body
+            chosen = {s["role"]: f"{s['server_ip']}:{s['http_port']}" for s in body["server_status"]}
+            assert chosen["PREFILL"] == "10.6.0.1:8000"
+            assert chosen["DECODE"] in ("10.6.0.2:8000", "10.6.0.3:8000")
+            assert {s["group"] for s in body["server_status"]} == {"g1"}
