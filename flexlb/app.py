@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from flexlb.domain import ROLE_ORDER, Role
+from flexlb.domain import ROLE_ORDER, Role, WorkerView
 from flexlb.http.admin import setup_admin_routes
 from flexlb.http.middleware import json_errors
 from flexlb.http.routes import CONTEXT, RouterContext, setup_routes
@@ -99,8 +99,13 @@ def create_app(
 
 def _redis_lifecycle(settings: Settings, redis: Redis, store: FleetStore):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        prepared = await _prepare_redis(settings, store)
-        background = asyncio.create_task(_maintain(settings, store, app[CONTEXT].scheduler, prepared))
+        try:
+            await store.scripts.preload()
+            await _register_static_workers(settings, store, await store.list_workers())
+        except REDIS_UNAVAILABLE as exc:
+            # the router still starts: it answers STATE_UNAVAILABLE, and _maintain finishes this once Redis answers
+            log.error("Redis unreachable at start-up (%s); serving STATE_UNAVAILABLE until it answers", exc)
+        background = asyncio.create_task(_maintain(settings, store, app[CONTEXT].scheduler))
         yield
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -110,34 +115,26 @@ def _redis_lifecycle(settings: Settings, redis: Redis, store: FleetStore):
     return lifecycle
 
 
-async def _prepare_redis(settings: Settings, store: FleetStore) -> bool:
-    """Load the scripts and register MODEL_SERVICE_CONFIG's workers. False while Redis is down: a router that starts
-    then still starts (answering STATE_UNAVAILABLE) and the maintenance loop tries again."""
-    try:
-        await store.scripts.preload()
-        registered = {v.worker_id for v in await store.list_workers()}
-        for worker in settings.service.endpoints:
-            if worker.worker_id not in registered:
-                # no poller yet: a configured worker is taken as alive until a status says otherwise
-                await store.register_worker(worker.to_spec())
-                log.info("registered %s worker %s from MODEL_SERVICE_CONFIG", worker.role.value, worker.worker_id)
-    except REDIS_UNAVAILABLE as exc:
-        log.error("Redis unreachable at start-up (%s); serving STATE_UNAVAILABLE until it answers", exc)
-        return False
-    return True
+async def _register_static_workers(settings: Settings, store: FleetStore, views: list[WorkerView]) -> None:
+    """Register the MODEL_SERVICE_CONFIG workers Redis does not hold (first start, or Redis lost its data)."""
+    registered = {v.worker_id for v in views}
+    for worker in settings.service.endpoints:
+        if worker.worker_id not in registered:
+            # no poller yet: a configured worker is taken as alive until a status says otherwise
+            await store.register_worker(worker.to_spec())
+            log.info("registered %s worker %s from MODEL_SERVICE_CONFIG", worker.role.value, worker.worker_id)
 
 
-async def _maintain(settings: Settings, store: FleetStore, scheduler: Scheduler, prepared: bool) -> None:
-    """Background duties of every router: finish start-up once Redis answers, write the releases Redis missed while
+async def _maintain(settings: Settings, store: FleetStore, scheduler: Scheduler) -> None:
+    """Background duties of every router: keep the static workers registered, write the releases Redis missed while
     it was down, and expire reservations of workers no request reads (reads and reservations expire the others)."""
     interval = min(max(settings.flexlb.reservation_ttl_ms / 4000, 0.1), 1.0)
     while True:
         await asyncio.sleep(interval)
         try:
-            if not prepared:
-                prepared = await _prepare_redis(settings, store)
             await scheduler.write_unwritten_releases()
             views = await store.list_workers()
+            await _register_static_workers(settings, store, views)
             await store.sweep([v.worker_id for v in views if v.pending_count])
         except REDIS_UNAVAILABLE:
             pass  # the scheduler reports the outage; these duties resume with Redis

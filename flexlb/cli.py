@@ -14,7 +14,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from flexlb.domain import Role, WorkerSpec
+from flexlb.domain import Role, WorkerSpec, check_host
 from flexlb.embedded_redis import EmbeddedRedis, RedisNotInstalled
 from flexlb.scheduler import REDIS_UNAVAILABLE
 from flexlb.settings import ConfigError, Settings, load_settings
@@ -86,9 +86,12 @@ def _parse_assignments(items: Sequence[str]) -> dict[str, str]:
 
 def _split_address(address: str) -> tuple[str, int]:
     ip, sep, port = address.rpartition(":")
-    if not sep or not ip or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"expected a worker address ip:http_port, got {address!r}")
-    return ip, int(port)
+    try:
+        return check_host(ip), int(port)
+    except ValueError as exc:
+        raise UsageError(f"{address!r}: {exc}") from None
 
 
 async def _worker_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -7,6 +7,7 @@ layer. Wire names follow the original FlexLB (see docs and ``../shared/FLEXLB_RE
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 DEFAULT_BLOCK_SIZE = 64  # tokens per KV block when a worker has not said (RTP-LLM's seq_size_per_block)
@@ -66,6 +67,16 @@ NO_WORKER_CODE: dict[Role, ErrorCode] = {
     Role.PDFUSION: ErrorCode.NO_PDFUSION_WORKER,
     Role.VIT: ErrorCode.NO_VIT_WORKER,
 }
+
+
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def check_host(host: str) -> str:
+    """A worker's host name or address as it goes into Redis keys: no braces (hash tags), spaces or ports."""
+    if not _HOST.fullmatch(host):
+        raise ValueError(f"expected a host name or address (IPv6 in brackets) without port, got {host!r}")
+    return host
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@
 -- expiry of overdue reservations, so an earlier role's worker is left exactly as it was.
 -- Guarantees: the check and the write are one atomic step, so no router can push a worker over max_concurrency or
 -- its KV total; re-reserving a request id already held on a worker refreshes its expiry without counting it twice.
--- @include _expire.lua
+-- @include _lib.lua
 
 local rid = ARGV[1]
 local ttl = tonumber(ARGV[2])

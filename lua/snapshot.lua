@@ -1,6 +1,6 @@
 -- snapshot: the state of the workers of some roles and each one's cached prefix of a request, in one round trip.
--- KEYS[1]          members version counter (bumped whenever a worker joins, leaves or changes role)
--- KEYS[2..1+R]     the role sets asked for (R = ARGV[2])
+-- KEYS[1]          members version (changes whenever a worker joins, leaves or changes role)
+-- KEYS[2..1+R]     the role sets of every role, in the store's fixed order (R = ARGV[2]); returned when stale
 -- KEYS[2+R..]      4 keys per worker, in the caller's member order: status hash, reservations zset,
 --                  reservation tokens hash, cache block set
 -- ARGV[1]          members version the caller built KEYS from
@@ -10,7 +10,7 @@
 -- be wrong), else {1, now_ms, {status hash as a flat array, hit_blocks}, ...} per worker.
 -- Guarantees: overdue reservations are expired before the numbers are read, so pending counts are exact;
 -- hit_blocks is a strict prefix match: blocks match in order from the first and the first miss ends the match.
--- @include _expire.lua
+-- @include _lib.lua
 
 local r = tonumber(ARGV[2])
 local version = redis.call('GET', KEYS[1]) or '0'

@@ -2,7 +2,7 @@
 -- workers nobody schedules on and so nobody reads).
 -- KEYS             3 keys per worker: status hash, reservations zset, reservation tokens hash
 -- Returns the number of reservations expired.
--- @include _expire.lua
+-- @include _lib.lua
 local now = now_ms()
 local expired = 0
 for k = 1, #KEYS, 3 do

@@ -1,5 +1,5 @@
 -- upsert_worker: register a worker or update its identity and status fields.
--- KEYS[1]          members version counter
+-- KEYS[1]          members version
 -- KEYS[2..5]       role sets of PREFILL, DECODE, PDFUSION, VIT
 -- KEYS[6]          the worker's status hash
 -- ARGV[1]          worker id
@@ -9,6 +9,8 @@
 -- Returns {1, members_changed} or {0, reason}.
 -- Guarantees: a worker is in exactly one role set; the members version moves whenever membership does, so
 -- routers rebuild the keys they read; status_version grows by one and updated_ms is server time on every write.
+-- @include _lib.lua
+
 local ROLES = {'PREFILL', 'DECODE', 'PDFUSION', 'VIT'}
 local wid, role, create = ARGV[1], ARGV[2], ARGV[3] == '1'
 local exists = redis.call('EXISTS', KEYS[6]) == 1
@@ -25,8 +27,7 @@ for i, name in ipairs(ROLES) do
     changed = changed + redis.call('SREM', KEYS[1 + i], wid)
   end
 end
-local t = redis.call('TIME')
-local fields = {'role', role, 'updated_ms', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+local fields = {'role', role, 'updated_ms', now_ms()}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[6], unpack(fields))
 redis.call('HINCRBY', KEYS[6], 'status_version', 1)
@@ -34,5 +35,5 @@ if not exists then
   redis.call('HSETNX', KEYS[6], 'pending_count', 0)
   redis.call('HSETNX', KEYS[6], 'pending_tokens', 0)
 end
-if changed > 0 then redis.call('INCR', KEYS[1]) end
+if changed > 0 then bump_members_version(KEYS[1]) end
 return {1, changed}

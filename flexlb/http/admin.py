@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from flexlb.domain import Role, WorkerSpec
+from flexlb.domain import Role, WorkerSpec, check_host
 from flexlb.http.routes import CONTEXT, bad_request, json_response, read_object, worker_json
 from flexlb.http.wire import BadRequest, int_field
 from flexlb.state.codec import parse_status_value
@@ -15,8 +15,12 @@ from flexlb.state.store import WorkerNotFound
 
 def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
     ip = data.get("ip")
-    if not isinstance(ip, str) or not ip.strip() or (":" in ip and not ip.startswith("[")):
-        raise BadRequest(f"ip: expected a host name or address without port, got {ip!r}")
+    if not isinstance(ip, str):
+        raise BadRequest(f"ip: expected a string, got {type(ip).__name__}")
+    try:
+        check_host(ip)
+    except ValueError as exc:
+        raise BadRequest(f"ip: {exc}") from None
     role = data.get("role")
     if not isinstance(role, str):
         raise BadRequest(f"role: expected one of {', '.join(r.value for r in Role)}, got {role!r}")
@@ -28,7 +32,7 @@ def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
     if not isinstance(group, str):
         raise BadRequest(f"group: expected a string, got {type(group).__name__}")
     return WorkerSpec(
-        ip=ip.strip(),
+        ip=ip,
         http_port=int_field(data, "http_port", required=True, low=1, high=65535),
         role=parsed_role,
         grpc_port=int_field(data, "grpc_port", required=False, low=0, high=65535),

@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 import orjson
+import redis.asyncio as aioredis
 
 from flexlb.embedded_redis import EmbeddedRedis, free_port
 
@@ -45,14 +46,27 @@ async def test_router_started_before_redis_registers_its_static_workers_when_red
         status, body = answer
         assert status == 503 and body["code"] == 8600 and "no snapshot yet" in body["error_message"]
 
-        with EmbeddedRedis(port=port):
+        async def schedulable() -> dict:
             while time.monotonic() < deadline:
                 status, body = await schedule() or (0, {})
                 if status == 200:
-                    break
+                    await http.post(f"{router.url}/rtp_llm/release", json={"request_id": 1})
+                    return body
                 await asyncio.sleep(0.05)
-            assert status == 200, body
+            raise AssertionError(f"not schedulable: {body}\n{router.log()}")
+
+        with EmbeddedRedis(port=port) as redis_server:
+            body = await schedulable()
             chosen = {s["role"]: f"{s['server_ip']}:{s['http_port']}" for s in body["server_status"]}
             assert chosen["PREFILL"] == "10.6.0.1:8000"
             assert chosen["DECODE"] in ("10.6.0.2:8000", "10.6.0.3:8000")
             assert {s["group"] for s in body["server_status"]} == {"g1"}
+
+            # Redis loses everything (a restart without persistence): the router registers its workers again, and
+            # the new membership version differs from the one it cached, so it reads the new member lists
+            client = aioredis.Redis.from_url(redis_server.url)
+            await client.flushall()
+            await client.aclose()
+            deadline = time.monotonic() + 20
+            body = await schedulable()
+            assert {s["role"] for s in body["server_status"]} == {"PREFILL", "DECODE"}

@@ -1,4 +1,4 @@
--- Shared helpers, pasted by the loader in place of "-- @include _expire.lua" (not a script of its own).
+-- Shared helpers, pasted by the loader in place of "-- @include _lib.lua" (not a script of its own).
 
 -- Redis server time in ms: one clock for every router host, so TTLs do not depend on their clocks.
 local function now_ms()
@@ -22,4 +22,13 @@ local function expire_reservations(worker_key, resv_key, tokens_key, now)
     redis.call('HINCRBY', worker_key, 'pending_tokens', -freed)
   end
   return #overdue
+end
+
+-- Give membership a new version: the server time in microseconds, or one more than the current version if that is
+-- larger. Never a value a router may have cached before, even after Redis lost the key (restart without persistence,
+-- failover), which a plain counter restarting at 1 would reuse.
+local function bump_members_version(version_key)
+  local t = redis.call('TIME')
+  local v = math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), (tonumber(redis.call('GET', version_key)) or 0) + 1)
+  redis.call('SET', version_key, string.format('%.0f', v))
 end
