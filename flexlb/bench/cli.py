@@ -3,14 +3,183 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
 
 from flexlb.settings import Settings
+
+SCHEDULE_EPILOG = """\
+Starts a private stack (redis-server unless REDIS_URL / --redis-url is given, --workers workers under a fresh
+service id 'bench-<random>', one `flexlb serve` subprocess), runs a closed loop of schedule + release requests,
+prints a table and writes JSON, then stops everything it started (also on Ctrl-C). Redis round trips are read from
+the server (INFO stats / commandstats) at the edges of the measured window.
+
+Targets: >= 5,000 decisions/s and <= 2 Redis round trips per schedule decision, for one router process with 16
+workers. The load generator runs on the same machine as the router and competes with it for CPU.
+
+Exit status: 0 when the run completed without errors, 1 when any request failed, 2 when the stack failed.
+"""
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
-    bench.add_subparsers(dest="bench_cmd", required=True)
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    s = bsub.add_parser(
+        "schedule",
+        help="throughput, latency and Redis round trips of POST /rtp_llm/schedule + release on one router",
+        description="Benchmark one router process: schedule + release decisions/s, latency and Redis round trips.",
+        epilog=SCHEDULE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--workers",
+        type=_int_at_least(2),
+        default=16,
+        help="workers to register, half PREFILL and half DECODE (default 16)",
+    )
+    s.add_argument(
+        "--concurrency",
+        type=_int_at_least(1),
+        default=64,
+        help="concurrent client tasks in the closed loop, over all client processes (default 64)",
+    )
+    s.add_argument("--duration", type=_positive_float, default=10.0, help="measured seconds (default 10)")
+    s.add_argument(
+        "--warmup", type=_non_negative_float, default=1.0, help="seconds run first and not counted (default 1)"
+    )
+    s.add_argument(
+        "--client-processes",
+        type=_int_at_least(1),
+        default=1,
+        help="load generator processes sharing --concurrency, for when one Python process cannot saturate "
+        "the router (default 1)",
+    )
+    s.add_argument("--seq-len", type=_int_at_least(1), default=2000, help="seq_len of every request (default 2000)")
+    s.add_argument(
+        "--blocks",
+        type=_int_at_least(1),
+        default=30,
+        help="block_cache_keys per request, at most seq_len / 64; two thirds of them are a prefix shared by "
+        "a group of requests (default 30)",
+    )
+    s.add_argument(
+        "--prefix-groups",
+        type=_int_at_least(1),
+        default=4,
+        help="distinct shared prefixes; each worker caches one of them in full and half of another (default 4)",
+    )
+    s.add_argument(
+        "--split-requests",
+        type=_int_at_least(0),
+        default=2000,
+        help="after the loop, schedule this many requests, then release them, to count the Redis round trips "
+        "of each apart; 0 skips it (default 2000)",
+    )
+    s.add_argument(
+        "--idle-baseline",
+        type=_non_negative_float,
+        default=6.0,
+        help="seconds with no request between those two phases, to measure the router's own background Redis "
+        "traffic (its reservation sweep, every 5 s by default) and subtract it; 0 skips it (default 6)",
+    )
+    s.add_argument(
+        "--redis-url",
+        help="Redis to use (default: REDIS_URL; unset: start a private redis-server); the bench's keys are "
+        "deleted from it afterwards",
+    )
+    s.add_argument("--out", help="JSON result file (default bench-results/schedule-<timestamp>.json)")
+    s.add_argument(
+        "--startup-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds to wait for the router's GET /health to answer 200 (default 30)",
+    )
+    s.add_argument(
+        "--profile-router",
+        metavar="FILE",
+        help="run the router under cProfile and write its stats to FILE (read them with python -m pstats FILE); "
+        "slows the router down",
+    )
+    s.add_argument("--seed", type=int, help="random seed of the workload (default: random, written to the JSON)")
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
-    raise NotImplementedError
+    if args.bench_cmd == "schedule":
+        return _run_schedule(args, settings)
+    raise NotImplementedError(args.bench_cmd)
+
+
+def _run_schedule(args: argparse.Namespace, settings: Settings) -> int:
+    import aiohttp
+
+    from flexlb.bench.report import default_out_path, render_schedule_table, write_json
+    from flexlb.bench.schedule import BenchError, ScheduleBenchParams, run_schedule_bench
+
+    params = ScheduleBenchParams(
+        workers=args.workers,
+        concurrency=args.concurrency,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        client_processes=args.client_processes,
+        seq_len=args.seq_len,
+        blocks=args.blocks,
+        prefix_groups=args.prefix_groups,
+        split_requests=args.split_requests,
+        idle_baseline_s=args.idle_baseline,
+        redis_url=args.redis_url or settings.redis_url,
+        startup_timeout_s=args.startup_timeout,
+        profile_router=args.profile_router,
+        seed=args.seed,
+    )
+    # SIGTERM takes the Ctrl-C path, so the finally blocks stop the router and redis-server.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        result = run_schedule_bench(params, out=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("flexlb bench schedule: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    except (BenchError, aiohttp.ClientError) as exc:
+        print(f"flexlb bench schedule: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    path = write_json(result, Path(args.out) if args.out else default_out_path("schedule"))
+    print()
+    print(render_schedule_table(result), end="")
+    print(f"\nJSON written to {path}")
+    res = result["results"]
+    split = res["split"] or {}
+    failures = res["errors"]["schedule"] + res["errors"]["release"]
+    failures += sum(split[phase]["errors"] for phase in ("schedule_only", "release_only") if phase in split)
+    return 1 if failures else 0
