@@ -22,6 +22,7 @@ from flexlb.metrics import SchedulerMetrics
 from flexlb.routing import ChoiceMemory, StrategyName, StrategyParams, TtftModel
 from flexlb.scheduler import REDIS_UNAVAILABLE, Scheduler, SchedulerOptions
 from flexlb.settings import FlexlbConfig, Settings
+from flexlb.state.connection import use_hiredis_packing
 from flexlb.state.store import FleetStore
 
 log = logging.getLogger("flexlb.app")
@@ -32,7 +33,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # a schedule body with 100k block keys is ~2 M
 def make_redis(url: str, timeout_ms: int) -> Redis:
     """A client that fails fast when Redis is away (the scheduler then degrades) and retries a stale connection once."""
     timeout = timeout_ms / 1000
-    return Redis.from_url(
+    client = Redis.from_url(
         url,
         decode_responses=True,
         socket_timeout=timeout,
@@ -40,6 +41,8 @@ def make_redis(url: str, timeout_ms: int) -> Redis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=0,
     )
+    use_hiredis_packing(client.connection_pool)
+    return client
 
 
 def scheduler_options(config: FlexlbConfig, roles: tuple[Role, ...]) -> SchedulerOptions:

@@ -7,10 +7,15 @@
 -- ARGV[2]          R
 -- ARGV[3..]        the request's block cache keys, in prompt order
 -- Returns {0, version, {ids of role 1}, {ids of role 2}, ...} when the caller's membership is stale (KEYS would
--- be wrong), else {1, now_ms, {status hash as a flat array, hit_blocks}, ...} per worker.
+-- be wrong), else {1, now_ms, {values of FIELDS below, hit_blocks}, ...} per worker.
 -- Guarantees: overdue reservations are expired before the numbers are read, so pending counts are exact;
 -- hit_blocks is a strict prefix match: blocks match in order from the first and the first miss ends the match.
 -- @include _lib.lua
+
+-- The status hash fields returned, in this order: flexlb/state/codec.py SNAPSHOT_FIELDS must list the same.
+local FIELDS = {'ip', 'http_port', 'grpc_port', 'role', 'group', 'max_concurrency', 'alive', 'running', 'waiting',
+                'queued_tokens', 'kv_used', 'kv_total', 'block_size', 'step_latency_ms', 'prefill_tokens_per_ms',
+                'status_version', 'updated_ms', 'pending_count', 'pending_tokens'}
 
 local r = tonumber(ARGV[2])
 local version = redis.call('GET', KEYS[1]) or '0'
@@ -41,6 +46,6 @@ local now = now_ms()
 local out = {1, now}
 for k = 2 + r, #KEYS, 4 do
   expire_reservations(KEYS[k], KEYS[k + 1], KEYS[k + 2], now)
-  out[#out + 1] = {redis.call('HGETALL', KEYS[k]), cached_prefix(KEYS[k + 3])}
+  out[#out + 1] = {redis.call('HMGET', KEYS[k], unpack(FIELDS)), cached_prefix(KEYS[k + 3])}
 end
 return out

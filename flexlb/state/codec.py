@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -33,47 +34,79 @@ def status_fields(status: WorkerStatus) -> dict[str, str]:
     return {name: encode_status_value(name, getattr(status, name)) for name in STATUS_FIELDS}
 
 
-def _int(h: dict[str, str], name: str, default: int = 0) -> int:
-    v = h.get(name)
-    return int(float(v)) if v not in (None, "") else default
+# The fields snapshot.lua returns, in its order (lua/snapshot.lua FIELDS; a test checks they agree).
+SNAPSHOT_FIELDS: tuple[str, ...] = (
+    "ip", "http_port", "grpc_port", "role", "group", "max_concurrency",  # identity: _IDENTITY fields
+    "alive", "running", "waiting", "queued_tokens", "kv_used", "kv_total", "block_size", "step_latency_ms",
+    "prefill_tokens_per_ms", "status_version", "updated_ms", "pending_count", "pending_tokens",
+)  # fmt: skip
+_IDENTITY = 6
 
 
-def _float(h: dict[str, str], name: str) -> float:
-    v = h.get(name)
-    return float(v) if v not in (None, "") else 0.0
+def _int(v: str | None, default: int = 0) -> int:
+    if not v:
+        return default
+    try:
+        return int(v)
+    except ValueError:  # written as a float by a foreign writer
+        return int(float(v))
 
 
-def view_from_hash(worker_id: str, h: dict[str, str], hit_blocks: int = 0) -> WorkerView:
-    """Decode a worker's status hash; missing fields take the dataclass defaults."""
-    ip, _, port = worker_id.rpartition(":")
-    spec = WorkerSpec(
-        ip=h.get("ip") or ip,
-        http_port=_int(h, "http_port", int(port)),
-        role=Role.parse(h.get("role") or "PREFILL"),
-        grpc_port=_int(h, "grpc_port"),
-        group=h.get("group", ""),
-        max_concurrency=_int(h, "max_concurrency"),
-    )
-    status = WorkerStatus(
-        alive=h.get("alive") == "1",  # as reserve.lua: no report, not alive
-        running=_int(h, "running"),
-        waiting=_int(h, "waiting"),
-        queued_tokens=_int(h, "queued_tokens"),
-        kv_used=_int(h, "kv_used"),
-        kv_total=_int(h, "kv_total"),
-        block_size=_int(h, "block_size", DEFAULT_BLOCK_SIZE) or DEFAULT_BLOCK_SIZE,
-        step_latency_ms=_float(h, "step_latency_ms"),
-        prefill_tokens_per_ms=_float(h, "prefill_tokens_per_ms"),
-        status_version=_int(h, "status_version"),
-        updated_ms=_int(h, "updated_ms"),
-    )
-    return WorkerView(
-        spec=spec,
-        status=status,
-        pending_count=_int(h, "pending_count"),
-        pending_tokens=_int(h, "pending_tokens"),
-        hit_blocks=hit_blocks,
-    )
+def _float(v: str | None) -> float:
+    return float(v) if v else 0.0
+
+
+class WorkerDecoder:
+    """Decodes status values into WorkerViews, reusing each worker's WorkerSpec while its identity is unchanged
+    (a snapshot decodes every worker on every request: identity rarely changes, status always does)."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, tuple[tuple[str | None, ...], WorkerSpec]] = {}
+
+    def spec(self, worker_id: str, identity: tuple[str | None, ...]) -> WorkerSpec:
+        cached = self._specs.get(worker_id)
+        if cached is not None and cached[0] == identity:
+            return cached[1]
+        ip, http_port, grpc_port, role, group, max_concurrency = identity
+        default_ip, _, default_port = worker_id.rpartition(":")
+        spec = WorkerSpec(
+            ip=ip or default_ip,
+            http_port=_int(http_port, int(default_port)),
+            role=Role.parse(role or "PREFILL"),
+            grpc_port=_int(grpc_port),
+            group=group or "",
+            max_concurrency=_int(max_concurrency),
+        )
+        self._specs[worker_id] = (identity, spec)
+        return spec
+
+    def view(self, worker_id: str, values: Sequence[str | None], hit_blocks: int = 0) -> WorkerView:
+        """``values`` in SNAPSHOT_FIELDS order; missing fields take defaults (a missing ``alive`` is not alive,
+        as reserve.lua treats it)."""
+        (alive, running, waiting, queued, kv_used, kv_total, block_size, step_ms, rate, version, updated,
+         pending_count, pending_tokens) = values[_IDENTITY:]  # fmt: skip
+        return WorkerView(
+            spec=self.spec(worker_id, tuple(values[:_IDENTITY])),
+            status=WorkerStatus(
+                alive=alive == "1",
+                running=_int(running),
+                waiting=_int(waiting),
+                queued_tokens=_int(queued),
+                kv_used=_int(kv_used),
+                kv_total=_int(kv_total),
+                block_size=_int(block_size) or DEFAULT_BLOCK_SIZE,
+                step_latency_ms=_float(step_ms),
+                prefill_tokens_per_ms=_float(rate),
+                status_version=_int(version),
+                updated_ms=_int(updated),
+            ),
+            pending_count=_int(pending_count),
+            pending_tokens=_int(pending_tokens),
+            hit_blocks=hit_blocks,
+        )
+
+    def view_from_hash(self, worker_id: str, h: dict[str, str]) -> WorkerView:
+        return self.view(worker_id, [h.get(f) for f in SNAPSHOT_FIELDS])
 
 
 def parse_status_value(name: str, raw: str) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from flexlb.domain import Role, WorkerSpec, WorkerStatus, WorkerView
-from flexlb.state.codec import parse_status_value, spec_fields, status_fields, view_from_hash
+from flexlb.state.codec import WorkerDecoder, parse_status_value, spec_fields, status_fields
 from flexlb.state.keys import ROLE_SET_ORDER, ServiceKeys
 from flexlb.state.scripts import Scripts
 
@@ -37,11 +37,6 @@ class WorkerNotFound(LookupError):
     pass
 
 
-def _flat_to_dict(flat: Sequence[str]) -> dict[str, str]:
-    it = iter(flat)
-    return dict(zip(it, it, strict=True))
-
-
 class FleetStore:
     def __init__(self, redis: Redis, service: str) -> None:
         self.redis = redis
@@ -49,31 +44,41 @@ class FleetStore:
         self.scripts = Scripts(redis)
         self._members: dict[Role, list[str]] = {r: [] for r in ROLE_SET_ORDER}
         self._members_version = "-1"  # never a real version: the first snapshot fetches membership
+        self._snapshot_keys: dict[tuple[Role, ...], list[str]] = {}  # per roles asked, for _members_version
+        self._decoder = WorkerDecoder()
 
     async def snapshot(self, roles: Sequence[Role], block_keys: Sequence[int] = ()) -> FleetSnapshot:
         """One consistent read of the roles' workers and each one's cached prefix of ``block_keys``."""
+        roles = tuple(roles)
         for _ in range(3):  # membership rarely changes twice between two calls; three tries is plenty
-            keys = [self.keys.members_version, *self.keys.role_sets()]
-            for role in roles:
-                for wid in self._members[role]:
-                    keys += [*self.keys.reservation_triple(wid), self.keys.cache_blocks(wid)]
             args = [self._members_version, len(ROLE_SET_ORDER), *block_keys]
-            reply = await self.scripts.call("snapshot", keys, args)
+            reply = await self.scripts.call("snapshot", self._keys_of_snapshot(roles), args)
             if reply[0] == 1:
                 return self._decode_snapshot(roles, reply)
             self._members_version = reply[1]
             self._members = {r: sorted(m) for r, m in zip(ROLE_SET_ORDER, reply[2:], strict=True)}
+            self._snapshot_keys.clear()
         raise RuntimeError("worker membership kept changing during the snapshot read")
+
+    def _keys_of_snapshot(self, roles: tuple[Role, ...]) -> list[str]:
+        keys = self._snapshot_keys.get(roles)
+        if keys is None:
+            keys = [self.keys.members_version, *self.keys.role_sets()]
+            for role in roles:
+                for wid in self._members[role]:
+                    keys += [*self.keys.reservation_triple(wid), self.keys.cache_blocks(wid)]
+            self._snapshot_keys[roles] = keys
+        return keys
 
     def _decode_snapshot(self, roles: Sequence[Role], reply: list) -> FleetSnapshot:
         entries = iter(reply[2:])
+        view = self._decoder.view
         views: dict[Role, list[WorkerView]] = {}
         for role in roles:
             views[role] = [
-                view_from_hash(wid, _flat_to_dict(flat), int(hit))
-                for wid, (flat, hit) in zip(self._members[role], entries, strict=False)
+                view(wid, values, hit) for wid, (values, hit) in zip(self._members[role], entries, strict=False)
             ]
-        return FleetSnapshot(views=views, now_ms=int(reply[1]))
+        return FleetSnapshot(views=views, now_ms=reply[1])
 
     async def reserve(self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int) -> ReserveOutcome:
         """Reserve ``tokens`` on each ``(worker_id, tokens)`` for ``request_id``: all of them or none."""
@@ -91,16 +96,29 @@ class FleetStore:
         """Workers that hold (or held until expiry) a reservation of the request."""
         return sorted(await self.redis.hkeys(self.keys.request(request_id)))
 
+    async def _release(self, request_id: int, worker_ids: Sequence[str]) -> tuple[int, int]:
+        keys = [self.keys.request(request_id)]
+        for wid in worker_ids:
+            keys += self.keys.reservation_triple(wid)
+        released, remaining = await self.scripts.call("release", keys, [request_id, *worker_ids])
+        return int(released), int(remaining)
+
     async def release(self, request_id: int, worker_ids: Sequence[str] | None = None) -> int:
-        """Remove the request's reservations (on ``worker_ids`` only, for a rollback); exactly once each."""
+        """Remove the request's reservations on ``worker_ids`` (a rollback of some roles) or, when None, all of them;
+        exactly once each. Returns how many were removed."""
         if worker_ids is None:
             worker_ids = await self.request_workers(request_id)
         if not worker_ids:
             return 0
-        keys = [self.keys.request(request_id)]
-        for wid in worker_ids:
-            keys += self.keys.reservation_triple(wid)
-        return int(await self.scripts.call("release", keys, [request_id, *worker_ids]))
+        return (await self._release(request_id, worker_ids))[0]
+
+    async def release_request(self, request_id: int, likely_workers: Sequence[str]) -> int:
+        """Remove every reservation of the request, trying ``likely_workers`` first: one round trip when they are
+        all of them (the router that reserved knows), two when another router reserved some too."""
+        released, remaining = await self._release(request_id, likely_workers) if likely_workers else (0, 1)
+        if remaining:
+            released += await self.release(request_id)
+        return released
 
     async def sweep(self, worker_ids: Sequence[str]) -> int:
         """Expire overdue reservations of these workers; returns how many were expired."""
@@ -167,4 +185,4 @@ class FleetStore:
             for wid in ids:
                 pipe.hgetall(self.keys.worker(wid))
             hashes = await pipe.execute()
-        return [view_from_hash(wid, h) for wid, h in zip(ids, hashes, strict=True) if h]
+        return [self._decoder.view_from_hash(wid, h) for wid, h in zip(ids, hashes, strict=True) if h]

@@ -226,3 +226,31 @@ def test_script_sources_have_their_includes_expanded_and_a_header() -> None:
             assert "local function expire_reservations" in text
         assert text.startswith(f"-- {name}:"), f"lua/{name}.lua must open with its KEYS/ARGV header"
         assert "KEYS" in text.split("\n\n")[0] or name == "sweep"
+
+
+def test_snapshot_lua_returns_the_fields_the_codec_decodes() -> None:
+    import re
+
+    from flexlb.state.codec import SNAPSHOT_FIELDS
+
+    text = script_source("snapshot")
+    body = re.search(r"local FIELDS = \{(.*?)\}", text, re.S)
+    assert body is not None
+    assert tuple(re.findall(r"'([a-z_]+)'", body.group(1))) == SNAPSHOT_FIELDS
+
+
+@pytest.mark.parametrize("hint", ["all", "some", "none", "wrong"])
+async def test_release_request_frees_every_reservation_whatever_the_hint(store: FleetStore, hint: str) -> None:
+    await register_fleet(store)
+    assert (await store.reserve(21, [(P1.worker_id, 10), (D1.worker_id, 20)], 60_000)).ok
+    likely = {
+        "all": [P1.worker_id, D1.worker_id],
+        "some": [D1.worker_id],
+        "none": [],
+        "wrong": [P2.worker_id],
+    }[hint]
+    assert await store.release_request(21, likely) == 2
+    for spec in (P1, P2, D1):
+        assert raw_pending(await worker_state(store, spec.worker_id)) == (0, 0)
+    assert await store.redis.exists(store.keys.request(21)) == 0
+    assert await store.release_request(21, likely) == 0
