@@ -79,6 +79,8 @@ class Scheduler:
         self._local: dict[int, _LocalReservation] = {}
         # Releases Redis did not get (it was down): written when it is back, so capacity is not held until TTL.
         self._unwritten_releases: set[int] = set()
+        # Workers this router reserved per request, so a release here needs no lookup: request -> (workers, when).
+        self._reserved_here: dict[int, tuple[list[str], float]] = {}
 
     # ---- public API ----
 
@@ -120,8 +122,9 @@ class Scheduler:
         local = self._local.pop(request_id, None)
         if local is not None:
             released += len(local.picks)
+        workers, _ = self._reserved_here.pop(request_id, ((), 0.0))
         try:
-            released += await self.store.release(request_id)
+            released += await self.store.release_request(request_id, workers)
             self._mark_redis_up()
         except REDIS_UNAVAILABLE as exc:
             self._mark_redis_down(exc)
@@ -162,6 +165,7 @@ class Scheduler:
             if outcome.ok:
                 result.attempts = attempt
                 self._last_snapshot = _with_reservation(snapshot, picks)
+                self._remember_reserved(request.request_id, [wid for wid, _ in picks])
                 return result
             refused_role = roles[outcome.refused_index]
             refusal = f"{outcome.reason} on {picks[outcome.refused_index][0]} ({outcome.detail})"
@@ -258,6 +262,17 @@ class Scheduler:
             ]
             for role, vs in views.items()
         }
+
+    def _remember_reserved(self, request_id: int, workers: list[str]) -> None:
+        now = self._clock()
+        self._reserved_here[request_id] = (workers, now)
+        # insertion order is age order: drop what is older than any reservation lives (never released here)
+        horizon = now - self.options.reservation_ttl_ms / 1000
+        while self._reserved_here:
+            oldest = next(iter(self._reserved_here))
+            if self._reserved_here[oldest][1] > horizon:
+                break
+            del self._reserved_here[oldest]
 
     def _prune_local(self) -> None:
         now = self._clock()

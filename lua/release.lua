@@ -3,7 +3,8 @@
 -- KEYS[2..]        3 keys per worker: status hash, reservations zset, reservation tokens hash
 -- ARGV[1]          request id
 -- ARGV[2..]        worker id per KEYS triple
--- Returns the number of reservations removed.
+-- Returns {reservations removed, workers still in the request's index} (the caller releases those too when it
+-- wanted every reservation of the request but knew only some of its workers).
 -- Guarantees: exactly once per (request, worker): a second release, or a release after expiry, changes nothing;
 -- a worker removed meanwhile is not re-created.
 local rid = ARGV[1]
@@ -21,4 +22,4 @@ for i = 1, (#KEYS - 1) / 3 do
   end
   redis.call('HDEL', KEYS[1], ARGV[1 + i])
 end
-return released
+return {released, redis.call('HLEN', KEYS[1])}
