@@ -1,0 +1,1 @@
+"""The master's side of flexlb: talking to the engine workers it polls."""

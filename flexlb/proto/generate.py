@@ -1,0 +1,91 @@
+"""Regenerate the committed protobuf/gRPC code from ``protos/flexlb_worker.proto``.
+
+Run ``python -m flexlb.proto.generate`` after editing the .proto (``--check`` only compares). protoc's gRPC plugin
+writes ``import flexlb_worker_pb2`` (a top-level import that fails inside a package); this rewrites it to an import
+from ``flexlb.proto`` so the output is reproducible byte for byte, which ``tests/unit/test_proto_wire.py`` checks.
+Needs ``grpcio-tools`` (a test dependency); the output depends on its version, so regenerate with the pinned one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROTO_DIR = PACKAGE_DIR.parents[1] / "protos"  # the repository's protos/ (not shipped in wheels)
+PROTO_FILE = "flexlb_worker.proto"
+GENERATED_FILES = ("flexlb_worker_pb2.py", "flexlb_worker_pb2.pyi", "flexlb_worker_pb2_grpc.py")
+
+_TOP_LEVEL_IMPORT = "import flexlb_worker_pb2 as flexlb__worker__pb2\n"
+_PACKAGE_IMPORT = "from flexlb.proto import flexlb_worker_pb2 as flexlb__worker__pb2\n"
+
+
+def render(proto_dir: Path = PROTO_DIR) -> dict[str, bytes]:
+    """Run protoc on ``proto_dir/flexlb_worker.proto`` in a temporary directory; return file name -> content."""
+    from grpc_tools import protoc  # imported here: only needed to regenerate, not to use the generated code
+
+    proto = proto_dir / PROTO_FILE
+    if not proto.is_file():
+        raise FileNotFoundError(f"{proto} not found: run from a source checkout of flexlb")
+    with tempfile.TemporaryDirectory(prefix="flexlb-protoc-") as tmp:
+        status = protoc.main(
+            [
+                "grpc_tools.protoc",  # argv[0], ignored
+                f"-I{proto_dir}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                str(proto),
+            ]
+        )
+        if status != 0:
+            raise RuntimeError(f"protoc failed with status {status} on {proto} (its errors are on stderr)")
+        files = {name: (Path(tmp) / name).read_bytes() for name in GENERATED_FILES}
+
+    grpc_code = files["flexlb_worker_pb2_grpc.py"].decode()
+    # Exactly one occurrence, so a change in protoc's output fails here instead of shipping a broken import.
+    if grpc_code.count(_TOP_LEVEL_IMPORT) != 1:
+        raise RuntimeError(f"expected one {_TOP_LEVEL_IMPORT.strip()!r} in the gRPC code; protoc's output changed")
+    files["flexlb_worker_pb2_grpc.py"] = grpc_code.replace(_TOP_LEVEL_IMPORT, _PACKAGE_IMPORT).encode()
+    return files
+
+
+def generate(out_dir: Path = PACKAGE_DIR, proto_dir: Path = PROTO_DIR) -> list[Path]:
+    """Write the generated files into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, content in render(proto_dir).items():
+        path = out_dir / name
+        path.write_bytes(content)
+        written.append(path)
+    return written
+
+
+def stale_files(out_dir: Path = PACKAGE_DIR, proto_dir: Path = PROTO_DIR) -> list[str]:
+    """Names of the files in ``out_dir`` that differ from a fresh generation (or are missing)."""
+    stale = []
+    for name, content in render(proto_dir).items():
+        path = out_dir / name
+        if not path.is_file() or path.read_bytes() != content:
+            stale.append(name)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flexlb.proto.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report stale files; exit 1 if any")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_files()
+        for name in stale:
+            print(f"stale: {PACKAGE_DIR / name}", file=sys.stderr)
+        return 1 if stale else 0
+    for path in generate():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
