@@ -18,6 +18,8 @@ from flexlb.domain import Role, WorkerSpec, check_host
 from flexlb.embedded_redis import EmbeddedRedis, RedisNotInstalled
 from flexlb.scheduler import REDIS_UNAVAILABLE
 from flexlb.settings import ConfigError, Settings, load_settings
+from flexlb.sim.__main__ import add_sim_worker_options
+from flexlb.sim.__main__ import run as run_sim_worker
 from flexlb.state.codec import parse_status_value
 from flexlb.state.store import FleetStore, WorkerNotFound
 
@@ -168,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("address", help="ip:http_port")
     wsub.add_parser("list", help="list workers with status and pending load")
 
+    sim = sub.add_parser(
+        "sim-worker",
+        help="run a simulated engine worker: HTTP on --port, status gRPC on --grpc-port (default --port + 1)",
+    )
+    add_sim_worker_options(sim, required=True)
+
     from flexlb.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
@@ -184,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args, settings)
         if args.command == "worker":
             return asyncio.run(_worker_command(args, settings))
+        if args.command == "sim-worker":
+            return run_sim_worker(args, prog="flexlb sim-worker")
         if args.command == "bench":
             from flexlb.bench.cli import run_bench
 

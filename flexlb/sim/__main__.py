@@ -1,4 +1,8 @@
-"""``python -m flexlb.sim``: run one simulated worker. Every EngineConfig field is an option (``--kv-blocks``)."""
+"""``python -m flexlb.sim``: run one simulated worker, HTTP on ``--port`` and the status gRPC on ``--grpc-port``
+(default ``--port`` + 1). Every EngineConfig field is an option (``--kv-blocks``).
+
+The options are defined here once; ``flexlb sim-worker`` reuses them (``add_sim_worker_options``, ``run``).
+"""
 
 from __future__ import annotations
 
@@ -15,43 +19,78 @@ import uvloop
 
 from flexlb.domain import Role
 from flexlb.sim.engine import EngineConfig
-from flexlb.sim.http_api import run_sim_worker
+
+
+def _role(text: str) -> Role:
+    try:
+        return Role.parse(text)
+    except ValueError as exc:  # argparse shows this message rather than "invalid parse value"
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_sim_worker_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """The worker's options; ``required`` makes ``--role`` and ``--port`` mandatory instead of defaulted."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=None if required else 8000, required=required, help="HTTP port")
+    parser.add_argument("--grpc-port", type=int, help="status gRPC port (default: --port + 1)")
+    parser.add_argument("--model", default="flexlb-sim", help="served model name")
+    for f in dataclasses.fields(EngineConfig):
+        option = f"--{f.name.replace('_', '-')}"
+        if f.name == "role":
+            parser.add_argument(
+                option,
+                type=_role,
+                default=None if required else f.default,
+                required=required,
+                metavar="{prefill,decode,pdfusion}",
+                help=None if required else f"(default {f.default.value.lower()})",
+            )
+            continue
+        parser.add_argument(option, type=type(f.default), default=f.default, help=f"(default {f.default})")
+
+
+def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
+    """Serve the worker the parsed options describe until SIGTERM or SIGINT.
+
+    Exit status: 0 after a clean stop, 1 when a port cannot be bound, 2 on a bad option.
+    """
+    try:
+        config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the handler below is installed
+            uvloop.run(_serve(config, args))
+    except OSError as exc:  # a port in use: say so without a traceback
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
+    # Imported here: the HTTP and gRPC stacks are not needed by the other `flexlb` commands that import this module.
+    from flexlb.sim.http_api import run_sim_worker
+
+    # Both signals only ask for a stop, so a second one cannot interrupt the shutdown half-way.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_sim_worker(config, args.host, args.port, args.model, grpc_port=args.grpc_port, stop=stop)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flexlb.sim", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model", default="flexlb-sim", help="served model name")
+    add_sim_worker_options(parser)
     parser.add_argument("--log-level", default="info")
-    for f in dataclasses.fields(EngineConfig):
-        kind = Role.parse if f.name == "role" else type(f.default)
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f"(default {f.default})"
-        )
     return parser
-
-
-async def _serve(config: EngineConfig, host: str, port: int, model: str) -> None:
-    # SIGTERM takes the Ctrl-C path, so the engine stops and the socket closes cleanly.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await run_sim_worker(config, host, port, model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO))
-    try:
-        config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
-    except ValueError as exc:
-        print(f"flexlb.sim: {exc}", file=sys.stderr)
-        return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(_serve(config, args.host, args.port, args.model))
-    return 0
+    return run(args)
 
 
 if __name__ == "__main__":

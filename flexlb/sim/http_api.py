@@ -1,4 +1,5 @@
-"""HTTP API of a simulated worker: OpenAI completions / chat, SGLang generate, health, info and metrics.
+"""HTTP API of a simulated worker: OpenAI completions / chat, SGLang generate, health, info and metrics; and
+``run_sim_worker``, which serves it beside the status gRPC (``flexlb.sim.grpc_service``).
 
 Handlers only translate between HTTP and the engine; the engine owns every number they report.
 """
@@ -30,6 +31,7 @@ from flexlb.sim.engine import (
     RequestTooLarge,
     SimEngine,
 )
+from flexlb.sim.grpc_service import GRPC_SHUTDOWN_GRACE_S, start_grpc_server
 from flexlb.sim.metrics import sim_registry
 
 log = logging.getLogger("flexlb.sim.http")
@@ -67,16 +69,35 @@ def create_sim_app(engine: SimEngine, model_name: str = "flexlb-sim") -> web.App
     return app
 
 
+def default_grpc_port(http_port: int) -> int:
+    """RTP-LLM's convention: the status gRPC port is the HTTP port + 1 (0, "any free port", stays 0)."""
+    return http_port + 1 if http_port else 0
+
+
 async def run_sim_worker(
-    config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, model_name: str = "flexlb-sim"
+    config: EngineConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "flexlb-sim",
+    *,
+    grpc_port: int | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve one simulated worker until cancelled."""
-    runner = web.AppRunner(create_sim_app(SimEngine(config), model_name), access_log=None, handler_cancellation=True)
-    await runner.setup()
+    """Serve one simulated worker: HTTP on ``port`` and the status gRPC on ``grpc_port`` (default ``port + 1``),
+    on this event loop, until ``stop`` is set or the task is cancelled; then shut both down and stop the engine."""
+    engine = SimEngine(config)
+    grpc_port = default_grpc_port(port) if grpc_port is None else grpc_port
+    runner = web.AppRunner(create_sim_app(engine, model_name), access_log=None, handler_cancellation=True)
+    await runner.setup()  # starts the engine
     try:
-        await web.TCPSite(runner, host, port).start()
-        log.info("simulated %s worker for %r on http://%s:%d", config.role.value, model_name, host, port)
-        await asyncio.Event().wait()
+        # gRPC before the HTTP listener: once /health answers, the status RPCs answer too.
+        server = await start_grpc_server(engine, host, grpc_port)
+        try:
+            await web.TCPSite(runner, host, port).start()
+            log.info("simulated %s worker for %r on http://%s:%d", config.role.value, model_name, host, port)
+            await (stop or asyncio.Event()).wait()
+        finally:
+            await server.stop(GRPC_SHUTDOWN_GRACE_S)
     finally:
         await runner.cleanup()
 
