@@ -32,3 +32,17 @@ local function bump_members_version(version_key)
   local v = math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), (tonumber(redis.call('GET', version_key)) or 0) + 1)
   redis.call('SET', version_key, string.format('%.0f', v))
 end
+
+-- The master lock's value "token|epoch|holder" split into its parts (the holder may itself contain '|').
+local function parse_lock(value)
+  local token, epoch, holder = string.match(value, '^([^|]*)|([^|]*)|(.*)$')
+  return token, tonumber(epoch), holder
+end
+
+-- Fencing: true only when the master epoch key holds exactly `epoch` (and that current value, for messages).
+-- Every master write checks it in the same script as the write, so a master that was paused past its TTL, and has
+-- been replaced since, cannot write with its old epoch even before it notices it lost the lock.
+local function check_epoch(epoch_key, epoch)
+  local current = redis.call('GET', epoch_key)
+  return current ~= false and current == tostring(epoch), current
+end

@@ -24,6 +24,16 @@ class ServiceKeys:
     def members_version(self) -> str:
         return f"{self.prefix}:members_version"
 
+    @property
+    def master_lock(self) -> str:
+        """String ``token|epoch|holder`` with a TTL: who is master now (see lua/lock_acquire.lua)."""
+        return f"{self.prefix}:master"
+
+    @property
+    def master_epoch(self) -> str:
+        """Integer, one more per new master, never reset: the fencing token every master write checks."""
+        return f"{self.prefix}:master_epoch"
+
     def role_set(self, role: Role) -> str:
         return f"{self.prefix}:role:{role.value}"
 

@@ -8,7 +8,18 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-SCRIPT_NAMES = ("snapshot", "reserve", "release", "sweep", "upsert_worker", "remove_worker")
+SCRIPT_NAMES = (
+    "snapshot",
+    "reserve",
+    "release",
+    "sweep",
+    "upsert_worker",
+    "remove_worker",
+    "lock_acquire",
+    "lock_renew",
+    "lock_release",
+    "fenced_set",
+)
 _INCLUDE = "-- @include "
 
 
