@@ -54,6 +54,25 @@ async def real_store(real_redis: aioredis.Redis, service: str) -> FleetStore:
     return FleetStore(real_redis, service)
 
 
+def wait_http_ready(url: str, process, log, what: str, timeout_s: float = 20.0) -> None:
+    """Poll ``url``/health until it answers 200; fail early, with the child's log, if the child exits."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} on {url} not ready in {timeout_s}s:\n{log()}")
+
+
 class RouterProcess:
     """A ``flexlb serve`` child process on a free port."""
 
@@ -85,21 +104,8 @@ class RouterProcess:
         )
 
     def wait_ready(self, timeout_s: float = 20.0) -> RouterProcess:
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"router exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"router on {self.url} not ready in {timeout_s}s:\n{self.log()}")
+        wait_http_ready(self.url, self.process, self.log, "router", timeout_s)
+        return self
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:

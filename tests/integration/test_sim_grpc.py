@@ -10,13 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from conftest import wait_http_ready
 
 from flexlb.blocks import block_cache_keys, tokenize
 from flexlb.master.worker_client import WorkerStatusClient, WorkerUnreachable
@@ -58,18 +58,8 @@ class SimWorkerProcess:
             )
 
     def wait_ready(self, timeout_s: float = 20.0) -> SimWorkerProcess:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"worker on {self.url} not ready in {timeout_s}s:\n{self.log()}")
+        wait_http_ready(self.url, self.process, self.log, "worker", timeout_s)
+        return self
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         """Send ``sig`` and return the exit status (killed, and -9, if it does not stop in 10 s)."""
