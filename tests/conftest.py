@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from flexlb.embedded_redis import EmbeddedRedis
+from flexlb.readiness import wait_http_ready
 from flexlb.state.store import FleetStore
 
 
@@ -52,25 +53,6 @@ async def store(any_redis: aioredis.Redis, service: str) -> FleetStore:
 @pytest.fixture
 async def real_store(real_redis: aioredis.Redis, service: str) -> FleetStore:
     return FleetStore(real_redis, service)
-
-
-def wait_http_ready(url: str, process, log, what: str, timeout_s: float = 20.0) -> None:
-    """Poll ``url``/health until it answers 200; fail early, with the child's log, if the child exits."""
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.02)
-    raise RuntimeError(f"{what} on {url} not ready in {timeout_s}s:\n{log()}")
 
 
 class RouterProcess:

@@ -29,7 +29,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import redis.asyncio as aioredis
 from flexlb.bench.report import Target, latency_summary
 from flexlb.domain import Role, WorkerSpec
 from flexlb.embedded_redis import EmbeddedRedis, free_port
+from flexlb.readiness import NotReady, wait_http_ready
 from flexlb.state.scripts import SCRIPT_NAMES, script_source
 from flexlb.state.store import FleetStore
 
@@ -278,20 +278,10 @@ class Stack:
             self.router = subprocess.Popen(
                 command, env=self._router_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + self.params.startup_timeout_s
-        while time.monotonic() < deadline:
-            self.check_router()
-            try:
-                with urllib.request.urlopen(f"{self.router_url}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise BenchError(
-            f"router on {self.router_url} not healthy within {self.params.startup_timeout_s:g}s; "
-            f"log: {self.router_log}\n{self.log_tail()}"
-        )
+        try:
+            wait_http_ready(self.router_url, self.router, self.log_tail, "router", self.params.startup_timeout_s)
+        except NotReady as exc:
+            raise BenchError(f"{exc}\nlog: {self.router_log}") from None
 
     def check_router(self) -> None:
         if self.router is not None and self.router.poll() is not None:

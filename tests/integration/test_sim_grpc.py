@@ -16,11 +16,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import wait_http_ready
 
 from flexlb.blocks import block_cache_keys, tokenize
 from flexlb.master.worker_client import WorkerStatusClient, WorkerUnreachable
 from flexlb.proto.flexlb_worker_pb2 import WorkerStatusPB
+from flexlb.readiness import wait_http_ready
 
 PROMPT = " ".join(f"word{i}" for i in range(400))  # 6 full blocks of 64
 DEADLINE_S = 1.0  # per RPC
