@@ -104,7 +104,10 @@ class WorkerSpec:
 class WorkerStatus:
     """Last measured state of a worker, as reported by the worker (or registered by an operator)."""
 
-    alive: bool = True
+    alive: bool = True  # answers its status polls (or registered by an operator as alive)
+    # False while the master's hysteresis holds it back: a prefill worker with too many waiting tasks, a decode
+    # worker with too little KV left. It keeps serving what it has but is not chosen for new requests.
+    available: bool = True
     running: int = 0  # tasks the worker is running
     waiting: int = 0  # tasks in the worker's queue
     queued_tokens: int = 0  # prompt tokens still to prefill on the worker (running + waiting); 0 if unknown

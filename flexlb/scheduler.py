@@ -324,4 +324,7 @@ def _why_none(role: Role, registered: Sequence[WorkerView], group: str) -> str:
     alive = [v for v in registered if v.status.alive]
     if not alive:
         return f"none of {len(registered)} {role.value} workers is alive"
+    available = [v for v in alive if v.status.available]
+    if not available:
+        return f"all {len(alive)} alive {role.value} workers are unavailable (too many waiting tasks or KV too full)"
     return f"all {len(alive)} alive {role.value} workers{where} are at their concurrency or KV limit"

@@ -13,7 +13,7 @@
 -- @include _lib.lua
 
 -- The status hash fields returned, in this order: flexlb/state/codec.py SNAPSHOT_FIELDS must list the same.
-local FIELDS = {'ip', 'http_port', 'grpc_port', 'role', 'group', 'max_concurrency', 'alive', 'running', 'waiting',
+local FIELDS = {'ip', 'http_port', 'grpc_port', 'role', 'group', 'max_concurrency', 'alive', 'available', 'running', 'waiting',
                 'queued_tokens', 'kv_used', 'kv_total', 'block_size', 'step_latency_ms', 'prefill_tokens_per_ms',
                 'status_version', 'updated_ms', 'pending_count', 'pending_tokens'}
 

@@ -132,6 +132,7 @@ def worker_json(view: Any) -> dict[str, Any]:
         "group": spec.group,
         "max_concurrency": spec.max_concurrency,
         "alive": status.alive,
+        "available": status.available,
         "running": status.running,
         "waiting": status.waiting,
         "queued_tokens": status.queued_tokens,

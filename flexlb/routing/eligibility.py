@@ -9,8 +9,8 @@ from flexlb.routing.ttft import reserve_tokens
 
 
 def is_eligible(view: WorkerView, role: Role, seq_len: int) -> bool:
-    """Alive, of the role, under its concurrency limit and with room for the reservation's KV."""
-    if not view.status.alive or view.spec.role != role:
+    """Alive and available, of the role, under its concurrency limit and with room for the reservation's KV."""
+    if not (view.status.alive and view.status.available) or view.spec.role != role:
         return False
     limit = view.spec.max_concurrency
     if limit and view.load >= limit:

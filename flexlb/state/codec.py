@@ -12,6 +12,7 @@ from flexlb.domain import DEFAULT_BLOCK_SIZE, Role, WorkerSpec, WorkerStatus, Wo
 SCRIPT_OWNED = frozenset({"status_version", "updated_ms", "pending_count", "pending_tokens"})
 STATUS_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(WorkerStatus) if f.name not in SCRIPT_OWNED)
 _STATUS_TYPES = {f.name: f.type for f in fields(WorkerStatus)}
+_BOOL_FIELDS = frozenset(name for name, kind in _STATUS_TYPES.items() if kind in ("bool", bool))
 
 
 def spec_fields(spec: WorkerSpec) -> dict[str, str]:
@@ -25,7 +26,7 @@ def spec_fields(spec: WorkerSpec) -> dict[str, str]:
 
 
 def encode_status_value(name: str, value: Any) -> str:
-    if name == "alive":
+    if name in _BOOL_FIELDS:
         return "1" if value else "0"
     return str(value)
 
@@ -37,7 +38,7 @@ def status_fields(status: WorkerStatus) -> dict[str, str]:
 # The fields snapshot.lua returns, in its order (lua/snapshot.lua FIELDS; a test checks they agree).
 SNAPSHOT_FIELDS: tuple[str, ...] = (
     "ip", "http_port", "grpc_port", "role", "group", "max_concurrency",  # identity: _IDENTITY fields
-    "alive", "running", "waiting", "queued_tokens", "kv_used", "kv_total", "block_size", "step_latency_ms",
+    "alive", "available", "running", "waiting", "queued_tokens", "kv_used", "kv_total", "block_size", "step_latency_ms",
     "prefill_tokens_per_ms", "status_version", "updated_ms", "pending_count", "pending_tokens",
 )  # fmt: skip
 _IDENTITY = 6
@@ -83,12 +84,13 @@ class WorkerDecoder:
     def view(self, worker_id: str, values: Sequence[str | None], hit_blocks: int = 0) -> WorkerView:
         """``values`` in SNAPSHOT_FIELDS order; missing fields take defaults (a missing ``alive`` is not alive,
         as reserve.lua treats it)."""
-        (alive, running, waiting, queued, kv_used, kv_total, block_size, step_ms, rate, version, updated,
+        (alive, available, running, waiting, queued, kv_used, kv_total, block_size, step_ms, rate, version, updated,
          pending_count, pending_tokens) = values[_IDENTITY:]  # fmt: skip
         return WorkerView(
             spec=self.spec(worker_id, tuple(values[:_IDENTITY])),
             status=WorkerStatus(
                 alive=alive == "1",
+                available=available != "0",  # missing: available (written only by the master's hysteresis)
                 running=_int(running),
                 waiting=_int(waiting),
                 queued_tokens=_int(queued),
@@ -114,7 +116,7 @@ def parse_status_value(name: str, raw: str) -> str:
     if name not in STATUS_FIELDS:
         raise ValueError(f"unknown status field {name!r}; known: {', '.join(STATUS_FIELDS)}")
     kind = _STATUS_TYPES[name]
-    if name == "alive":
+    if name in _BOOL_FIELDS:
         low = str(raw).strip().lower()
         if low not in ("1", "0", "true", "false", "yes", "no"):
             raise ValueError(f"{name}: expected true or false, got {raw!r}")
