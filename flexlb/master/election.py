@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import Scripts
+from flexlb.state.store import StaleEpoch
 
 log = logging.getLogger("flexlb.master.election")
 
@@ -36,10 +37,6 @@ OnDeposed = Callable[[], Awaitable[None]]
 
 # What a failed round trip to Redis can raise: the caller keeps its lease until its local clock says otherwise.
 _REDIS_FAILURES = (RedisError, OSError, TimeoutError)
-
-
-class StaleEpoch(Exception):
-    """A master write was refused: a newer master has been elected since the writer's term began."""
 
 
 def parse_lock_value(value: str) -> tuple[str, int, str]:

@@ -34,6 +34,13 @@ class ServiceKeys:
         """Integer, one more per new master, never reset: the fencing token every master write checks."""
         return f"{self.prefix}:master_epoch"
 
+    @property
+    def events(self) -> str:
+        """Pub/sub channel (not a key) of fleet events: the master publishes ``status <worker id> <status_version>``
+        after every status write (lua/master_status.lua, lua/master_forget.lua). Hash-tagged like the keys, so it
+        names the same slot."""
+        return f"{self.prefix}:events"
+
     def role_set(self, role: Role) -> str:
         return f"{self.prefix}:role:{role.value}"
 

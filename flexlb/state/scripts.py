@@ -19,6 +19,9 @@ SCRIPT_NAMES = (
     "lock_renew",
     "lock_release",
     "fenced_set",
+    "master_status",
+    "master_cache",
+    "master_forget",
 )
 _INCLUDE = "-- @include "
 

@@ -6,13 +6,13 @@ every role one script call, a release one call (two when the caller does not kno
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from flexlb.domain import Role, WorkerSpec, WorkerStatus, WorkerView
-from flexlb.state.codec import WorkerDecoder, parse_status_value, spec_fields, status_fields
+from flexlb.state.codec import SCRIPT_OWNED, WorkerDecoder, parse_status_value, spec_fields, status_fields
 from flexlb.state.keys import ROLE_SET_ORDER, ServiceKeys
 from flexlb.state.scripts import Scripts
 
@@ -33,8 +33,21 @@ class ReserveOutcome:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class StatusWrite:
+    """What a master status write did: reservations dropped (the worker reported their requests) and the new
+    ``status_version`` of the worker."""
+
+    dropped: int
+    status_version: int
+
+
 class WorkerNotFound(LookupError):
     pass
+
+
+class StaleEpoch(Exception):
+    """A master write was refused: a newer master has been elected since the writer's term began."""
 
 
 class FleetStore:
@@ -186,3 +199,55 @@ class FleetStore:
                 pipe.hgetall(self.keys.worker(wid))
             hashes = await pipe.execute()
         return [self._decoder.view_from_hash(wid, h) for wid, h in zip(ids, hashes, strict=True) if h]
+
+    async def members_version(self) -> str:
+        """The current membership version ("0" when never set): a change means a worker joined, left or moved."""
+        return await self.redis.get(self.keys.members_version) or "0"
+
+    async def cache_blocks(self, worker_id: str) -> set[int]:
+        """The block cache keys a worker holds."""
+        return {int(k) for k in await self.redis.smembers(self.keys.cache_blocks(worker_id))}
+
+    # ---- master writes (fenced by epoch) ----
+    # Each raises StaleEpoch when ``epoch`` is no longer the master epoch (nothing is written then) and returns None
+    # when the worker was removed meanwhile (it is not re-created).
+
+    async def _fenced(self, name: str, keys: list[str], args: list[str | int]) -> list | None:
+        reply = await self.scripts.call(name, [self.keys.master_epoch, *keys], args)
+        if reply[0] == 1:
+            return reply
+        if reply[1] == "gone":
+            return None
+        raise StaleEpoch(reply[1])
+
+    async def write_worker_status(
+        self, epoch: int, worker_id: str, fields: Mapping[str, str], handled_request_ids: Sequence[int] = ()
+    ) -> StatusWrite | None:
+        """Write a worker's polled status fields (encoded, as ``status_fields`` makes them) and drop its reservations
+        of ``handled_request_ids``: requests the worker reported running, waiting or finished, whose load its own
+        counts now carry. Pass each id once (a repeat is a no-op); unknown or expired ids are ignored."""
+        owned = SCRIPT_OWNED.intersection(fields)
+        if owned:
+            raise ValueError(f"fields owned by the scripts cannot be written: {', '.join(sorted(owned))}")
+        keys = [*self.keys.reservation_triple(worker_id), *map(self.keys.request, handled_request_ids)]
+        args: list[str | int] = [epoch, worker_id, self.keys.events, len(fields)]
+        for name, value in fields.items():
+            args += [name, value]
+        args += handled_request_ids
+        reply = await self._fenced("master_status", keys, args)
+        return None if reply is None else StatusWrite(dropped=int(reply[1]), status_version=int(reply[2]))
+
+    async def apply_cache_diff(
+        self, epoch: int, worker_id: str, add: Collection[int], remove: Collection[int]
+    ) -> int | None:
+        """Add and remove block cache keys of a worker in one step; returns the number of keys it holds after."""
+        keys = [self.keys.worker(worker_id), self.keys.cache_blocks(worker_id)]
+        reply = await self._fenced("master_cache", keys, [epoch, len(add), *add, *remove])
+        return None if reply is None else int(reply[1])
+
+    async def forget_worker(self, epoch: int, worker_id: str) -> int | None:
+        """A worker silent past the worker timeout: mark it not alive with no load, drop all its reservations and its
+        cache blocks (it stays registered). Returns the number of reservations dropped."""
+        keys = [*self.keys.reservation_triple(worker_id), self.keys.cache_blocks(worker_id)]
+        reply = await self._fenced("master_forget", keys, [epoch, worker_id, self.keys.events])
+        return None if reply is None else int(reply[1])

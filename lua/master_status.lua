@@ -1,0 +1,49 @@
+-- master_status: write one worker's polled status and drop the reservations the worker now accounts for itself.
+-- KEYS[1]          master epoch
+-- KEYS[2]          the worker's status hash
+-- KEYS[3]          its reservations zset (request id -> expiry ms)
+-- KEYS[4]          its reservation tokens hash (request id -> tokens)
+-- KEYS[5..]        the index hash req:<rid> of each request id in ARGV, in the same order
+-- ARGV[1]          epoch of the writer's term
+-- ARGV[2]          worker id
+-- ARGV[3]          pub/sub channel of fleet events
+-- ARGV[4]          N, the number of field, value pairs
+-- ARGV[5..4+2N]    field, value pairs to set
+-- ARGV[5+2N..]     request ids the worker reported running, waiting or finished (new ones only)
+-- Returns {1, reservations dropped, status_version}, {0, 'gone'} when the worker was removed, or
+-- {0, 'stale epoch N, current M'}; on refusal nothing is written.
+-- Guarantees: a reservation is dropped exactly once, when the worker reports its request: from then the worker's
+-- own running/waiting counts carry it; unknown ids change nothing; status_version grows by one per write and
+-- "status <worker id> <status_version>" is published; a removed worker is not re-created.
+-- @include _lib.lua
+
+local ok, current = check_epoch(KEYS[1], ARGV[1])
+if not ok then return {0, 'stale epoch ' .. ARGV[1] .. ', current ' .. (current or 'none')} end
+local wk, rk, tk = KEYS[2], KEYS[3], KEYS[4]
+if redis.call('EXISTS', wk) == 0 then return {0, 'gone'} end
+
+local now = now_ms()
+expire_reservations(wk, rk, tk, now)
+local wid, n = ARGV[2], tonumber(ARGV[4])
+local first_rid = 5 + 2 * n
+local fields = {'updated_ms', now}
+for i = 5, first_rid - 1 do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', wk, unpack(fields))
+local version = redis.call('HINCRBY', wk, 'status_version', 1)
+
+local dropped, freed = 0, 0
+for i = first_rid, #ARGV do
+  local rid = ARGV[i]
+  if redis.call('ZREM', rk, rid) == 1 then
+    freed = freed + (tonumber(redis.call('HGET', tk, rid)) or 0)
+    redis.call('HDEL', tk, rid)
+    redis.call('HDEL', KEYS[i - first_rid + 5], wid)
+    dropped = dropped + 1
+  end
+end
+if dropped > 0 then
+  redis.call('HINCRBY', wk, 'pending_count', -dropped)
+  redis.call('HINCRBY', wk, 'pending_tokens', -freed)
+end
+redis.call('PUBLISH', ARGV[3], 'status ' .. wid .. ' ' .. version)
+return {1, dropped, version}
