@@ -1,4 +1,5 @@
-"""create_app: wiring of one router process (Redis client, store, scheduler, HTTP routes). No logic here."""
+"""Wiring of the processes: create_app (a router: Redis client, store, scheduler, HTTP routes, and the master
+election when it contends) and create_master_app (``flexlb master``: the election and a health endpoint). No logic."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from flexlb.domain import ROLE_ORDER, Role, WorkerView
+from flexlb.discovery import register_static_workers
+from flexlb.domain import ROLE_ORDER, Role
 from flexlb.http.admin import setup_admin_routes
 from flexlb.http.middleware import json_errors
-from flexlb.http.routes import CONTEXT, RouterContext, setup_routes
-from flexlb.metrics import SchedulerMetrics
+from flexlb.http.routes import CONTEXT, MASTER, RouterContext, setup_master_routes, setup_routes
+from flexlb.master.service import MasterService, default_holder
+from flexlb.metrics import MasterMetrics, SchedulerMetrics
 from flexlb.routing import ChoiceMemory, StrategyName, StrategyParams, TtftModel
 from flexlb.scheduler import REDIS_UNAVAILABLE, Scheduler, SchedulerOptions
 from flexlb.settings import FlexlbConfig, Settings
@@ -64,6 +67,14 @@ def scheduler_options(config: FlexlbConfig, roles: tuple[Role, ...]) -> Schedule
     )
 
 
+def _redis_for(settings: Settings, redis: Redis | None) -> Redis:
+    if redis is not None:
+        return redis
+    if settings.redis_url is None:
+        raise ValueError("REDIS_URL is not set: pass redis_url (the CLI starts an embedded redis-server)")
+    return make_redis(settings.redis_url, settings.flexlb.redis_timeout_ms)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -74,11 +85,9 @@ def create_app(
 ) -> web.Application:
     """One router. ``redis`` and ``registry`` may be passed in (tests); otherwise built from settings."""
     config = settings.flexlb
-    if redis is None:
-        if settings.redis_url is None:
-            raise ValueError("REDIS_URL is not set: pass redis_url (the CLI starts an embedded redis-server)")
-        redis = make_redis(settings.redis_url, config.redis_timeout_ms)
-    metrics = SchedulerMetrics(registry or CollectorRegistry())
+    redis = _redis_for(settings, redis)
+    registry = registry or CollectorRegistry()
+    metrics = SchedulerMetrics(registry)
     store = FleetStore(redis, settings.service.service_id)
     scheduler = Scheduler(
         store,
@@ -86,6 +95,9 @@ def create_app(
         ChoiceMemory(rng=rng or random.Random()),
         metrics,
     )
+    master = None
+    if config.contend_for_master:
+        master = MasterService(redis, settings, MasterMetrics(registry), holder=default_holder("router"))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
     app[CONTEXT] = RouterContext(
         scheduler=scheduler,
@@ -93,53 +105,88 @@ def create_app(
         metrics=metrics,
         service_id=settings.service.service_id,
         master_host=master_host or f"127.0.0.1:{config.http_port}",
+        master=master,
     )
     setup_routes(app)
     setup_admin_routes(app)
-    app.cleanup_ctx.append(_redis_lifecycle(settings, redis, store))
+    app.cleanup_ctx.append(_router_lifecycle(settings, redis, store, master))
     return app
 
 
-def _redis_lifecycle(settings: Settings, redis: Redis, store: FleetStore):
+def create_master_app(
+    settings: Settings,
+    *,
+    redis: Redis | None = None,
+    registry: CollectorRegistry | None = None,
+    holder: str | None = None,
+) -> web.Application:
+    """``flexlb master``: contends for the master lock and polls the workers while it holds it; serves /health,
+    /metrics and /rtp_llm/master/info. It also keeps the static workers registered."""
+    redis = _redis_for(settings, redis)
+    registry = registry or CollectorRegistry()
+    store = FleetStore(redis, settings.service.service_id)
+    master = MasterService(redis, settings, MasterMetrics(registry), holder=holder or default_holder("master"))
+    app = web.Application(middlewares=[json_errors])
+    app[MASTER] = master
+    setup_master_routes(app, registry)
+
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        try:
-            await store.scripts.preload()
-            await _register_static_workers(settings, store, await store.list_workers())
-        except REDIS_UNAVAILABLE as exc:
-            # the router still starts: it answers STATE_UNAVAILABLE, and _maintain finishes this once Redis answers
-            log.error("Redis unreachable at start-up (%s); serving STATE_UNAVAILABLE until it answers", exc)
+        await _start_with_redis(settings, store)
+        master.start()
+        background = asyncio.create_task(_maintain(settings, store, None))
+        yield
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
+        await master.stop()
+        await redis.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def _start_with_redis(settings: Settings, store: FleetStore) -> None:
+    try:
+        await store.scripts.preload()
+        await register_static_workers(
+            store, settings.service.endpoints, [v.worker_id for v in await store.list_workers()]
+        )
+    except REDIS_UNAVAILABLE as exc:
+        # the process still starts: background duties finish this once Redis answers
+        log.error("Redis unreachable at start-up (%s); carrying on until it answers", exc)
+
+
+def _router_lifecycle(settings: Settings, redis: Redis, store: FleetStore, master: MasterService | None):
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await _start_with_redis(settings, store)
+        if master is not None:
+            master.start()
         background = asyncio.create_task(_maintain(settings, store, app[CONTEXT].scheduler))
         yield
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background
+        if master is not None:
+            await master.stop()
         await redis.aclose()
 
     return lifecycle
 
 
-async def _register_static_workers(settings: Settings, store: FleetStore, views: list[WorkerView]) -> None:
-    """Register the MODEL_SERVICE_CONFIG workers Redis does not hold (first start, or Redis lost its data)."""
-    registered = {v.worker_id for v in views}
-    for worker in settings.service.endpoints:
-        if worker.worker_id not in registered:
-            # no poller yet: a configured worker is taken as alive until a status says otherwise
-            await store.register_worker(worker.to_spec())
-            log.info("registered %s worker %s from MODEL_SERVICE_CONFIG", worker.role.value, worker.worker_id)
-
-
-async def _maintain(settings: Settings, store: FleetStore, scheduler: Scheduler) -> None:
-    """Background duties of every router: keep the static workers registered, write the releases Redis missed while
-    it was down, and expire reservations of workers no request reads (reads and reservations expire the others)."""
+async def _maintain(settings: Settings, store: FleetStore, scheduler: Scheduler | None) -> None:
+    """Background duties of every process: keep the static workers registered, write the releases Redis missed while
+    it was down (routers), and expire reservations of workers no request reads (reads and reservations expire the
+    others)."""
     interval = min(max(settings.flexlb.reservation_ttl_ms / 4000, 0.1), 1.0)
     while True:
         await asyncio.sleep(interval)
         try:
-            await scheduler.write_unwritten_releases()
+            if scheduler is not None:
+                await scheduler.write_unwritten_releases()
             views = await store.list_workers()
-            await _register_static_workers(settings, store, views)
+            await register_static_workers(store, settings.service.endpoints, [v.worker_id for v in views])
             await store.sweep([v.worker_id for v in views if v.pending_count])
         except REDIS_UNAVAILABLE:
             pass  # the scheduler reports the outage; these duties resume with Redis
         except Exception:
-            log.exception("router maintenance failed")
+            log.exception("maintenance failed (static workers, overdue reservations)")

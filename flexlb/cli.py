@@ -70,6 +70,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_master(args: argparse.Namespace, settings: Settings) -> int:
+    from flexlb.app import create_master_app
+
+    if settings.redis_url is None:
+        raise UsageError("set REDIS_URL to the fleet's Redis: the master polls workers for routers that share it")
+    uvloop.install()
+    app = create_master_app(settings, holder=args.holder)
+    print(
+        f"flexlb: master candidate for service {settings.service.service_id!r}; health on http://{args.host}:{args.port}",
+        flush=True,
+    )
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
 # ---- worker admin (writes the same Redis keys as the admin API) ----
 
 
@@ -152,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default: FLEXLB_CONFIG httpPort, 7001)")
     serve.add_argument("--advertise", help="ip:port reported as real_master_host (default: this host's address)")
 
+    master = sub.add_parser(
+        "master", help="contend for the master lock and poll the workers while holding it (REDIS_URL required)"
+    )
+    master.add_argument("--host", default="127.0.0.1", help="listen address of /health and /metrics")
+    master.add_argument("--port", type=int, default=7100, help="listen port of /health and /metrics (default 7100)")
+    master.add_argument("--holder", help="name in the lock (default host:pid:master)")
+
     worker = sub.add_parser("worker", help="register, update, remove or list workers in Redis")
     worker.add_argument("--redis-url", help="default: REDIS_URL")
     worker.add_argument("--service", help="model service id (default: from MODEL_SERVICE_CONFIG, else 'default')")
@@ -190,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         if args.command == "serve":
             return cmd_serve(args, settings)
+        if args.command == "master":
+            return cmd_master(args, settings)
         if args.command == "worker":
             return asyncio.run(_worker_command(args, settings))
         if args.command == "sim-worker":

@@ -36,3 +36,35 @@ class SchedulerMetrics:
         self.redis_errors = Counter("flexlb_redis_errors_total", "Failed Redis calls.", registry=registry)
         self.redis_up = Gauge("flexlb_redis_up", "1 while Redis answers, 0 while it does not.", registry=registry)
         self.redis_up.set(1)
+
+
+class MasterMetrics:
+    """What the master process (the lock holder) does: polls, liveness, hand-over of reservations."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.is_master = Gauge(
+            "flexlb_master_is_master", "1 while this process holds the master lock.", registry=registry
+        )
+        self.epoch = Gauge(
+            "flexlb_master_epoch", "Epoch of this process's current or last master term.", registry=registry
+        )
+        self.polls = Counter(
+            "flexlb_master_polls_total",
+            "Worker status and cache polls by result.",
+            ["rpc", "result"],
+            registry=registry,
+        )
+        self.worker_alive = Gauge(
+            "flexlb_worker_alive", "1 while a worker answers its status polls.", ["worker", "role"], registry=registry
+        )
+        self.lost_tasks = Counter(
+            "flexlb_master_lost_tasks_total",
+            "Requests a worker reported running or waiting that later vanished without finishing.",
+            registry=registry,
+        )
+        self.reservations_handed_over = Counter(
+            "flexlb_master_reservations_handed_over_total",
+            "Reservations dropped because the worker itself reported the request (its counts carry it from then).",
+            registry=registry,
+        )

@@ -176,6 +176,34 @@ class FlexlbConfig:
     http_port: int = _opt(
         7001, "Port the HTTP server listens on; 0 = any free port.", origin="flexlb", low=0, high=65535
     )
+    contend_for_master: bool = _opt(
+        True,
+        "This router contends for the master lock and, while it holds it, polls the workers. Set false on routers"
+        " when a `flexlb master` process does that, or for engines without RTP-LLM's status RPCs.",
+        origin="flexlb",
+    )
+    master_lock_ttl_ms: int = _opt(
+        3000, "Master lock TTL: a dead master is replaced within this plus one renew interval, in ms.", origin="flexlb",
+        low=100,
+    )  # fmt: skip
+    master_renew_interval_ms: int = _opt(
+        1000, "How often the master renews its lock, in ms; must be below half the TTL.", origin="flexlb", low=10
+    )
+    worker_down_after_failed_polls: int = _opt(
+        2,
+        "Failed status polls in a row after which a worker is marked not alive (the original: 1).",
+        origin="flexlb",
+        low=1,
+    )
+    cache_sync_min_interval_ms: int = _opt(
+        50, "Cache keys are polled this often while a worker's cache changes, in ms.", origin="flexlb", low=1
+    )
+    cache_sync_max_interval_ms: int = _opt(
+        3000,
+        "Cache keys are polled this seldom while a worker's cache does not change, in ms.",
+        origin="flexlb",
+        low=1,
+    )
     # --- an option of the original kept for later
     enable_grpc_prefill_master: bool = _opt(
         False,
@@ -427,6 +455,18 @@ def parse_flexlb_config(environ: Mapping[str, str]) -> FlexlbConfig:
         raise ConfigError(
             f"{where}: decodeFullSpeedThreshold ({config.decode_full_speed_threshold}) must be below"
             f" decodeStopThreshold ({config.decode_stop_threshold})"
+        )
+    if not config.master_renew_interval_ms < config.master_lock_ttl_ms / 2:
+        where = sources.get("master_renew_interval_ms") or sources.get("master_lock_ttl_ms") or name
+        raise ConfigError(
+            f"{where}: masterRenewIntervalMs ({config.master_renew_interval_ms}) must be below half of"
+            f" masterLockTtlMs ({config.master_lock_ttl_ms}), so one lost renew does not cost the lock"
+        )
+    if config.cache_sync_min_interval_ms > config.cache_sync_max_interval_ms:
+        where = sources.get("cache_sync_min_interval_ms") or sources.get("cache_sync_max_interval_ms") or name
+        raise ConfigError(
+            f"{where}: cacheSyncMinIntervalMs ({config.cache_sync_min_interval_ms}) must not exceed"
+            f" cacheSyncMaxIntervalMs ({config.cache_sync_max_interval_ms})"
         )
     return config
 

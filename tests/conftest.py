@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server per test session on a free port, and FleetStores on it or on fakeredis."""
+"""Shared fixtures: a real redis-server per test session on a free port, FleetStores on it or on fakeredis, and child
+processes of the real commands (routers, `flexlb master`, simulated workers)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ class RouterProcess:
             **os.environ,
             "REDIS_URL": redis_url,
             "FLEXLB_SERVICE_ID": service,
-            "FLEXLB_CONFIG": orjson.dumps(config or {}).decode(),
+            # Routers here schedule on statuses the tests write; a test that wants polling says contendForMaster.
+            "FLEXLB_CONFIG": orjson.dumps({"contendForMaster": False, **(config or {})}).decode(),
             **(env or {}),
         }
         self.log_path = f"/tmp/flexlb-router-{self.port}.log"
@@ -121,3 +123,158 @@ def start_router(redis_server: EmbeddedRedis, service: str) -> Iterator:
     yield start
     for router in started:
         router.stop()
+
+
+def free_port_pair() -> int:
+    """A port P with P and P + 1 free (a worker's default gRPC port is its HTTP port + 1)."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as http, socket.socket() as grpc_:
+            http.bind(("127.0.0.1", 0))
+            port = http.getsockname()[1]
+            try:
+                grpc_.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+class SimWorkerProcess:
+    """A simulated worker child process (``flexlb sim-worker``) on a free HTTP port, gRPC on the next one.
+
+    ``port`` reuses a port (a restarted worker); ``args`` are extra sim-worker options."""
+
+    def __init__(
+        self,
+        log_path: str,
+        *,
+        role: str = "pdfusion",
+        args: tuple[str, ...] = (),
+        port: int | None = None,
+        entry: tuple[str, ...] | None = None,
+        time_scale: float = 0.05,
+    ) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.role = role
+        self.port = port or free_port_pair()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_address = f"127.0.0.1:{self.port + 1}"
+        self.worker_id = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        entry = entry or ("-m", "flexlb.cli", "sim-worker", "--role", role)
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, *entry, "--port", str(self.port), "--time-scale", str(time_scale), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def wait_ready(self, timeout_s: float = 20.0) -> SimWorkerProcess:
+        wait_http_ready(self.url, self.process, self.log, "worker", timeout_s)
+        return self
+
+    def stop(self, sig: int | None = None) -> int:
+        """Send ``sig`` (default SIGTERM) and return the exit status (killed, and -9, if it does not stop in 10 s)."""
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(sig or signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
+
+
+@pytest.fixture
+def start_sim_worker(tmp_path) -> Iterator:  # type: ignore[no-untyped-def]
+    """Factory: start_sim_worker(role=..., args=..., port=...) -> a ready SimWorkerProcess; all stopped at the end."""
+    started: list[SimWorkerProcess] = []
+
+    def start(wait: bool = True, **kwargs) -> SimWorkerProcess:  # type: ignore[no-untyped-def]
+        worker = SimWorkerProcess(str(tmp_path / f"sim-{len(started)}.log"), **kwargs)
+        started.append(worker)
+        return worker.wait_ready() if wait else worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+class MasterProcess:
+    """A ``flexlb master`` child process; its /health on a free port."""
+
+    def __init__(self, redis_url: str, service: str, config: dict | None = None, env: dict | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        import orjson
+
+        from flexlb.embedded_redis import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.holder = f"test-master-{self.port}"
+        self.log_path = f"/tmp/flexlb-master-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flexlb.cli", "master", "--port", str(self.port), "--holder", self.holder],
+            env={
+                **os.environ,
+                "REDIS_URL": redis_url,
+                "FLEXLB_SERVICE_ID": service,
+                "FLEXLB_CONFIG": orjson.dumps(config or {}).decode(),
+                **(env or {}),
+            },
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float = 20.0) -> MasterProcess:
+        wait_http_ready(self.url, self.process, self.log, "master", timeout_s)
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def stop(self) -> int:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_master(redis_server: EmbeddedRedis, service: str) -> Iterator:
+    """Factory: start_master(config=...) -> a ready MasterProcess (master or standby); all stopped at the end."""
+    started: list[MasterProcess] = []
+
+    def start(config: dict | None = None, *, env: dict | None = None, wait: bool = True) -> MasterProcess:
+        master = MasterProcess(redis_server.url, service, config, env)
+        started.append(master)
+        return master.wait_ready() if wait else master
+
+    yield start
+    for master in started:
+        master.stop()

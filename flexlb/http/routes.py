@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -21,9 +21,15 @@ from flexlb.http.wire import (
     parse_schedule_request,
     schedule_body,
 )
+from flexlb.master.election import current_master
 from flexlb.metrics import SchedulerMetrics
 from flexlb.scheduler import REDIS_UNAVAILABLE, Scheduler
 from flexlb.state.store import FleetStore
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from flexlb.master.service import MasterService
 
 log = logging.getLogger("flexlb.http")
 
@@ -41,9 +47,11 @@ class RouterContext:
     service_id: str
     master_host: str  # this router's ip:port, reported as real_master_host (any router can schedule)
     model_names: frozenset[str] = frozenset()
+    master: MasterService | None = None  # this process's master election, when it contends
 
 
 CONTEXT = web.AppKey("context", RouterContext)
+MASTER = web.AppKey("master", "MasterService")  # in `flexlb master`, which has no router context
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -148,19 +156,23 @@ def worker_json(view: Any) -> dict[str, Any]:
     }
 
 
+async def lock_info(store: FleetStore) -> dict[str, Any]:
+    """Who holds the master lock now, and its epoch (None when Redis cannot be asked)."""
+    try:
+        holder, epoch = await current_master(store.redis, store.keys)
+    except REDIS_UNAVAILABLE:
+        return {"master_lock_holder": None, "master_epoch": None}
+    return {"master_lock_holder": holder, "master_epoch": epoch}
+
+
 async def master_info(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    # Every router schedules on the shared state, so each names itself (see the reference's flexlb note); the
-    # lock holder and epoch arrive with the master election.
-    return json_response(
-        {
-            "real_master_host": ctx.master_host,
-            "queue_length": 0,
-            "code": 200,
-            "master_lock_holder": None,
-            "master_epoch": None,
-        }
-    )
+    # Every router schedules on the shared state, so each names itself as real_master_host (see the reference's
+    # flexlb note); the lock holder that polls the workers, and its epoch, are reported beside it for operators.
+    body: dict[str, Any] = {"real_master_host": ctx.master_host, "queue_length": 0, "code": 200}
+    body |= await lock_info(ctx.store)
+    body["this_process_is_master"] = ctx.master is not None and ctx.master.election.is_master
+    return json_response(body)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -183,3 +195,20 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/rtp_llm/master/info", master_info)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+
+
+async def master_health(request: web.Request) -> web.Response:
+    """``flexlb master``: 200 while Redis answers (master or standby), 503 when it does not."""
+    master = request.app[MASTER]
+    body = master.info() | await lock_info(master.store)
+    up = body["master_epoch"] is not None
+    return json_response({"status": "ok" if up else "unavailable", **body}, 200 if up else 503)
+
+
+def setup_master_routes(app: web.Application, registry: CollectorRegistry) -> None:
+    async def master_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/health", master_health)
+    app.router.add_post("/rtp_llm/master/info", master_health)
+    app.router.add_get("/metrics", master_metrics)

@@ -4,11 +4,7 @@ WorkerStatusClient reads the same state the HTTP API shows, and SIGTERM / SIGINT
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -16,70 +12,21 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import SimWorkerProcess
 
 from flexlb.blocks import block_cache_keys, tokenize
 from flexlb.master.worker_client import WorkerStatusClient, WorkerUnreachable
 from flexlb.proto.flexlb_worker_pb2 import WorkerStatusPB
-from flexlb.readiness import wait_http_ready
 
 PROMPT = " ".join(f"word{i}" for i in range(400))  # 6 full blocks of 64
 DEADLINE_S = 1.0  # per RPC
 CLI = ("-m", "flexlb.cli", "sim-worker", "--role", "pdfusion")
 
 
-def free_port_pair() -> int:
-    """A port P with P and P + 1 free (the worker's default gRPC port is its HTTP port + 1)."""
-    for _ in range(100):
-        with socket.socket() as http, socket.socket() as grpc_:
-            http.bind(("127.0.0.1", 0))
-            port = http.getsockname()[1]
-            try:
-                grpc_.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no two adjacent free ports")
-
-
-class SimWorkerProcess:
-    """A simulated worker child process on a free HTTP port (gRPC on the next one)."""
-
-    def __init__(self, entry: tuple[str, ...], log_path: Path) -> None:
-        self.port = free_port_pair()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.grpc_address = f"127.0.0.1:{self.port + 1}"
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, *entry, "--port", str(self.port), "--time-scale", "0.05"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def wait_ready(self, timeout_s: float = 20.0) -> SimWorkerProcess:
-        wait_http_ready(self.url, self.process, self.log, "worker", timeout_s)
-        return self
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
-        """Send ``sig`` and return the exit status (killed, and -9, if it does not stop in 10 s)."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
 @pytest.fixture
 def sim_worker(tmp_path: Path) -> Iterator[SimWorkerProcess]:
     """A ready `flexlb sim-worker`; at the end SIGTERM must stop it with exit status 0 and no traceback."""
-    worker = SimWorkerProcess(CLI, tmp_path / "sim-worker.log").wait_ready()
+    worker = SimWorkerProcess(str(tmp_path / "sim-worker.log"), entry=CLI).wait_ready()
     try:
         yield worker
     finally:
@@ -220,7 +167,7 @@ async def test_a_streaming_request_shows_as_running_while_it_streams(
 async def test_a_signal_stops_http_and_grpc_with_exit_status_0(
     entry: tuple[str, ...], sig: signal.Signals, tmp_path: Path
 ) -> None:
-    worker = SimWorkerProcess(entry, tmp_path / "sim.log").wait_ready()
+    worker = SimWorkerProcess(str(tmp_path / "sim.log"), entry=entry).wait_ready()
     try:
         async with WorkerStatusClient(worker.grpc_address) as client:
             assert (await client.get_worker_status(-1, DEADLINE_S)).alive

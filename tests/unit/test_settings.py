@@ -51,6 +51,12 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "redisTimeoutMs": 1000,
     "httpHost": "0.0.0.0",
     "httpPort": 7001,
+    "contendForMaster": True,
+    "masterLockTtlMs": 3000,
+    "masterRenewIntervalMs": 1000,
+    "workerDownAfterFailedPolls": 2,
+    "cacheSyncMinIntervalMs": 50,
+    "cacheSyncMaxIntervalMs": 3000,
     "enableGrpcPrefillMaster": False,
 }
 
@@ -690,3 +696,13 @@ def test_docs_contain_the_generated_table() -> None:
     assert table in DOCS.read_text(encoding="utf-8"), (
         "docs/configuration.md is stale: paste `python -m flexlb.settings`"
     )
+
+
+def test_master_renew_must_fit_twice_in_the_lock_ttl() -> None:
+    message = error_of(flexlb(masterLockTtlMs=1000, masterRenewIntervalMs=500))
+    assert "masterRenewIntervalMs (500)" in message and "masterLockTtlMs (1000)" in message
+
+
+def test_cache_sync_bounds_must_be_ordered() -> None:
+    message = error_of(flexlb(cacheSyncMinIntervalMs=5000))
+    assert "cacheSyncMinIntervalMs (5000)" in message

@@ -1,0 +1,294 @@
+"""The master's duties: poll every registered worker over gRPC and write what it reports to Redis.
+
+One :class:`WorkerPoller` per worker runs status and cache calls one after the other, so a worker never has two of
+our calls in flight, each with a deadline. Every write is fenced by the term's epoch: when a newer master exists the
+write is refused (:class:`StaleEpoch`) and :class:`MasterDuties` stops all polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flexlb.domain import WorkerSpec
+from flexlb.master.reconcile import (
+    Hysteresis,
+    StatusUpdate,
+    WorkerTrack,
+    cache_diff,
+    next_cache_interval,
+    reconcile_status,
+)
+from flexlb.master.worker_client import WorkerStatusClient, WorkerUnreachable
+from flexlb.metrics import MasterMetrics
+from flexlb.scheduler import REDIS_UNAVAILABLE
+from flexlb.settings import Settings
+from flexlb.state.store import FleetStore, StaleEpoch
+
+log = logging.getLogger("flexlb.master.poller")
+
+Clock = Callable[[], float]
+ClientFactory = Callable[[WorkerSpec], WorkerStatusClient]
+
+
+@dataclass(frozen=True, slots=True)
+class PollOptions:
+    status_interval_s: float = 0.02
+    deadline_s: float = 0.1
+    cache_min_interval_s: float = 0.05
+    cache_max_interval_s: float = 3.0
+    down_after_failures: int = 2
+    worker_timeout_s: float = 3.0  # silent this long: forgotten (not alive, cache index and reservations dropped)
+    task_timeout_s: float = 3.0  # a request id not reported this long is forgotten
+    heartbeat_s: float = 1.0  # an unchanged status is still written this often, so updated_ms shows it is fresh
+    membership_interval_s: float = 0.5  # how often membership changes are looked for
+    hysteresis: Hysteresis = field(default_factory=Hysteresis)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PollOptions:
+        c = settings.flexlb
+        return cls(
+            status_interval_s=settings.sync_status_interval_ms / 1000,
+            deadline_s=settings.sync_request_timeout_ms / 1000,
+            cache_min_interval_s=c.cache_sync_min_interval_ms / 1000,
+            cache_max_interval_s=c.cache_sync_max_interval_ms / 1000,
+            down_after_failures=c.worker_down_after_failed_polls,
+            worker_timeout_s=settings.worker_timeout_ms / 1000,
+            task_timeout_s=settings.task_timeout_ms / 1000,
+            hysteresis=Hysteresis(
+                prefill_waiting=c.prefill_queue_size_threshold,
+                decode_kv_percent=c.decode_available_memory_threshold,
+                bias_percent=c.hysteresis_bias_percent,
+            ),
+        )
+
+
+class WorkerPoller:
+    """Polls one worker for one master term and writes its status, cache index and liveness."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        client: WorkerStatusClient,
+        store: FleetStore,
+        epoch: int,
+        options: PollOptions,
+        metrics: MasterMetrics,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.client = client
+        self.store = store
+        self.epoch = epoch
+        self.options = options
+        self.metrics = metrics
+        self.clock = clock
+        self.track = WorkerTrack()
+        self._unwritten_ids: set[int] = set()  # handled ids whose write failed: passed again with the next one
+        self._started = clock()
+        self._redis_failing = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.role.value} worker {self.spec.worker_id}"
+
+    async def run(self) -> None:
+        """Poll until cancelled; raises StaleEpoch when a newer master exists."""
+        while True:
+            started = self.clock()
+            await self.poll_once()
+            await asyncio.sleep(max(0.0, self.options.status_interval_s - (self.clock() - started)))
+
+    async def poll_once(self) -> None:
+        """One status poll, and a cache poll when it is due."""
+        try:
+            polled = await self._poll_status()
+            if polled and self.clock() >= self.track.next_cache_at:
+                await self._poll_cache()
+            if self._redis_failing:
+                self._redis_failing = False
+                log.info("%s: Redis writes work again", self.name)
+        except REDIS_UNAVAILABLE as exc:
+            if not self._redis_failing:  # once per outage, not every 20 ms
+                self._redis_failing = True
+                log.warning("%s: cannot write its status to Redis: %r", self.name, exc)
+            self.track.written = None
+
+    async def _poll_status(self) -> bool:
+        track, now = self.track, self.clock()
+        try:
+            status = await self.client.get_worker_status(track.finished_version, self.options.deadline_s)
+        except WorkerUnreachable as exc:
+            self.metrics.polls.labels(rpc="status", result="failed").inc()
+            await self._on_failure(exc, now)
+            return False
+        self.metrics.polls.labels(rpc="status", result="ok").inc()
+        if track.failures:
+            log.info("%s answers again after %d failed polls", self.name, track.failures)
+        track.failures, track.first_failure, track.last_ok = 0, None, now
+        track.marked_down = track.forgotten = False
+        update = reconcile_status(
+            track, status, self.spec.role, now, self.options.hysteresis, self.options.task_timeout_s
+        )
+        if update is not None:
+            if update.restarted:
+                log.info("%s restarted (status_version went back); its earlier reports no longer apply", self.name)
+            if update.lost_ids:
+                self.metrics.lost_tasks.inc(len(update.lost_ids))
+                log.info("%s: requests %s left without finishing (lost)", self.name, update.lost_ids[:10])
+            await self._write_status(update, now)
+        self.metrics.worker_alive.labels(worker=self.spec.worker_id, role=self.spec.role.value).set(
+            1 if status.alive else 0
+        )
+        return True
+
+    async def _write_status(self, update: StatusUpdate, now: float) -> None:
+        track = self.track
+        ids = sorted(self._unwritten_ids.union(update.handled_ids))
+        fresh = now - track.written_at < self.options.heartbeat_s
+        if not ids and update.fields == track.written and fresh:
+            return
+        self._unwritten_ids.update(ids)
+        written = await self.store.write_worker_status(self.epoch, self.spec.worker_id, update.fields, ids)
+        self._unwritten_ids.clear()
+        track.written, track.written_at = update.fields, now
+        if written is not None and written.dropped:
+            self.metrics.reservations_handed_over.inc(written.dropped)
+
+    async def _poll_cache(self) -> None:
+        track = self.track
+        try:
+            version = -1 if track.cache_version is None else track.cache_version
+            reply = await self.client.get_cache_status(version, True, self.options.deadline_s)
+        except WorkerUnreachable as exc:
+            self.metrics.polls.labels(rpc="cache", result="failed").inc()
+            log.debug("%s", exc)
+            track.next_cache_at = self.clock() + self.options.cache_min_interval_s
+            return
+        self.metrics.polls.labels(rpc="cache", result="ok").inc()
+        if reply.block_size > 0:
+            track.block_size = reply.block_size
+        changed = False
+        if reply.version != track.cache_version:
+            if track.cache_keys is None:  # first look in this term: diff against what Redis holds
+                track.cache_keys = frozenset(await self.store.cache_blocks(self.spec.worker_id))
+            add, remove = cache_diff(track.cache_keys, reply.cache_keys.keys())
+            if add or remove:
+                await self.store.apply_cache_diff(self.epoch, self.spec.worker_id, add, remove)
+                changed = True
+            track.cache_keys = frozenset(reply.cache_keys.keys())
+            track.cache_version = reply.version
+        low, high = self.options.cache_min_interval_s, self.options.cache_max_interval_s
+        track.cache_interval_s = next_cache_interval(track.cache_interval_s or low, changed, low, high)
+        track.next_cache_at = self.clock() + track.cache_interval_s
+
+    async def _on_failure(self, exc: WorkerUnreachable, now: float) -> None:
+        track = self.track
+        track.failures += 1
+        if track.first_failure is None:
+            track.first_failure = now
+        if track.failures >= self.options.down_after_failures and not track.marked_down:
+            log.warning("%s marked not alive after %d failed polls: %s", self.name, track.failures, exc)
+            await self.store.write_worker_status(self.epoch, self.spec.worker_id, {"alive": "0"})
+            track.marked_down, track.written = True, None
+            self.metrics.worker_alive.labels(worker=self.spec.worker_id, role=self.spec.role.value).set(0)
+        silent_since = track.last_ok if track.last_ok is not None else self._started
+        if not track.forgotten and now - silent_since >= self.options.worker_timeout_s:
+            released = await self.store.forget_worker(self.epoch, self.spec.worker_id)
+            log.warning(
+                "%s silent for %.1fs: forgot its cache index and released %s reservations",
+                self.name, now - silent_since, released,
+            )  # fmt: skip
+            track.forgotten = True
+            track.restart()
+            track.cache_keys = frozenset()  # forget_worker emptied the set in Redis
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class MasterDuties:
+    """Everything the master does during one term: follow membership and run one WorkerPoller per worker."""
+
+    def __init__(
+        self,
+        store: FleetStore,
+        options: PollOptions,
+        metrics: MasterMetrics,
+        client_factory: ClientFactory = WorkerStatusClient.for_worker,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.options = options
+        self.metrics = metrics
+        self.client_factory = client_factory
+        self.clock = clock
+        self.pollers: dict[str, tuple[WorkerPoller, asyncio.Task[None]]] = {}
+        self._stale = asyncio.Event()
+
+    async def run(self, epoch: int) -> None:
+        """The duties of the term ``epoch``: until cancelled, or until a newer master shows up."""
+        self._stale.clear()
+        self.metrics.epoch.set(epoch)
+        self.metrics.is_master.set(1)
+        log.info("master duties start: epoch %d", epoch)
+        known_version: str | None = None
+        try:
+            while not self._stale.is_set():
+                try:
+                    version = await self.store.members_version()
+                    if version != known_version:
+                        await self._follow_membership(epoch)
+                        known_version = version
+                except REDIS_UNAVAILABLE as exc:
+                    log.warning("master: cannot read membership from Redis: %r", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stale.wait(), self.options.membership_interval_s)
+            log.warning("master duties stop: a newer master than epoch %d writes now", epoch)
+        finally:
+            self.metrics.is_master.set(0)
+            await self._stop_all()
+
+    async def _follow_membership(self, epoch: int) -> None:
+        specs = {v.worker_id: v.spec for v in await self.store.list_workers()}
+        for wid in [wid for wid, (poller, _) in self.pollers.items() if specs.get(wid) != poller.spec]:
+            await self._stop(wid)
+        for wid, spec in specs.items():
+            if wid not in self.pollers:
+                poller = WorkerPoller(
+                    spec, self.client_factory(spec), self.store, epoch, self.options, self.metrics, self.clock
+                )
+                task = asyncio.create_task(self._run_poller(poller), name=f"poll {wid}")
+                self.pollers[wid] = (poller, task)
+                log.info("polling %s at %s", poller.name, poller.client.address)
+
+    async def _run_poller(self, poller: WorkerPoller) -> None:
+        while True:
+            try:
+                await poller.run()
+            except StaleEpoch as exc:
+                log.warning("%s: write refused: %s", poller.name, exc)
+                self._stale.set()
+                return
+            except Exception:
+                # a bug must not silently stop the polling of one worker: log it and start over with fresh memory
+                log.exception("%s: poller failed; restarting it", poller.name)
+                poller.track = WorkerTrack()
+                await asyncio.sleep(self.options.membership_interval_s)
+
+    async def _stop(self, worker_id: str) -> None:
+        poller, task = self.pollers.pop(worker_id)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await poller.close()
+        with contextlib.suppress(KeyError):  # never polled successfully: no series
+            self.metrics.worker_alive.remove(worker_id, poller.spec.role.value)
+
+    async def _stop_all(self) -> None:
+        for wid in list(self.pollers):
+            await self._stop(wid)

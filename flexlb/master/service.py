@@ -1,0 +1,77 @@
+"""MasterService: the master election plus the duties it runs while elected, as one unit a process starts and stops.
+
+A router process runs one when ``contendForMaster`` is true; ``flexlb master`` runs one alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from flexlb.master.election import Clock, MasterElection
+from flexlb.master.poller import ClientFactory, MasterDuties, PollOptions
+from flexlb.master.worker_client import WorkerStatusClient
+from flexlb.metrics import MasterMetrics
+from flexlb.settings import Settings
+from flexlb.state.store import FleetStore
+
+log = logging.getLogger("flexlb.master")
+
+
+def default_holder(role: str) -> str:
+    """How this process names itself in the lock: host, pid and what it is (``router`` or ``master``)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{role}"
+
+
+class MasterService:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        metrics: MasterMetrics,
+        *,
+        holder: str,
+        client_factory: ClientFactory = WorkerStatusClient.for_worker,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        config = settings.flexlb
+        self.store = FleetStore(redis, settings.service.service_id)
+        self.election = MasterElection(
+            redis,
+            self.store.keys,
+            holder=holder,
+            scripts=self.store.scripts,
+            ttl_ms=config.master_lock_ttl_ms,
+            renew_interval_ms=config.master_renew_interval_ms,
+            clock=clock,
+        )
+        self.duties = MasterDuties(self.store, PollOptions.from_settings(settings), metrics, client_factory, clock)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.election.run(self.duties.run, self._on_deposed), name="master election")
+
+    async def stop(self) -> None:
+        """Stop polling and hand the lock over at once (another process takes over without waiting for the TTL)."""
+        if self._task is None:
+            return
+        await self.election.stop()
+        await self._task
+        self._task = None
+
+    async def _on_deposed(self) -> None:
+        log.info("no longer master (holder %s, epoch %d)", self.election.holder, self.election.epoch)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "holder": self.election.holder,
+            "is_master": self.election.is_master,
+            "epoch": self.election.epoch,
+            "workers_polled": len(self.duties.pollers) if self.election.is_master else 0,
+        }
