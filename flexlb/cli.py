@@ -85,6 +85,16 @@ def cmd_master(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_blocks(args: argparse.Namespace) -> int:
+    from flexlb.blocks import block_cache_keys, tokenize
+
+    if args.block_size <= 0:
+        raise UsageError(f"--block-size must be positive, got {args.block_size}")
+    text = sys.stdin.read() if args.text == "-" else args.text
+    print(orjson.dumps(block_cache_keys(tokenize(text), args.block_size)).decode())
+    return 0
+
+
 # ---- worker admin (writes the same Redis keys as the admin API) ----
 
 
@@ -192,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("address", help="ip:http_port")
     wsub.add_parser("list", help="list workers with status and pending load")
 
+    blocks = sub.add_parser(
+        "blocks", help="print the block_cache_keys of a prompt as JSON (the tokeniser and hashing of the simulator)"
+    )
+    blocks.add_argument("text", help="prompt text ('-' reads standard input)")
+    blocks.add_argument("--block-size", type=int, default=64, help="tokens per block (default 64)")
+
     sim = sub.add_parser(
         "sim-worker",
         help="run a simulated engine worker: HTTP on --port, status gRPC on --grpc-port (default --port + 1)",
@@ -216,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_master(args, settings)
         if args.command == "worker":
             return asyncio.run(_worker_command(args, settings))
+        if args.command == "blocks":
+            return cmd_blocks(args)
         if args.command == "sim-worker":
             return run_sim_worker(args, prog="flexlb sim-worker")
         if args.command == "bench":
