@@ -33,6 +33,19 @@ local function bump_members_version(version_key)
   redis.call('SET', version_key, string.format('%.0f', v))
 end
 
+-- The epoch of a new master term: the server time in ms, or one more than the current epoch if that is larger; stored
+-- and returned as an integer string. Strictly above every earlier epoch, and, unlike a counter restarting at 1, not one
+-- an old master may still hold after Redis lost the key (restart without persistence, failover), unless the server
+-- clock went back by more than the time since that master's election. Milliseconds stay far below 2^53 (exact in Lua).
+local function next_epoch(epoch_key)
+  local t = redis.call('TIME')
+  local v = math.max(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000),
+    (tonumber(redis.call('GET', epoch_key)) or 0) + 1)
+  local epoch = string.format('%.0f', v)
+  redis.call('SET', epoch_key, epoch)
+  return epoch
+end
+
 -- The master lock's value "token|epoch|holder" split into its parts (the holder may itself contain '|').
 local function parse_lock(value)
   local token, epoch, holder = string.match(value, '^([^|]*)|([^|]*)|(.*)$')

@@ -1,8 +1,9 @@
 """Master election: one router process at a time holds the master lock and does the master-only duties.
 
-The lock is a Redis string ``token|epoch|holder`` with a TTL (lua/lock_acquire.lua). Every new holder gets the next
-value of the master epoch, a fencing token: master writes go through scripts that check it (lua/fenced_set.lua), so a
-master paused past its TTL and replaced meanwhile cannot write when it wakes up. The master also keeps a lease by its
+The lock is a Redis string ``token|epoch|holder`` with a TTL (lua/lock_acquire.lua). Every new holder gets a higher
+master epoch (never one used before, even after Redis lost its data), a fencing token: master writes go through
+scripts that check it (lua/fenced_set.lua), so a master paused past its TTL and replaced meanwhile cannot write when
+it wakes up. The master also keeps a lease by its
 own monotonic clock, from the moment it *sent* its last successful renew: when that lease runs out it stops
 considering itself master (``is_master`` turns false at once) even if Redis cannot be reached to tell it so.
 

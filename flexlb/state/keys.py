@@ -31,7 +31,8 @@ class ServiceKeys:
 
     @property
     def master_epoch(self) -> str:
-        """Integer, one more per new master, never reset: the fencing token every master write checks."""
+        """Integer, never reset: the fencing token every master write checks. Each new master sets it to
+        max(Redis server time in ms, previous + 1) (lua/lock_acquire.lua): not reused even if Redis lost its data."""
         return f"{self.prefix}:master_epoch"
 
     @property

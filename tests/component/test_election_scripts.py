@@ -38,38 +38,81 @@ async def release(scripts: Scripts, keys: ServiceKeys, token: str) -> int:
     return await scripts.call("lock_release", [keys.master_lock], [token])
 
 
+async def server_ms(redis: aioredis.Redis) -> int:
+    """Redis server time in ms: the least epoch a new holder can get (lua/_lib.lua next_epoch)."""
+    seconds, micros = await redis.time()
+    return seconds * 1000 + micros // 1000
+
+
 async def test_acquire_free_lock_then_others_are_refused_with_the_holder(scripts: Scripts, keys: ServiceKeys) -> None:
-    assert await acquire(scripts, keys, "a", holder="10.0.0.1:80 7|x") == [1, 1]
     r = scripts._redis
-    assert parse_lock_value(await r.get(keys.master_lock)) == ("a", 1, "10.0.0.1:80 7|x")
-    assert await r.get(keys.master_epoch) == "1"
-    assert await acquire(scripts, keys, "b", holder="other") == [0, 1, "10.0.0.1:80 7|x"]
-    assert await acquire(scripts, keys, "a") == [1, 1]  # the holder again (a retry): same term, same epoch
-    assert await current_master(r, keys) == ("10.0.0.1:80 7|x", 1)
+    start = await server_ms(r)
+    ok, epoch = await acquire(scripts, keys, "a", holder="10.0.0.1:80 7|x")
+    assert ok == 1 and epoch >= start  # the first epoch is the server time in ms, not 1
+    assert parse_lock_value(await r.get(keys.master_lock)) == ("a", epoch, "10.0.0.1:80 7|x")
+    assert await r.get(keys.master_epoch) == str(epoch)
+    assert await acquire(scripts, keys, "b", holder="other") == [0, epoch, "10.0.0.1:80 7|x"]
+    assert await acquire(scripts, keys, "a") == [1, epoch]  # the holder again (a retry): same term, same epoch
+    assert await current_master(r, keys) == ("10.0.0.1:80 7|x", epoch)
 
 
-async def test_epoch_grows_by_exactly_one_per_new_holder(scripts: Scripts, keys: ServiceKeys) -> None:
-    assert await current_master(scripts._redis, keys) == (None, 0)
-    for expected, token in enumerate(["a", "b", "c", "a2"], start=1):
+async def test_epoch_grows_strictly_with_every_new_holder(scripts: Scripts, keys: ServiceKeys) -> None:
+    r = scripts._redis
+    assert await current_master(r, keys) == (None, 0)
+    previous = await server_ms(r) - 1
+    for token in ["a", "b", "c", "a2"]:  # back to back, often within one ms: then it is previous + 1
         ok, epoch = await acquire(scripts, keys, token)
-        assert (ok, epoch) == (1, expected)
+        assert ok == 1 and epoch > previous
         assert await renew(scripts, keys, token, epoch) == 1  # renewals do not move the epoch
-        assert await acquire(scripts, keys, token) == [1, expected]
+        assert await acquire(scripts, keys, token) == [1, epoch]
         assert await release(scripts, keys, token) == 1
-        assert await current_master(scripts._redis, keys) == (None, expected)
-    assert await scripts._redis.get(keys.master_epoch) == "4"
+        assert await current_master(r, keys) == (None, epoch)
+        assert await r.get(keys.master_epoch) == str(epoch)
+        previous = epoch
+
+
+async def test_an_epoch_ahead_of_the_clock_grows_by_exactly_one(scripts: Scripts, keys: ServiceKeys) -> None:
+    r = scripts._redis
+    ahead = await server_ms(r) + 10_000_000  # e.g. set while the server clock was ahead, which has since been fixed
+    await r.set(keys.master_epoch, ahead)
+    assert await acquire(scripts, keys, "a") == [1, ahead + 1]
+    assert await r.get(keys.master_epoch) == str(ahead + 1)
+    await release(scripts, keys, "a")
+    assert await acquire(scripts, keys, "b") == [1, ahead + 2]
+
+
+async def test_after_redis_lost_its_data_a_new_master_never_gets_an_old_epoch(
+    scripts: Scripts, keys: ServiceKeys
+) -> None:
+    r = scripts._redis
+    target = f"{keys.prefix}:probe"
+    _, e1 = await acquire(scripts, keys, "a")
+    await fenced_set(scripts, keys, e1, target, {"holder": "a", "n": 1})
+    # a restart without persistence, or a failover to an empty replica, while "a" is paused believing it is master;
+    # a real takeover comes at least a lock TTL later: let the server clock pass e1 as it would have by then
+    await r.delete(keys.master_lock, keys.master_epoch)
+    async with asyncio.timeout(5):
+        while await server_ms(r) <= e1:
+            await asyncio.sleep(0.001)
+    ok, e2 = await acquire(scripts, keys, "b")
+    assert ok == 1 and e2 != e1 and e2 > e1  # a counter would have restarted at 1: "a"'s epoch, had e1 been 1
+    with pytest.raises(StaleEpoch, match=f"stale epoch {e1}, current {e2}"):
+        await fenced_set(scripts, keys, e1, target, {"holder": "a", "n": 2})
+    assert await r.hgetall(target) == {"holder": "a", "n": "1"}
+    await fenced_set(scripts, keys, e2, target, {"holder": "b", "n": 1})
+    assert await r.hgetall(target) == {"holder": "b", "n": "1"}
 
 
 async def test_renew_needs_the_token_and_the_epoch(scripts: Scripts, keys: ServiceKeys) -> None:
-    await acquire(scripts, keys, "a")
+    _, old = await acquire(scripts, keys, "a")
     await release(scripts, keys, "a")
     _, epoch = await acquire(scripts, keys, "b")
-    assert epoch == 2
-    assert await renew(scripts, keys, "a", 2) == 0  # wrong token
-    assert await renew(scripts, keys, "b", 1) == 0  # right token, old epoch
-    assert await renew(scripts, keys, "b", 2) == 1
+    assert epoch > old
+    assert await renew(scripts, keys, "a", epoch) == 0  # wrong token
+    assert await renew(scripts, keys, "b", old) == 0  # right token, old epoch
+    assert await renew(scripts, keys, "b", epoch) == 1
     await release(scripts, keys, "b")
-    assert await renew(scripts, keys, "b", 2) == 0  # nothing to renew
+    assert await renew(scripts, keys, "b", epoch) == 0  # nothing to renew
 
 
 async def test_release_with_a_wrong_token_leaves_the_lock(scripts: Scripts, keys: ServiceKeys) -> None:
@@ -95,10 +138,11 @@ async def test_lock_has_a_ttl_and_renew_resets_it_rather_than_adding(scripts: Sc
 
 
 async def test_lock_expires_and_the_next_holder_gets_a_new_epoch(scripts: Scripts, keys: ServiceKeys) -> None:
-    await acquire(scripts, keys, "a", ttl=50)
+    _, old = await acquire(scripts, keys, "a", ttl=50)
     await asyncio.sleep(0.12)
-    assert await renew(scripts, keys, "a", 1) == 0
-    assert await acquire(scripts, keys, "b") == [1, 2]
+    assert await renew(scripts, keys, "a", old) == 0
+    ok, epoch = await acquire(scripts, keys, "b")
+    assert ok == 1 and epoch > old
 
 
 async def test_fenced_set_accepts_the_current_epoch_only(scripts: Scripts, keys: ServiceKeys) -> None:
@@ -106,18 +150,18 @@ async def test_fenced_set_accepts_the_current_epoch_only(scripts: Scripts, keys:
     r = scripts._redis
     with pytest.raises(StaleEpoch, match="stale epoch 1, current none"):  # no master ever elected
         await fenced_set(scripts, keys, 1, target, {"holder": "a"})
-    await acquire(scripts, keys, "a")
-    await fenced_set(scripts, keys, 1, target, {"holder": "a", "n": 1})
+    _, ea = await acquire(scripts, keys, "a")
+    await fenced_set(scripts, keys, ea, target, {"holder": "a", "n": 1})
     assert await r.hgetall(target) == {"holder": "a", "n": "1"}
 
     await release(scripts, keys, "a")
-    await acquire(scripts, keys, "b")
-    with pytest.raises(StaleEpoch, match="stale epoch 1, current 2"):
-        await fenced_set(scripts, keys, 1, target, {"holder": "a", "n": 2})
+    _, eb = await acquire(scripts, keys, "b")
+    with pytest.raises(StaleEpoch, match=f"stale epoch {ea}, current {eb}"):
+        await fenced_set(scripts, keys, ea, target, {"holder": "a", "n": 2})
     with pytest.raises(StaleEpoch):  # a future epoch is no better than a past one
-        await fenced_set(scripts, keys, 3, target, {"holder": "a", "n": 2})
+        await fenced_set(scripts, keys, eb + 1, target, {"holder": "a", "n": 2})
     assert await r.hgetall(target) == {"holder": "a", "n": "1"}
-    await fenced_set(scripts, keys, 2, target, {"holder": "b", "n": 1})
+    await fenced_set(scripts, keys, eb, target, {"holder": "b", "n": 1})
     assert await r.hgetall(target) == {"holder": "b", "n": "1"}
 
 
@@ -181,12 +225,14 @@ async def test_elected_then_renews_and_the_next_round_is_at_most_the_lease(
 ) -> None:
     clock, rec = FakeClock(), Recorder()
     e = election(any_redis, keys, clock)
+    start = await server_ms(any_redis)
     assert await step(e, rec) == 1.0
-    assert e.is_master and e.epoch == 1 and rec.events == ["elected 1"]
-    assert await current_master(any_redis, keys) == ("me", 1)
+    epoch = e.epoch
+    assert e.is_master and epoch >= start and rec.events == [f"elected {epoch}"]
+    assert await current_master(any_redis, keys) == ("me", epoch)
     clock.now += 2.5  # late renew: the next round must come before the lease's end, not a full interval later
     assert await step(e, rec) == 1.0  # renewed: the lease restarts from this round
-    assert e.is_master and rec.events == ["elected 1"]
+    assert e.is_master and e.epoch == epoch and rec.events == [f"elected {epoch}"]
 
 
 async def test_a_master_paused_past_its_ttl_is_no_longer_master_before_any_round_trip(
@@ -195,12 +241,13 @@ async def test_a_master_paused_past_its_ttl_is_no_longer_master_before_any_round
     clock, rec = FakeClock(), Recorder()
     e = election(any_redis, keys, clock)
     await step(e, rec)
+    epoch = e.epoch
     clock.now += 3.0  # a SIGSTOP of exactly the TTL; the real lock is still in Redis (real time barely moved)
     assert not e.is_master  # what duties check before each write
     await step(e, rec)
-    assert rec.events == ["elected 1", "deposed"] and rec.duties_cancelled == 1
-    # it stepped down with its old term's token gone: it cannot resume epoch 1, the old lock must expire first
-    assert not e.is_master and await current_master(any_redis, keys) == ("me", 1)
+    assert rec.events == [f"elected {epoch}", "deposed"] and rec.duties_cancelled == 1
+    # it stepped down with its old term's token gone: it cannot resume its epoch, the old lock must expire first
+    assert not e.is_master and await current_master(any_redis, keys) == ("me", epoch)
 
 
 async def test_redis_errors_keep_the_master_until_the_local_lease_runs_out(
@@ -209,6 +256,7 @@ async def test_redis_errors_keep_the_master_until_the_local_lease_runs_out(
     clock, rec = FakeClock(), Recorder()
     e = election(any_redis, keys, clock)
     await step(e, rec)
+    elected = [f"elected {e.epoch}"]
 
     async def broken(*args: object) -> None:
         raise RedisConnectionError("redis is down")
@@ -218,10 +266,10 @@ async def test_redis_errors_keep_the_master_until_the_local_lease_runs_out(
     assert await step(e, rec) == 1.0  # 2 s of lease left: still master, try again in an interval
     clock.now += 1.5
     assert await step(e, rec) == pytest.approx(0.5)  # wake at the lease's end, not a full interval later
-    assert e.is_master and rec.events == ["elected 1"]
+    assert e.is_master and rec.events == elected
     clock.now += 0.5
     await step(e, rec)
-    assert not e.is_master and rec.events == ["elected 1", "deposed"] and rec.duties_cancelled == 1
+    assert not e.is_master and rec.events == [*elected, "deposed"] and rec.duties_cancelled == 1
 
 
 async def test_a_refused_renew_deposes_at_once_and_another_is_elected_with_a_higher_epoch(
@@ -234,9 +282,9 @@ async def test_a_refused_renew_deposes_at_once_and_another_is_elected_with_a_hig
     assert a.is_master and not b.is_master and rec_b.events == []
     await any_redis.delete(keys.master_lock)  # as if it expired in Redis
     await step(b, rec_b)
-    assert b.is_master and b.epoch == 2
+    assert b.is_master and b.epoch > a.epoch
     await step(a, rec_a)  # a's lease has not run out locally, but Redis refuses its renew
-    assert not a.is_master and rec_a.events == ["elected 1", "deposed"] and rec_a.duties_cancelled == 1
+    assert not a.is_master and rec_a.events == [f"elected {a.epoch}", "deposed"] and rec_a.duties_cancelled == 1
 
 
 async def test_stop_releases_the_lock_and_cancels_the_duties(any_redis: aioredis.Redis, keys: ServiceKeys) -> None:
@@ -247,6 +295,6 @@ async def test_stop_releases_the_lock_and_cancels_the_duties(any_redis: aioredis
         while not e.is_master:
             await asyncio.sleep(0.01)
     await e.stop()
-    assert task.done() and rec.events == ["elected 1", "deposed"] and rec.duties_cancelled == 1
-    assert await current_master(any_redis, keys) == (None, 1)
+    assert task.done() and rec.events == [f"elected {e.epoch}", "deposed"] and rec.duties_cancelled == 1
+    assert await current_master(any_redis, keys) == (None, e.epoch)
     await task

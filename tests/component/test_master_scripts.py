@@ -103,7 +103,7 @@ async def test_a_stale_epoch_writes_nothing_and_publishes_nothing(store: FleetSt
     assert (await store.reserve(2, [(wid, 200)], TTL)).ok
     assert await store.apply_cache_diff(old, wid, [1, 2, 3], []) == 3
     new = await become_master(store, "b")
-    assert new == old + 1
+    assert new > old
     before = await dump_service(store)
 
     for epoch in (old, new + 1):  # a future epoch is no better than a past one

@@ -201,7 +201,7 @@ def test_a_paused_master_is_replaced_and_its_writes_never_land(fleet_factory, ex
 
     fleet.probes[old].process.send_signal(signal.SIGSTOP)
     new, new_epoch, _ = fleet.new_master(old_epoch)
-    assert new != old and new_epoch == old_epoch + 1, fleet.report()
+    assert new != old and new_epoch > old_epoch, fleet.report()
     assert fleet.lock_holder() == (new, new_epoch)
     fleet.wait_for("the new master's write", lambda: fleet.redis.hget(fleet.probe_key, "holder") == new)
 
@@ -228,7 +228,7 @@ def test_a_killed_master_is_replaced_within_ttl_plus_one_renew_interval(fleet_fa
     new, new_epoch, elected_at = fleet.new_master(old_epoch)
     takeover_s = elected_at - killed_at
     print(f"takeover after SIGKILL: {takeover_s * 1000:.0f} ms (ttl {TTL_MS} ms, renew {RENEW_MS} ms)")
-    assert new != old and new_epoch == old_epoch + 1
+    assert new != old and new_epoch > old_epoch
     # the one timing assertion: loose, for a slow 2-core machine running three Python processes
     assert takeover_s < (TTL_MS + RENEW_MS) / 1000 + 1.5, fleet.report()
     assert fleet.lock_holder() == (new, new_epoch)
@@ -250,7 +250,7 @@ def test_a_terminated_master_releases_the_lock_for_an_immediate_handover(fleet_f
     new, new_epoch, elected_at = fleet.new_master(old_epoch)
     takeover_s = elected_at - terminated_at
     print(f"takeover after SIGTERM: {takeover_s * 1000:.0f} ms (ttl {ttl_ms} ms, renew {RENEW_MS} ms)")
-    assert new != old and new_epoch == old_epoch + 1
+    assert new != old and new_epoch > old_epoch
     assert takeover_s < ttl_ms / 1000 / 2, fleet.report()
 
 
