@@ -246,6 +246,9 @@ class MasterDuties:
                         known_version = version
                 except REDIS_UNAVAILABLE as exc:
                     log.warning("master: cannot read membership from Redis: %r", exc)
+                except Exception:
+                    # e.g. a worker hash an operator wrote by hand with a bad value: keep polling the others
+                    log.exception("master: cannot follow membership; polling the workers known so far")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stale.wait(), self.options.membership_interval_s)
             log.warning("master duties stop: a newer master than epoch %d writes now", epoch)

@@ -55,7 +55,18 @@ class MasterService:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self.election.run(self.duties.run, self._on_deposed), name="master election")
+        self._task = asyncio.create_task(self.election.run(self._duties, self._on_deposed), name="master election")
+
+    async def _duties(self, epoch: int) -> None:
+        """The term's duties; a crash restarts them (a master that holds the lock but polls nothing starves the
+        fleet of status). They return on their own only when a newer master exists."""
+        while True:
+            try:
+                await self.duties.run(epoch)
+                return
+            except Exception:
+                log.exception("master duties failed (epoch %d); restarting them", epoch)
+                await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
         """Stop polling and hand the lock over at once (another process takes over without waiting for the TTL)."""

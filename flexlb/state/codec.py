@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
 from flexlb.domain import DEFAULT_BLOCK_SIZE, Role, WorkerSpec, WorkerStatus, WorkerView
+
+log = logging.getLogger("flexlb.state")
 
 # Written by upsert_worker.lua itself, never by a caller.
 SCRIPT_OWNED = frozenset({"status_version", "updated_ms", "pending_count", "pending_tokens"})
@@ -63,6 +66,7 @@ class WorkerDecoder:
 
     def __init__(self) -> None:
         self._specs: dict[str, tuple[tuple[str | None, ...], WorkerSpec]] = {}
+        self._undecodable: set[str] = set()
 
     def spec(self, worker_id: str, identity: tuple[str | None, ...]) -> WorkerSpec:
         cached = self._specs.get(worker_id)
@@ -81,9 +85,22 @@ class WorkerDecoder:
         self._specs[worker_id] = (identity, spec)
         return spec
 
+    def try_view(self, worker_id: str, values: Sequence[str | None], hit_blocks: int = 0) -> WorkerView | None:
+        """:meth:`view`, or None (logged once per worker) for a hash with a value that cannot be decoded, such as an
+        unknown role written by hand: one bad entry must not stop scheduling on every other worker."""
+        try:
+            view = self.view(worker_id, values, hit_blocks)
+        except ValueError as exc:
+            if worker_id not in self._undecodable:
+                self._undecodable.add(worker_id)
+                log.error("worker %s skipped: its status hash in Redis cannot be decoded: %s", worker_id, exc)
+            return None
+        self._undecodable.discard(worker_id)
+        return view
+
     def view(self, worker_id: str, values: Sequence[str | None], hit_blocks: int = 0) -> WorkerView:
         """``values`` in SNAPSHOT_FIELDS order; missing fields take defaults (a missing ``alive`` is not alive,
-        as reserve.lua treats it)."""
+        as reserve.lua treats it). Raises ValueError for values that cannot be decoded."""
         (alive, available, running, waiting, queued, kv_used, kv_total, block_size, step_ms, rate, version, updated,
          pending_count, pending_tokens) = values[_IDENTITY:]  # fmt: skip
         return WorkerView(
@@ -107,8 +124,8 @@ class WorkerDecoder:
             hit_blocks=hit_blocks,
         )
 
-    def view_from_hash(self, worker_id: str, h: dict[str, str]) -> WorkerView:
-        return self.view(worker_id, [h.get(f) for f in SNAPSHOT_FIELDS])
+    def view_from_hash(self, worker_id: str, h: dict[str, str]) -> WorkerView | None:
+        return self.try_view(worker_id, [h.get(f) for f in SNAPSHOT_FIELDS])
 
 
 def parse_status_value(name: str, raw: str) -> str:

@@ -85,12 +85,11 @@ class FleetStore:
 
     def _decode_snapshot(self, roles: Sequence[Role], reply: list) -> FleetSnapshot:
         entries = iter(reply[2:])
-        view = self._decoder.view
+        view = self._decoder.try_view
         views: dict[Role, list[WorkerView]] = {}
         for role in roles:
-            views[role] = [
-                view(wid, values, hit) for wid, (values, hit) in zip(self._members[role], entries, strict=False)
-            ]
+            decoded = (view(wid, values, hit) for wid, (values, hit) in zip(self._members[role], entries, strict=False))
+            views[role] = [v for v in decoded if v is not None]
         return FleetSnapshot(views=views, now_ms=reply[1])
 
     async def reserve(self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int) -> ReserveOutcome:
@@ -198,7 +197,8 @@ class FleetStore:
             for wid in ids:
                 pipe.hgetall(self.keys.worker(wid))
             hashes = await pipe.execute()
-        return [self._decoder.view_from_hash(wid, h) for wid, h in zip(ids, hashes, strict=True) if h]
+        views = (self._decoder.view_from_hash(wid, h) for wid, h in zip(ids, hashes, strict=True) if h)
+        return [v for v in views if v is not None]
 
     async def members_version(self) -> str:
         """The current membership version ("0" when never set): a change means a worker joined, left or moved."""

@@ -156,3 +156,14 @@ async def test_reservation_ttl_is_capped_by_generate_timeout(store: FleetStore) 
     now = await store.redis.time()
     remaining = expiry - (now[0] * 1000 + now[1] // 1000)
     assert 0 < remaining <= 2_000
+
+
+async def test_a_worker_hash_that_cannot_be_decoded_is_skipped_not_fatal(store: FleetStore) -> None:
+    good = await add(store, "10.0.9.1", Role.PDFUSION)
+    bad = "10.0.9.2:8000"  # written by hand with a role flexlb does not know
+    await store.redis.hset(store.keys.worker(bad), mapping={"role": "BOGUS", "alive": "1"})
+    await store.redis.sadd(store.keys.role_set(Role.PDFUSION), bad)
+    await store.redis.incr(store.keys.members_version)
+    result = await make_scheduler(store).schedule(ScheduleRequest(request_id=9, seq_len=100))
+    assert result.success and result.choices[Role.PDFUSION].worker.worker_id == good
+    assert [v.worker_id for v in await store.list_workers()] == [good]
