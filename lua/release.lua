@@ -2,16 +2,20 @@
 -- KEYS[1]          the request's index hash (worker id -> reserved tokens)
 -- KEYS[2..]        3 keys per worker: status hash, reservations zset, reservation tokens hash
 -- ARGV[1]          request id
--- ARGV[2..]        worker id per KEYS triple
+-- ARGV[2]          pub/sub channel of fleet events
+-- ARGV[3..]        worker id per KEYS triple
 -- Returns {reservations removed, workers still in the request's index} (the caller releases those too when it
--- wanted every reservation of the request but knew only some of its workers).
+-- wanted every reservation of the request but knew only some of its workers). When something was removed,
+-- "released <worker id>,..." is published, so routers waiting for capacity wake up.
 -- Guarantees: exactly once per (request, worker): a second release, or a release after expiry, changes nothing;
 -- a worker removed meanwhile is not re-created.
 local rid = ARGV[1]
 local released = 0
+local freed_workers = {}
 for i = 1, (#KEYS - 1) / 3 do
   local wk, rk, tk = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  if redis.call('ZREM', rk, rid) == 1 then
+  local freed_here = redis.call('ZREM', rk, rid) == 1
+  if freed_here then
     local tokens = tonumber(redis.call('HGET', tk, rid)) or 0
     redis.call('HDEL', tk, rid)
     if redis.call('EXISTS', wk) == 1 then
@@ -20,6 +24,8 @@ for i = 1, (#KEYS - 1) / 3 do
     end
     released = released + 1
   end
-  redis.call('HDEL', KEYS[1], ARGV[1 + i])
+  redis.call('HDEL', KEYS[1], ARGV[2 + i])
+  if freed_here then freed_workers[#freed_workers + 1] = ARGV[2 + i] end
 end
+if released > 0 then redis.call('PUBLISH', ARGV[2], 'released ' .. table.concat(freed_workers, ',')) end
 return {released, redis.call('HLEN', KEYS[1])}
