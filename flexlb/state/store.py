@@ -112,9 +112,7 @@ class FleetStore:
         keys = [self.keys.request(request_id)]
         for wid in worker_ids:
             keys += self.keys.reservation_triple(wid)
-        released, remaining = await self.scripts.call(
-            "release", keys, [request_id, self.keys.events, *worker_ids]
-        )
+        released, remaining = await self.scripts.call("release", keys, [request_id, self.keys.events, *worker_ids])
         return int(released), int(remaining)
 
     async def release(self, request_id: int, worker_ids: Sequence[str] | None = None) -> int:

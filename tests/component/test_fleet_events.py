@@ -29,9 +29,7 @@ async def events(redis_server: EmbeddedRedis, service: str) -> AsyncIterator[Fle
     await client.aclose()
 
 
-async def test_a_release_wakes_waiters_and_a_reservation_does_not(
-    events: FleetEvents, real_store: FleetStore
-) -> None:
+async def test_a_release_wakes_waiters_and_a_reservation_does_not(events: FleetEvents, real_store: FleetStore) -> None:
     await real_store.register_worker(W)
     assert (await real_store.reserve(1, [(W.worker_id, 10)], 60_000)).ok
     assert not await events.wait(0.3)  # reserving frees nothing
