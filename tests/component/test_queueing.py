@@ -1,0 +1,153 @@
+"""Queue mode on a real redis-server: full, timeout, cancel, FIFO order, and wake-up by a release made through
+another Redis client (another router), with the periodic re-check set far beyond the test so only the event can
+wake the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from flexlb.app import make_redis
+from flexlb.domain import ErrorCode, Role, ScheduleRequest, WorkerSpec, WorkerStatus
+from flexlb.embedded_redis import EmbeddedRedis
+from flexlb.metrics import SchedulerMetrics
+from flexlb.queueing import QueueMetrics, QueueOptions, RequestQueue
+from flexlb.routing import ChoiceMemory, StrategyName
+from flexlb.scheduler import Scheduler, SchedulerOptions
+from flexlb.state.events import FleetEvents
+from flexlb.state.store import FleetStore
+
+W = WorkerSpec("10.0.0.1", 8000, Role.PDFUSION, max_concurrency=1)
+NEVER_S = 3600.0  # periodic re-check: longer than any test, so a wake-up can only come from an event
+
+
+@pytest.fixture
+async def other_router(redis_server: EmbeddedRedis, service: str) -> AsyncIterator[FleetStore]:
+    """The store of another router process: its own client, its own connection."""
+    client = make_redis(redis_server.url, 1000)
+    yield FleetStore(client, service)
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_queue(redis_server: EmbeddedRedis, service: str) -> AsyncIterator:
+    made: list[tuple[RequestQueue, FleetEvents]] = []
+    client = make_redis(redis_server.url, 1000)
+
+    async def make(**options: object) -> RequestQueue:
+        store = FleetStore(client, service)
+        await store.register_worker(W, WorkerStatus(kv_total=100_000))
+        scheduler = Scheduler(
+            store,
+            SchedulerOptions(strategies=dict.fromkeys(Role, StrategyName.LOWEST_CONCURRENCY), retries=0),
+            ChoiceMemory(rng=random.Random(1)),
+            SchedulerMetrics(CollectorRegistry()),
+        )
+        events = FleetEvents(client, store.keys)
+        events.start()
+        await asyncio.wait_for(events.connected.wait(), 5)
+        queue = RequestQueue(
+            scheduler,
+            events,
+            QueueOptions(**{"enabled": True, "recheck_s": NEVER_S, **options}),  # type: ignore[arg-type]
+            QueueMetrics(CollectorRegistry()),
+        )
+        queue.start()
+        made.append((queue, events))
+        return queue
+
+    yield make
+    for queue, events in made:
+        await queue.stop()
+        await events.stop()
+    await client.aclose()
+
+
+def req(rid: int, timeout_ms: int = 60_000) -> ScheduleRequest:
+    return ScheduleRequest(request_id=rid, seq_len=10, generate_timeout_ms=timeout_ms)
+
+
+async def until_queued(queue: RequestQueue, n: int) -> None:
+    async with asyncio.timeout(5):
+        while len(queue) < n:
+            await asyncio.sleep(0.005)
+
+
+async def test_a_release_by_another_router_wakes_the_queue(make_queue, other_router: FleetStore) -> None:  # type: ignore[no-untyped-def]
+    queue = await make_queue()
+    assert (await other_router.reserve(100, [(W.worker_id, 10)], 60_000)).ok  # the only slot, taken elsewhere
+    waiting = asyncio.create_task(queue.schedule(req(1)))
+    await until_queued(queue, 1)
+    assert queue.snapshot()["entries"][0]["request_id"] == 1
+    assert await other_router.release(100) == 1
+    result = await asyncio.wait_for(waiting, 5)
+    assert result.success and result.choices[Role.PDFUSION].worker.worker_id == W.worker_id
+    assert len(queue) == 0
+
+
+async def test_queued_requests_are_placed_in_arrival_order(make_queue, other_router: FleetStore) -> None:  # type: ignore[no-untyped-def]
+    queue = await make_queue()
+    assert (await other_router.reserve(100, [(W.worker_id, 10)], 60_000)).ok
+    waiting: dict[asyncio.Task, int] = {}
+    for rid in (1, 2, 3):
+        waiting[asyncio.create_task(queue.schedule(req(rid)))] = rid
+        await until_queued(queue, rid)
+    placed = []
+    holder = 100
+    while waiting:
+        assert await other_router.release(holder) == 1  # frees the only slot: exactly one waiter gets it
+        done, _ = await asyncio.wait(waiting, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        (task,) = done
+        assert task.result().success
+        holder = waiting.pop(task)
+        placed.append(holder)
+    assert placed == [1, 2, 3]
+    await other_router.release(holder)
+
+
+async def test_a_full_queue_answers_queue_full_at_once(make_queue, other_router: FleetStore) -> None:  # type: ignore[no-untyped-def]
+    queue = await make_queue(max_size=1)
+    assert (await other_router.reserve(100, [(W.worker_id, 10)], 60_000)).ok
+    first = asyncio.create_task(queue.schedule(req(1)))
+    await until_queued(queue, 1)
+    result = await queue.schedule(req(2))
+    assert result.code is ErrorCode.QUEUE_FULL and "queue full (1 requests waiting)" in result.message
+    first.cancel()
+
+
+async def test_a_request_times_out_in_the_queue(make_queue, other_router: FleetStore) -> None:  # type: ignore[no-untyped-def]
+    queue = await make_queue()
+    assert (await other_router.reserve(100, [(W.worker_id, 10)], 60_000)).ok
+    result = await asyncio.wait_for(queue.schedule(req(1, timeout_ms=300)), 5)
+    assert result.code is ErrorCode.QUEUE_TIMEOUT and "in the queue" in result.message
+    assert len(queue) == 0
+
+
+async def test_a_cancelled_request_leaves_the_queue_and_the_next_one_gets_the_slot(  # type: ignore[no-untyped-def]
+    make_queue, other_router: FleetStore
+) -> None:
+    queue = await make_queue()
+    assert (await other_router.reserve(100, [(W.worker_id, 10)], 60_000)).ok
+    gone = asyncio.create_task(queue.schedule(req(1)))
+    await until_queued(queue, 1)
+    stays = asyncio.create_task(queue.schedule(req(2)))
+    await until_queued(queue, 2)
+    gone.cancel()  # the client disconnected
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert [e["request_id"] for e in queue.snapshot()["entries"]] == [2]
+    await other_router.release(100)
+    result = await asyncio.wait_for(stays, 5)
+    assert result.success
+    assert await other_router.request_workers(1) == []  # nothing was reserved for the request that left
+
+
+async def test_without_queueing_a_full_fleet_fails_at_once(make_queue, other_router: FleetStore) -> None:  # type: ignore[no-untyped-def]
+    queue = await make_queue(enabled=False)
+    assert (await other_router.reserve(100, [(W.worker_id, 10)], 60_000)).ok
+    result = await queue.schedule(req(1))
+    assert result.code is ErrorCode.NO_PDFUSION_WORKER
