@@ -19,6 +19,7 @@ import uvloop
 
 from flexlb.domain import Role
 from flexlb.sim.engine import EngineConfig
+from flexlb.sim.protocol import LOAD_FORMATS
 
 
 def _role(text: str) -> Role:
@@ -34,6 +35,12 @@ def add_sim_worker_options(parser: argparse.ArgumentParser, *, required: bool = 
     parser.add_argument("--port", type=int, default=None if required else 8000, required=required, help="HTTP port")
     parser.add_argument("--grpc-port", type=int, help="status gRPC port (default: --port + 1)")
     parser.add_argument("--model", default="flexlb-sim", help="served model name")
+    parser.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default="sglang",
+        help="GET /get_load's shape: SGLang's per-rank list, or vllm-router's {\"load\": n} (default sglang)",
+    )
     for f in dataclasses.fields(EngineConfig):
         option = f"--{f.name.replace('_', '-')}"
         if f.name == "role":
@@ -77,7 +84,9 @@ async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_sim_worker(config, args.host, args.port, args.model, grpc_port=args.grpc_port, stop=stop)
+    await run_sim_worker(
+        config, args.host, args.port, args.model, grpc_port=args.grpc_port, load_format=args.load_format, stop=stop
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
-"""HTTP API of a simulated worker: OpenAI completions / chat, SGLang generate, health, info and metrics; and
-``run_sim_worker``, which serves it beside the status gRPC (``flexlb.sim.grpc_service``).
+"""HTTP API of a simulated worker: OpenAI completions / chat, SGLang generate, health, info and metrics, plus what
+sglang-router and vllm-router call on real engines (load, tokenize, render, PD hand-over); and ``run_sim_worker``,
+which serves it beside the status gRPC (``flexlb.sim.grpc_service``).
 
 Handlers only translate between HTTP and the engine; the engine owns every number they report.
 """
@@ -11,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from flexlb.blocks import tokenize
+from flexlb.domain import Role
 from flexlb.sim import protocol as p
 from flexlb.sim.engine import (
     EngineConfig,
@@ -47,24 +50,39 @@ class SimContext:
     model_name: str
     registry: CollectorRegistry
     created: int  # epoch seconds: the model's "created" in /v1/models
+    load_format: str  # GET /get_load's default shape: "sglang" or "vllm"
+    engine_id: str  # this worker's id in the kv_transfer_params it hands out (a new one per process)
 
 
 SIM = web.AppKey("sim", SimContext)
 
 
-def create_sim_app(engine: SimEngine, model_name: str = "flexlb-sim") -> web.Application:
-    """The worker's app; it starts the engine on startup and stops it on cleanup."""
+def create_sim_app(
+    engine: SimEngine, model_name: str = "flexlb-sim", *, load_format: str = "sglang"
+) -> web.Application:
+    """The worker's app; it starts the engine on startup and stops it on cleanup. ``load_format`` is the default
+    shape of ``GET /get_load`` (``p.LOAD_FORMATS``)."""
+    if load_format not in p.LOAD_FORMATS:
+        raise ValueError(f"load_format: one of {', '.join(p.LOAD_FORMATS)}, not {load_format!r}")
     app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
-    app[SIM] = SimContext(engine, model_name, sim_registry(engine, model_name), int(time.time()))
+    registry = sim_registry(engine, model_name)
+    engine_id = f"flexlb-sim-{uuid.uuid4()}"
+    app[SIM] = SimContext(engine, model_name, registry, int(time.time()), load_format, engine_id)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/generate", generate)
+    app.router.add_post("/v1/completions/render", render_completion)
+    app.router.add_post("/v1/chat/completions/render", render_chat)
+    app.router.add_post("/tokenize", tokenize_handler)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
-    app.router.add_get("/get_server_info", server_info)
-    app.router.add_get("/get_model_info", model_info)
+    for path in ("/get_server_info", "/server_info"):
+        app.router.add_get(path, server_info)
+    for path in ("/get_model_info", "/model_info"):
+        app.router.add_get(path, model_info)
+    app.router.add_get("/get_load", get_load)
     app.router.add_get("/metrics", metrics)
     return app
 
@@ -81,13 +99,15 @@ async def run_sim_worker(
     model_name: str = "flexlb-sim",
     *,
     grpc_port: int | None = None,
+    load_format: str = "sglang",
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve one simulated worker: HTTP on ``port`` and the status gRPC on ``grpc_port`` (default ``port + 1``),
     on this event loop, until ``stop`` is set or the task is cancelled; then shut both down and stop the engine."""
     engine = SimEngine(config)
     grpc_port = default_grpc_port(port) if grpc_port is None else grpc_port
-    runner = web.AppRunner(create_sim_app(engine, model_name), access_log=None, handler_cancellation=True)
+    app = create_sim_app(engine, model_name, load_format=load_format)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()  # starts the engine
     try:
         # gRPC before the HTTP listener: once /health answers, the status RPCs answer too.
@@ -162,7 +182,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     rid, model, created = f"cmpl-{req.request_id}", ctx.model_name, int(time.time())
     if not params.stream:
         text = await _collect(request, ctx.engine, req)
-        return json_response(p.completion_body(rid, model, created, text, req.finish_reason, _usage(req)))
+        kv = _handover(request, req)
+        return json_response(p.completion_body(rid, model, created, text, req.finish_reason, _usage(req), kv))
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         usage_field = params.include_usage
@@ -182,7 +203,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rid, model, created = f"chatcmpl-{req.request_id}", ctx.model_name, int(time.time())
     if not params.stream:
         text = await _collect(request, ctx.engine, req)
-        return json_response(p.chat_body(rid, model, created, text, req.finish_reason, _usage(req)))
+        kv = _handover(request, req)
+        return json_response(p.chat_body(rid, model, created, text, req.finish_reason, _usage(req), kv))
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         usage_field = params.include_usage
@@ -226,6 +248,69 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 def _usage(req: EngineRequest) -> dict[str, Any]:
     return p.usage(req.prompt_tokens, req.completion_tokens, req.cached_tokens)
+
+
+def _handover(request: web.Request, req: EngineRequest) -> dict[str, Any] | None:
+    """On a PREFILL worker, the ``kv_transfer_params`` a vLLM-style PD router passes on to the decode worker.
+
+    A DECODE worker needs nothing from them: its engine takes every prompt's KV as transferred (no prefill compute),
+    so the ``kv_transfer_params`` a decode request carries are accepted and otherwise ignored."""
+    ctx = request.app[SIM]
+    if ctx.engine.config.role is not Role.PREFILL:
+        return None
+    host, port = _local_address(request)
+    return p.kv_transfer_params(ctx.engine_id, list(req.block_keys), host, port)
+
+
+def _local_address(request: web.Request) -> tuple[str, int]:
+    """The address this request reached the worker on (so the hand-over names a reachable host and port)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return str(sockname[0]), int(sockname[1])
+    return request.url.host or "127.0.0.1", request.url.port or 0
+
+
+# ---- router compatibility: tokenize, render, load ----
+
+
+async def tokenize_handler(request: web.Request) -> web.Response:
+    """``POST /tokenize`` (vLLM and SGLang): the simulator's tokens for a prompt, a batch of prompts or messages."""
+    ctx = request.app[SIM]
+    tok = p.parse_tokenize_request(await _read_object(request), ctx.model_name)
+    return json_response(p.tokenize_body(tok, ctx.engine.config.total_kv_tokens))
+
+
+async def render_completion(request: web.Request) -> web.Response:
+    """vLLM ``POST /v1/completions/render``: a list, one rendered request per prompt, as vLLM answers."""
+    ctx = request.app[SIM]
+    body = await _read_object(request)
+    rendered = p.parse_completion_render(body, ctx.model_name)
+    kv = p.request_kv_transfer(body)
+    return json_response([p.render_body(f"cmpl-{uuid.uuid4().hex}", ctx.model_name, r, kv) for r in rendered])
+
+
+async def render_chat(request: web.Request) -> web.Response:
+    """vLLM ``POST /v1/chat/completions/render``: the chat request's prompt token ids, one object."""
+    ctx = request.app[SIM]
+    body = await _read_object(request)
+    params = p.parse_chat_request(body, ctx.model_name)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    return json_response(p.render_body(rid, ctx.model_name, params, p.request_kv_transfer(body)))
+
+
+async def get_load(request: web.Request) -> web.Response:
+    """``GET /get_load``: SGLang's per-rank list by default, vLLM router's ``{"load": n}`` with ``?format=vllm`` (or
+    the worker's ``--load-format vllm``)."""
+    ctx = request.app[SIM]
+    fmt = request.query.get("format", ctx.load_format)
+    if fmt not in p.LOAD_FORMATS:
+        raise p.ApiError(400, f"format: one of {', '.join(p.LOAD_FORMATS)}, not {fmt!r}", param="format")
+    engine = ctx.engine
+    if fmt == "vllm":
+        return json_response(p.vllm_load_body(engine.running_count, engine.waiting_count))
+    used = engine.config.total_kv_tokens - engine.available_kv_tokens
+    body = p.sglang_load_body(engine.running_count, engine.waiting_count, used, engine.config.block_size)
+    return json_response(body)
 
 
 @contextlib.asynccontextmanager
@@ -279,6 +364,8 @@ async def _sse(
 
 # ---- health, info, metrics ----
 
+_DISAGGREGATION_MODE = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.PDFUSION: "null"}  # SGLang's names
+
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[SIM].engine
@@ -324,10 +411,15 @@ async def server_info(request: web.Request) -> web.Response:
         {
             "version": "flexlb-sim",
             "model_path": ctx.model_name,
+            "tokenizer_path": None,  # nothing for a router to download: /tokenize serves the simulator's tokens
             "served_model_name": ctx.model_name,
             "role": cfg.role.value,
+            "disaggregation_mode": _DISAGGREGATION_MODE[cfg.role],
+            "dp_size": 1,
+            "tp_size": 1,
             "page_size": cfg.block_size,
             "max_running_requests": cfg.max_concurrency,
+            "max_prefill_tokens": cfg.prefill_batch_tokens,
             "max_total_num_tokens": cfg.total_kv_tokens,
             "engine_config": config,
             "internal_states": [
@@ -346,8 +438,20 @@ async def server_info(request: web.Request) -> web.Response:
 
 
 async def model_info(request: web.Request) -> web.Response:
+    """SGLang's model info: ``model_path`` is the served name and there is no tokenizer path to fetch."""
     name = request.app[SIM].model_name
-    return json_response({"model_path": name, "tokenizer_path": None, "is_generation": True})
+    return json_response(
+        {
+            "model_path": name,
+            "tokenizer_path": None,
+            "served_model_name": name,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+        }
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,6 +1,7 @@
-"""Request validation and response bodies of the simulated worker's HTTP API (OpenAI and SGLang shapes; pure).
+"""Request validation and response bodies of the simulated worker's HTTP API (OpenAI, SGLang and vLLM shapes; pure).
 
-Unknown fields are ignored, as real engines do; a known field of the wrong type is a 400 that names it.
+Unknown fields are ignored, as real engines do; a known field of the wrong type is a 400 that names it. The fields
+routers add (``ROUTER_EXTRA_FIELDS``) are unknown here, whatever their type.
 """
 
 from __future__ import annotations
@@ -17,6 +18,21 @@ DEFAULT_CHAT_MAX_TOKENS = 128  # OpenAI's chat default is "up to the context"; a
 DEFAULT_GENERATE_MAX_NEW_TOKENS = 128  # SGLang's default
 TOKEN_ID_LIMIT = 1 << 31
 INT64_MAX = (1 << 63) - 1
+LOAD_FORMATS = ("sglang", "vllm")  # GET /get_load: SGLang's per-rank list, or vLLM router's {"load": n}
+# Sampling and PD fields that sglang-router and vllm-router add to requests: accepted, whatever their type, and ignored
+# (kv_transfer_params is read leniently: only a PREFILL worker's response carries one, see kv_transfer_params()).
+ROUTER_EXTRA_FIELDS = (
+    "no_stop_trim",
+    "ignore_eos",  # the simulator never stops early: it always produces max_tokens
+    "skip_special_tokens",
+    "separate_reasoning",
+    "stream_reasoning",
+    "return_hidden_states",
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+    "kv_transfer_params",
+)
 
 
 class ApiError(Exception):
@@ -76,25 +92,23 @@ def parse_completion_request(body: dict[str, Any], served_model: str) -> Generat
     """``POST /v1/completions``: prompt as a string, token ids, or a one-element batch of either."""
     _check_model(body, served_model)
     _check_n(body)
-    return _params(
-        body,
-        _prompt_tokens(body.get("prompt")),
-        _max_tokens(body, ("max_tokens",), DEFAULT_COMPLETION_MAX_TOKENS),
-    )
+    return _params(body, _prompt_tokens(body.get("prompt")), _completion_max_tokens(body))
+
+
+def parse_completion_render(body: dict[str, Any], served_model: str) -> list[GenerationParams]:
+    """vLLM ``POST /v1/completions/render``: a completion request, one result per prompt (batches allowed here)."""
+    _check_model(body, served_model)
+    _check_n(body)
+    max_tokens = _completion_max_tokens(body)
+    return [_params(body, tokens, max_tokens) for tokens in _prompt_batch(body.get("prompt"))]
 
 
 def parse_chat_request(body: dict[str, Any], served_model: str) -> GenerationParams:
     """``POST /v1/chat/completions``: messages rendered with ``render_chat`` and tokenised."""
     _check_model(body, served_model)
     _check_n(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages: required, a non-empty array of message objects", param="messages")
-    try:
-        tokens = tokenize(render_chat(messages))
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="messages") from None
-    names = ("max_completion_tokens", "max_tokens")  # the newer name wins when both are sent
+    tokens = tokenize(_chat_prompt(body.get("messages")))
+    names = ("max_completion_tokens", "max_tokens")  # the newer name wins when both are sent, as in vLLM
     return _params(body, tokens, _max_tokens(body, names, DEFAULT_CHAT_MAX_TOKENS))
 
 
@@ -116,6 +130,49 @@ def parse_generate_request(body: dict[str, Any]) -> GenerationParams:
         raise ApiError(400, "sampling_params: expected an object", param="sampling_params")
     max_new = _max_tokens(sampling, ("max_new_tokens",), DEFAULT_GENERATE_MAX_NEW_TOKENS)
     return _params(body, tokens, max_new)
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    """What ``POST /tokenize`` asked for: the tokens of one prompt, or of each prompt of a batch (``batch``)."""
+
+    prompts: list[str]  # the text each prompt tokenises to (for a chat, the rendered messages)
+    batch: bool
+    return_token_strs: bool
+
+
+def parse_tokenize_request(body: dict[str, Any], served_model: str) -> Tokenized:
+    """``POST /tokenize``: vLLM's ``{"prompt"}`` or ``{"messages"}``, SGLang's ``{"prompt"}`` (a string or a batch of
+    strings) or ``{"text"}``; tokenised exactly as a generation request with the same prompt or messages would be."""
+    _check_model(body, served_model)
+    strs = _optional_bool(body, "return_token_strs")
+    if body.get("messages") is not None:
+        return Tokenized([_chat_prompt(body["messages"])], False, strs)
+    for name in ("prompt", "text"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            return Tokenized([value], False, strs)
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return Tokenized(value, True, strs)
+        raise ApiError(400, f"{name}: expected a string or a non-empty array of strings", param=name)
+    raise ApiError(400, "prompt, text or messages: required", param="prompt")
+
+
+def _chat_prompt(messages: Any) -> str:
+    """The rendered chat prompt (``render_chat``); a 400 naming the bad message otherwise."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: required, a non-empty array of message objects", param="messages")
+    try:
+        return render_chat(messages)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+
+
+def _completion_max_tokens(body: dict[str, Any]) -> int:
+    # max_completion_tokens is what newer OpenAI clients send; max_tokens, the completions field, wins over it.
+    return _max_tokens(body, ("max_tokens", "max_completion_tokens"), DEFAULT_COMPLETION_MAX_TOKENS)
 
 
 def _params(body: dict[str, Any], tokens: list[int], max_tokens: int) -> GenerationParams:
@@ -162,6 +219,13 @@ def _prompt_tokens(prompt: Any) -> list[int]:
     raise ApiError(
         400, "prompt: expected a string or an array of token ids (batched prompts are not supported)", param="prompt"
     )
+
+
+def _prompt_batch(prompt: Any) -> list[list[int]]:
+    """A completion prompt that may be a batch: strings or token-id arrays, one token list each."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        return [_prompt_tokens(p) for p in prompt]
+    return [_prompt_tokens(prompt)]
 
 
 def _token_ids(value: Any, name: str) -> list[int]:
@@ -218,10 +282,16 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def completion_body(
-    rid: str, model: str, created: int, text: str, finish_reason: str | None, usage_: dict[str, Any]
+    rid: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str | None,
+    usage_: dict[str, Any],
+    kv_transfer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {
+    body = {
         "id": rid,
         "object": "text_completion",
         "created": created,
@@ -229,6 +299,9 @@ def completion_body(
         "choices": [choice],
         "usage": usage_,
     }
+    if kv_transfer is not None:
+        body["kv_transfer_params"] = kv_transfer
+    return body
 
 
 def completion_chunk(
@@ -242,10 +315,16 @@ def completion_chunk(
 
 
 def chat_body(
-    rid: str, model: str, created: int, text: str, finish_reason: str | None, usage_: dict[str, Any]
+    rid: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str | None,
+    usage_: dict[str, Any],
+    kv_transfer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-    return {
+    body = {
         "id": rid,
         "object": "chat.completion",
         "created": created,
@@ -253,6 +332,9 @@ def chat_body(
         "choices": [choice],
         "usage": usage_,
     }
+    if kv_transfer is not None:
+        body["kv_transfer_params"] = kv_transfer
+    return body
 
 
 def chat_chunk(
@@ -283,3 +365,79 @@ def generate_body(
         "finish_reason": finish,
     }
     return {"text": text, "meta_info": meta}
+
+
+def kv_transfer_params(engine_id: str, block_ids: list[int], host: str, port: int) -> dict[str, Any]:
+    """What a PREFILL worker hands a vLLM-style PD router for the decode worker (vLLM's NixlConnector convention):
+    the prompt's KV is ready at this engine, in these blocks (the request's block cache keys)."""
+    return {
+        "do_remote_decode": False,
+        "do_remote_prefill": True,
+        "remote_engine_id": engine_id,
+        "remote_block_ids": block_ids,
+        "remote_host": host,
+        "remote_port": port,
+        "tp_size": 1,
+    }
+
+
+def request_kv_transfer(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The request's ``kv_transfer_params`` if it is an object; anything else is ignored, never an error."""
+    value = body.get("kv_transfer_params")
+    return value if isinstance(value, dict) else None
+
+
+def tokenize_body(tok: Tokenized, max_model_len: int) -> dict[str, Any]:
+    """vLLM's TokenizeResponse; for a batch, SGLang's (``tokens``, ``count`` and ``token_strs`` per prompt)."""
+    tokens = [tokenize(text) for text in tok.prompts]
+    words = [text.split() for text in tok.prompts]  # one token per whitespace-separated word
+    if tok.batch:
+        return {
+            "tokens": tokens,
+            "count": [len(t) for t in tokens],
+            "max_model_len": max_model_len,
+            "token_strs": words if tok.return_token_strs else None,
+        }
+    return {
+        "tokens": tokens[0],
+        "count": len(tokens[0]),
+        "max_model_len": max_model_len,
+        "token_strs": words[0] if tok.return_token_strs else None,
+    }
+
+
+def render_body(rid: str, model: str, params: GenerationParams, kv_transfer: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's render answer (a GenerateRequest): the prompt's token ids and what the request would generate."""
+    return {
+        "request_id": rid,
+        "token_ids": params.tokens,
+        "features": None,
+        "sampling_params": {"n": 1, "max_tokens": params.max_tokens},
+        "model": model,
+        "stream": params.stream,
+        "stream_options": {"include_usage": params.include_usage} if params.stream else None,
+        "cache_salt": None,
+        "priority": 0,
+        "kv_transfer_params": kv_transfer,
+    }
+
+
+def sglang_load_body(running: int, waiting: int, used_kv_tokens: int, block_size: int) -> list[dict[str, Any]]:
+    """SGLang's ``GET /get_load``: one object per data-parallel rank (the simulator has one).
+
+    ``num_tokens`` is KV held by live requests (what sglang-router's cache-aware policy balances on); ``num_pages``
+    the same in blocks, as newer SGLang reports it."""
+    return [
+        {
+            "dp_rank": 0,
+            "num_reqs": running + waiting,
+            "num_waiting_reqs": waiting,
+            "num_tokens": used_kv_tokens,
+            "num_pages": used_kv_tokens // block_size,
+        }
+    ]
+
+
+def vllm_load_body(running: int, waiting: int) -> dict[str, Any]:
+    """vLLM router's ``GET /get_load``: ``{"load": running + waiting}``."""
+    return {"load": running + waiting}
