@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from flexlb.bench.argtypes import int_at_least, non_negative_float, positive_float
+from flexlb.bench.run_cli import add_compare_parser, add_run_parser, cmd_compare, cmd_run
 from flexlb.settings import Settings
 
 SCHEDULE_EPILOG = """\
@@ -24,30 +25,6 @@ Exit status: 0 when the run completed without errors, 1 when any request failed,
 """
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
-
-
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
@@ -60,51 +37,51 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--workers",
-        type=_int_at_least(2),
+        type=int_at_least(2),
         default=16,
         help="workers to register, half PREFILL and half DECODE (default 16)",
     )
     s.add_argument(
         "--concurrency",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=64,
         help="concurrent client tasks in the closed loop, over all client processes (default 64)",
     )
-    s.add_argument("--duration", type=_positive_float, default=10.0, help="measured seconds (default 10)")
+    s.add_argument("--duration", type=positive_float, default=10.0, help="measured seconds (default 10)")
     s.add_argument(
-        "--warmup", type=_non_negative_float, default=1.0, help="seconds run first and not counted (default 1)"
+        "--warmup", type=non_negative_float, default=1.0, help="seconds run first and not counted (default 1)"
     )
     s.add_argument(
         "--client-processes",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=1,
         help="load generator processes sharing --concurrency, for when one Python process cannot saturate "
         "the router (default 1)",
     )
-    s.add_argument("--seq-len", type=_int_at_least(1), default=2000, help="seq_len of every request (default 2000)")
+    s.add_argument("--seq-len", type=int_at_least(1), default=2000, help="seq_len of every request (default 2000)")
     s.add_argument(
         "--blocks",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=30,
         help="block_cache_keys per request, at most seq_len / 64; two thirds of them are a prefix shared by "
         "a group of requests (default 30)",
     )
     s.add_argument(
         "--prefix-groups",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=4,
         help="distinct shared prefixes; each worker caches one of them in full and half of another (default 4)",
     )
     s.add_argument(
         "--split-requests",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=2000,
         help="after the loop, schedule this many requests, then release them, to count the Redis round trips "
         "of each apart; 0 skips it (default 2000)",
     )
     s.add_argument(
         "--idle-baseline",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=6.0,
         help="seconds with no request between those two phases, to measure the router's own background Redis "
         "traffic (its reservation sweep, every 5 s by default) and subtract it; 0 skips it (default 6)",
@@ -117,7 +94,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", help="JSON result file (default bench-results/schedule-<timestamp>.json)")
     s.add_argument(
         "--startup-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         help="seconds to wait for the router's GET /health to answer 200 (default 30)",
     )
@@ -128,6 +105,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "slows the router down",
     )
     s.add_argument("--seed", type=int, help="random seed of the workload (default: random, written to the JSON)")
+    add_run_parser(bsub)
+    add_compare_parser(bsub)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -137,6 +116,10 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.bench_cmd == "schedule":
         return _run_schedule(args, settings)
+    if args.bench_cmd == "run":
+        return cmd_run(args)
+    if args.bench_cmd == "compare":
+        return cmd_compare(args)
     raise NotImplementedError(args.bench_cmd)
 
 
