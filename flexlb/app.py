@@ -22,10 +22,13 @@ from flexlb.http.middleware import json_errors
 from flexlb.http.routes import CONTEXT, MASTER, RouterContext, setup_master_routes, setup_routes
 from flexlb.master.service import MasterService, default_holder
 from flexlb.metrics import MasterMetrics, SchedulerMetrics
+from flexlb.proxy import setup_proxy
+from flexlb.queueing import QueueMetrics, QueueOptions, RequestQueue
 from flexlb.routing import ChoiceMemory, StrategyName, StrategyParams, TtftModel
 from flexlb.scheduler import REDIS_UNAVAILABLE, Scheduler, SchedulerOptions
 from flexlb.settings import FlexlbConfig, Settings
 from flexlb.state.connection import use_hiredis_packing
+from flexlb.state.events import FleetEvents
 from flexlb.state.store import FleetStore
 
 log = logging.getLogger("flexlb.app")
@@ -95,6 +98,15 @@ def create_app(
         ChoiceMemory(rng=rng or random.Random()),
         metrics,
     )
+    events = FleetEvents(redis, store.keys)
+    queue = RequestQueue(
+        scheduler,
+        events,
+        QueueOptions(
+            enabled=config.enable_queueing, max_size=config.max_queue_size, max_retries=config.max_retry_count
+        ),
+        QueueMetrics(registry),
+    )
     master = None
     if config.contend_for_master:
         master = MasterService(redis, settings, MasterMetrics(registry), holder=default_holder("router"))
@@ -106,10 +118,12 @@ def create_app(
         service_id=settings.service.service_id,
         master_host=master_host or f"127.0.0.1:{config.http_port}",
         master=master,
+        queue=queue,
     )
     setup_routes(app)
     setup_admin_routes(app)
-    app.cleanup_ctx.append(_router_lifecycle(settings, redis, store, master))
+    setup_proxy(app, config)
+    app.cleanup_ctx.append(_router_lifecycle(settings, redis, store, master, events, queue))
     return app
 
 
@@ -156,16 +170,27 @@ async def _start_with_redis(settings: Settings, store: FleetStore) -> None:
         log.error("Redis unreachable at start-up (%s); carrying on until it answers", exc)
 
 
-def _router_lifecycle(settings: Settings, redis: Redis, store: FleetStore, master: MasterService | None):
+def _router_lifecycle(
+    settings: Settings,
+    redis: Redis,
+    store: FleetStore,
+    master: MasterService | None,
+    events: FleetEvents,
+    queue: RequestQueue,
+):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await _start_with_redis(settings, store)
         if master is not None:
             master.start()
+        events.start()
+        queue.start()
         background = asyncio.create_task(_maintain(settings, store, app[CONTEXT].scheduler))
         yield
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background
+        await queue.stop()
+        await events.stop()
         if master is not None:
             await master.stop()
         await redis.aclose()

@@ -63,7 +63,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         uvloop.install()
         app = create_app(settings, master_host=args.advertise or _advertised(host, port))
         print(f"flexlb: router for service {settings.service.service_id!r} on http://{host}:{port}", flush=True)
-        web.run_app(app, host=host, port=port, print=None, access_log=None, reuse_port=True)
+        # handler_cancellation: a client that disconnects cancels its handler, so a queued request leaves the queue
+        # and a proxied one stops its upstream call (aiohttp's default lets handlers run on).
+        web.run_app(app, host=host, port=port, print=None, access_log=None, reuse_port=True, handler_cancellation=True)
     finally:
         if embedded is not None:
             embedded.close()

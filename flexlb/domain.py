@@ -161,6 +161,8 @@ class ScheduleRequest:
     generate_timeout_ms: int = 3_600_000
     model: str | None = None
     request_time_ms: int | None = None
+    # Worker ids not to choose: the proxy's retry of a request whose previous worker failed before answering.
+    exclude_workers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -197,7 +197,7 @@ class Scheduler:
         group = ""
         for role in (r for r in ROLE_ORDER if r in roles):
             registered = views.get(role, [])
-            candidates = eligible(registered, role, request.seq_len)
+            candidates = eligible(registered, role, request.seq_len, request.exclude_workers)
             if group:  # a later role stays in the group of the earlier choice, as the original
                 candidates = [c for c in candidates if c.spec.group == group]
             strategy = self.options.strategies[role]
@@ -205,7 +205,9 @@ class Scheduler:
             if choice is None:
                 code = NO_WORKER_CODE[role]
                 return ScheduleResult(
-                    success=False, code=code, message=f"{code.name}: {_why_none(role, registered, group)}"
+                    success=False,
+                    code=code,
+                    message=f"{code.name}: {_why_none(role, registered, group, request.exclude_workers)}",
                 )
             choices[role] = choice
             group = group or choice.worker.spec.group
@@ -316,7 +318,7 @@ def _with_reservation(snapshot: FleetSnapshot, picks: Sequence[tuple[str, int]])
     return FleetSnapshot(views=views, now_ms=snapshot.now_ms)
 
 
-def _why_none(role: Role, registered: Sequence[WorkerView], group: str) -> str:
+def _why_none(role: Role, registered: Sequence[WorkerView], group: str, excluded: frozenset[str] = frozenset()) -> str:
     """A message naming why no worker of the role could take the request."""
     where = f" in group {group!r}" if group else ""
     if not registered:
@@ -327,4 +329,13 @@ def _why_none(role: Role, registered: Sequence[WorkerView], group: str) -> str:
     available = [v for v in alive if v.status.available]
     if not available:
         return f"all {len(alive)} alive {role.value} workers are unavailable (too many waiting tasks or KV too full)"
+    tried = sum(1 for v in available if v.worker_id in excluded)
+    if tried == len(available):
+        return f"all {tried} available {role.value} workers already failed this request"
+    if tried:  # a retry: the ones tried failed, the others are full
+        others = len(available) - tried
+        return (
+            f"{tried} {role.value} workers already failed this request; the other {others}{where}"
+            " are at their concurrency or KV limit"
+        )
     return f"all {len(alive)} alive {role.value} workers{where} are at their concurrency or KV limit"

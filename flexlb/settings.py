@@ -204,6 +204,45 @@ class FlexlbConfig:
         origin="flexlb",
         low=1,
     )
+    # --- proxy mode (OpenAI / SGLang routes on the router's port, flexlb.proxy)
+    served_model_name: str = _opt(
+        "",
+        "Proxy: the model name GET /v1/models lists, accepted in requests besides the service id, and written as"
+        " `model` into every request sent to a worker. Empty: the service id, and `model` is forwarded unchanged.",
+        origin="flexlb",
+    )
+    proxy_retries: int = _opt(
+        2,
+        "Proxy: times a request is scheduled again, without the worker that failed, when that worker fails before"
+        " its first byte (connection refused or reset, no headers in time, HTTP 5xx).",
+        origin="flexlb",
+        low=0,
+    )
+    proxy_connect_timeout_ms: int = _opt(
+        2000, "Proxy: timeout of the TCP connect to a worker, in ms.", origin="flexlb", low=1
+    )
+    proxy_headers_timeout_ms: int = _opt(
+        30_000,
+        "Proxy: streamed requests: time from sending to a worker until its response headers, in ms (streams"
+        " themselves have no time limit).",
+        origin="flexlb",
+        low=1,
+    )
+    proxy_response_timeout_ms: int = _opt(
+        600_000,
+        "Proxy: requests that are not streamed (a worker sends the headers with the whole answer): time until the"
+        " answer's headers, in ms; 0 = no limit.",
+        origin="flexlb",
+        low=0,
+    )
+    bootstrap_port: int = _opt(
+        8998,
+        "Proxy, disaggregated prefill/decode: `bootstrap_port` written into both requests (SGLang's KV-transfer"
+        " bootstrap server on the prefill worker).",
+        origin="flexlb",
+        low=1,
+        high=65535,
+    )
     # --- an option of the original kept for later
     enable_grpc_prefill_master: bool = _opt(
         False,

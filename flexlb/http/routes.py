@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from flexlb.master.service import MasterService
+    from flexlb.queueing import RequestQueue
 
 log = logging.getLogger("flexlb.http")
 
@@ -48,6 +49,7 @@ class RouterContext:
     master_host: str  # this router's ip:port, reported as real_master_host (any router can schedule)
     model_names: frozenset[str] = frozenset()
     master: MasterService | None = None  # this process's master election, when it contends
+    queue: RequestQueue = None  # type: ignore[assignment]  # set by create_app (queue mode, or a pass-through)
 
 
 CONTEXT = web.AppKey("context", RouterContext)
@@ -85,7 +87,7 @@ async def schedule(request: web.Request) -> web.Response:
     except BadRequest as exc:
         ctx.metrics.schedules.labels(code=str(int(exc.code))).inc()
         return bad_request(exc, ctx)
-    result = await ctx.scheduler.schedule(req)
+    result = await ctx.queue.schedule(req)
     ctx.metrics.schedules.labels(code=str(int(result.code))).inc()
     ctx.metrics.schedule_latency.observe(time.perf_counter() - started)
     if not result.success:
@@ -169,10 +171,14 @@ async def master_info(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     # Every router schedules on the shared state, so each names itself as real_master_host (see the reference's
     # flexlb note); the lock holder that polls the workers, and its epoch, are reported beside it for operators.
-    body: dict[str, Any] = {"real_master_host": ctx.master_host, "queue_length": 0, "code": 200}
+    body: dict[str, Any] = {"real_master_host": ctx.master_host, "queue_length": len(ctx.queue), "code": 200}
     body |= await lock_info(ctx.store)
     body["this_process_is_master"] = ctx.master is not None and ctx.master.election.is_master
     return json_response(body)
+
+
+async def queue_snapshot(request: web.Request) -> web.Response:
+    return json_response(request.app[CONTEXT].queue.snapshot())
 
 
 async def health(request: web.Request) -> web.Response:
@@ -193,6 +199,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/rtp_llm/release", release)
     app.router.add_post("/rtp_llm/schedule_snapshot", schedule_snapshot)
     app.router.add_post("/rtp_llm/master/info", master_info)
+    app.router.add_get("/rtp_llm/queue_snapshot", queue_snapshot)
+    app.router.add_post("/rtp_llm/queue_snapshot", queue_snapshot)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
 

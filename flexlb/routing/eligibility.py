@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from flexlb.domain import Role, WorkerView
 from flexlb.routing.ttft import reserve_tokens
@@ -19,6 +19,9 @@ def is_eligible(view: WorkerView, role: Role, seq_len: int) -> bool:
     return view.status.kv_total <= 0 or view.kv_free >= reserve_tokens(role, view, seq_len)
 
 
-def eligible(views: Sequence[WorkerView], role: Role, seq_len: int) -> list[WorkerView]:
-    """The views that may take a ``seq_len``-token request for ``role``, in input order."""
-    return [view for view in views if is_eligible(view, role, seq_len)]
+def eligible(
+    views: Sequence[WorkerView], role: Role, seq_len: int, exclude: Collection[str] = frozenset()
+) -> list[WorkerView]:
+    """The views that may take a ``seq_len``-token request for ``role``, in input order, less the ``exclude``d
+    worker ids."""
+    return [view for view in views if view.worker_id not in exclude and is_eligible(view, role, seq_len)]

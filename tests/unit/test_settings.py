@@ -57,6 +57,12 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "workerDownAfterFailedPolls": 2,
     "cacheSyncMinIntervalMs": 50,
     "cacheSyncMaxIntervalMs": 3000,
+    "servedModelName": "",
+    "proxyRetries": 2,
+    "proxyConnectTimeoutMs": 2000,
+    "proxyHeadersTimeoutMs": 30_000,
+    "proxyResponseTimeoutMs": 600_000,
+    "bootstrapPort": 8998,
     "enableGrpcPrefillMaster": False,
 }
 

@@ -1,0 +1,57 @@
+"""What the proxy handlers share, built once per router process by ``setup_proxy``."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from flexlb.http.routes import RouterContext
+from flexlb.proxy.metrics import ProxyMetrics
+from flexlb.settings import FlexlbConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOptions:
+    retries: int  # schedules again after a failure before the first byte
+    connect_timeout_s: float
+    headers_timeout_s: float  # streamed requests
+    response_timeout_s: float | None  # requests not streamed; None = no limit
+    bootstrap_port: int  # disaggregated prefill / decode
+    served_model_name: str  # "" = the service id, and `model` forwarded unchanged
+
+    @classmethod
+    def from_config(cls, config: FlexlbConfig) -> ProxyOptions:
+        return cls(
+            retries=config.proxy_retries,
+            connect_timeout_s=config.proxy_connect_timeout_ms / 1000,
+            headers_timeout_s=config.proxy_headers_timeout_ms / 1000,
+            response_timeout_s=config.proxy_response_timeout_ms / 1000 or None,
+            bootstrap_port=config.bootstrap_port,
+            served_model_name=config.served_model_name,
+        )
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    router: RouterContext
+    options: ProxyOptions
+    metrics: ProxyMetrics
+    rng: random.Random  # request ids and bootstrap rooms
+    created: int  # epoch seconds: the model's "created" in /v1/models
+    session: aiohttp.ClientSession | None = None  # the one session to the workers, open while the app runs
+
+    @property
+    def model_name(self) -> str:
+        """The name GET /v1/models lists."""
+        return self.options.served_model_name or self.router.service_id
+
+    def new_id(self) -> int:
+        """A fresh positive int64, random so that routers sharing Redis need no coordination (two live requests
+        share an id with probability 2**-63)."""
+        return self.rng.getrandbits(63) or 1
+
+
+PROXY = web.AppKey("proxy", ProxyContext)

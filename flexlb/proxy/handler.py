@@ -1,0 +1,227 @@
+"""One proxied request: validate, schedule, forward to the chosen worker(s), relay the answer, release.
+
+The reservation is released however the request ends (answered, failed, client gone): the ``finally`` around
+everything after scheduling. A worker that fails before its first byte is released at once and the request is
+scheduled again without it, ``retries`` times at most.
+
+A client that disconnects cancels its handler (the router's server runs with ``handler_cancellation``, see
+``flexlb serve``): the cancellation unwinds through the ``finally`` blocks, which close the upstream connection (the
+worker cancels the request) and release the reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from flexlb.blocks import block_cache_keys
+from flexlb.domain import Choice, Role, ScheduleRequest
+from flexlb.http.routes import check_model
+from flexlb.http.wire import BadRequest
+from flexlb.proxy.context import PROXY, ProxyContext
+from flexlb.proxy.errors import ClientGone, ProxyError, error_response, from_schedule
+from flexlb.proxy.parse import ProxiedRequest, Route, parse_request
+from flexlb.proxy.pd import PrefillRefused, UpstreamFailures, bootstrap_fields, drain, open_pair
+from flexlb.proxy.plan import fleet_block_size, forward_body, plan
+from flexlb.proxy.relay import relay
+from flexlb.proxy.upstream import Target, UpstreamFailure, open_response
+from flexlb.scheduler import Scheduler
+
+log = logging.getLogger("flexlb.proxy")
+
+CLIENT_CLOSED = 499  # nginx's status for "the client went away", in metrics only
+
+
+def handler_for(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await proxy_request(request, route)
+
+    return handle
+
+
+@dataclass(slots=True)
+class _Streamed:
+    """The status of a stream sent whole: a client closing the connection after that (while the reservation is
+    released) did not abort anything."""
+
+    status: int | None = None
+
+
+async def proxy_request(request: web.Request, route: Route) -> web.StreamResponse:
+    pctx = request.app[PROXY]
+    status = 500
+    request_id: int | None = None
+    streamed = _Streamed()
+    try:
+        parsed = await _parse(request, route, pctx)
+        request_id = pctx.new_id()
+        response = await _serve(request, pctx, parsed, request_id, streamed)
+        status = response.status
+        return response
+    except ProxyError as exc:
+        status = exc.status
+        if exc.status >= 500:
+            log.info("request %s on %s: HTTP %d: %s", request_id, route.value, exc.status, exc.message)
+        return error_response(exc, request_id)
+    except ClientGone:  # noticed by a failed write
+        status = CLIENT_CLOSED
+        log.info("request %s on %s: the client went away; upstream cancelled", request_id, route.value)
+        return web.Response(status=CLIENT_CLOSED)  # not sent: the connection is gone
+    except asyncio.CancelledError:  # the server cancels the handler of a client that disconnected
+        if streamed.status is not None:
+            status = streamed.status
+        elif request.transport is None or request.transport.is_closing():
+            status = CLIENT_CLOSED
+            log.info("request %s on %s: the client went away; upstream cancelled", request_id, route.value)
+        raise
+    except Exception:
+        log.exception("request %s on %s: unexpected error", request_id, route.value)
+        error = ProxyError(500, f"internal error in {route.value}; see the router's log", code="internal_error")
+        return error_response(error, request_id)
+    finally:
+        pctx.metrics.requests.labels(route=route.value, status=str(status)).inc()
+
+
+async def _parse(request: web.Request, route: Route, pctx: ProxyContext) -> ProxiedRequest:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise ProxyError(413, f"request body too large: {exc.text}", code="request_too_large") from None
+    parsed = parse_request(route, raw)
+    try:
+        check_model(pctx.router, parsed.model)
+    except BadRequest:  # check_model's one refusal: a model this router does not serve
+        message = f"unknown model {parsed.model!r}: this router serves {pctx.model_name!r} (GET /v1/models)"
+        raise ProxyError(404, message, code="model_not_found", param="model") from None
+    return parsed
+
+
+async def _serve(
+    request: web.Request, pctx: ProxyContext, parsed: ProxiedRequest, request_id: int, streamed: _Streamed
+) -> web.StreamResponse:
+    router = pctx.router
+    body = forward_body(parsed, request_id, pctx.options.served_model_name)
+    keys = tuple(block_cache_keys(parsed.tokens, fleet_block_size(router.scheduler.last_snapshot)))
+    failures: list[UpstreamFailure] = []
+    retries = pctx.options.retries
+    try:
+        for attempt in range(retries + 1):
+            # seq_len is the prompt: it is what the TTFT estimate computes, and the reservation lives only until
+            # the worker reports the request (then its own KV counts carry the growing output).
+            schedule_request = ScheduleRequest(
+                request_id=request_id,
+                seq_len=len(parsed.tokens),
+                block_cache_keys=keys,
+                exclude_workers=frozenset(f.target.worker_id for f in failures),
+            )
+            # Queue mode (enableQueueing) holds a first attempt that finds no capacity, as /rtp_llm/schedule does;
+            # a retry does not queue: with its failed workers excluded it could wait for capacity that never comes.
+            via = router.queue if attempt == 0 and router.queue is not None else router.scheduler
+            result = await via.schedule(schedule_request)
+            if not result.success:
+                raise _no_worker(from_schedule(result), failures)
+            try:
+                return await _attempt(request, pctx, parsed, body, request_id, result.choices, streamed)
+            except UpstreamFailures as exc:
+                await _release(router.scheduler, request_id)
+                failures += exc.failures
+                again = attempt < retries
+                then = f"scheduling again without it (retry {attempt + 1} of {retries})" if again else "no retries left"
+                for failure in exc.failures:
+                    _count_failure(pctx, failure.target, failure.reason, retried=again)
+                    log.warning(
+                        "request %s: %s failed before its first byte (%s: %s); %s",
+                        request_id,
+                        failure.target,
+                        failure.reason,
+                        failure.detail,
+                        then,
+                    )
+        raise _no_worker(None, failures)
+    finally:
+        await _release(router.scheduler, request_id)
+
+
+async def _attempt(
+    request: web.Request,
+    pctx: ProxyContext,
+    parsed: ProxiedRequest,
+    body: dict[str, Any],
+    request_id: int,
+    choices: Mapping[Role, Choice],
+    streamed: _Streamed,
+) -> web.StreamResponse:
+    """Send the request to the chosen worker(s) and relay the answer; UpstreamFailures before the first byte."""
+    answering, prefill = plan(choices)
+    session = pctx.session
+    assert session is not None, "the proxy's client session opens with the app"
+    timeout = pctx.options.headers_timeout_s if parsed.stream else pctx.options.response_timeout_s
+    path = parsed.route.value
+
+    def on_late_failure(target: Target) -> None:
+        _count_failure(pctx, target, "mid_stream", retried=False)
+
+    drainer: asyncio.Task[None] | None = None
+    if prefill is None:
+        try:
+            upstream = await open_response(session, answering, path, orjson.dumps(body), request_id, timeout)
+        except UpstreamFailure as exc:
+            raise UpstreamFailures([exc]) from None
+    else:
+        payload = orjson.dumps(body | bootstrap_fields(prefill, pctx.options.bootstrap_port, pctx.rng))
+
+        def open_one(target: Target) -> Awaitable[aiohttp.ClientResponse]:
+            return open_response(session, target, path, payload, request_id, timeout)
+
+        try:
+            prefill_response, upstream = await open_pair(open_one, prefill, answering)
+        except PrefillRefused as exc:  # the engine refused the request itself: the client gets why
+            upstream, answering = exc.response, prefill
+        else:
+            drainer = asyncio.create_task(drain(prefill_response, prefill, request_id, on_late_failure))
+    try:
+        response = await relay(
+            request,
+            upstream,
+            answering,
+            stream=parsed.stream,
+            request_id=request_id,
+            on_mid_stream_failure=on_late_failure,
+        )
+        if response.prepared:  # a stream, sent whole; an answer not streamed is sent after the handler returns
+            streamed.status = response.status
+        return response
+    finally:
+        upstream.close()  # a no-op once the answer was read whole; otherwise the worker sees the disconnect
+        if drainer is not None:
+            # Once the decode side is done its prefill is too; if not (client gone, decode failed), cancel it.
+            drainer.cancel()
+            await asyncio.wait([drainer])
+
+
+def _no_worker(refusal: ProxyError | None, failures: list[UpstreamFailure]) -> ProxyError:
+    """No worker answered: 502 naming the ones that failed, or the scheduler's refusal when none was tried."""
+    if not failures:
+        assert refusal is not None
+        return refusal
+    tried = "; ".join(f"{f.target} failed ({f.detail})" for f in failures)
+    rest = f"; no other worker: {refusal.message}" if refusal is not None else ""
+    return ProxyError(502, f"{tried}{rest}", code="upstream_failed")
+
+
+def _count_failure(pctx: ProxyContext, target: Target, reason: str, *, retried: bool) -> None:
+    pctx.metrics.upstream_failures.labels(role=target.role.value, reason=reason).inc()
+    if retried:
+        pctx.metrics.retries.labels(role=target.role.value).inc()
+
+
+async def _release(scheduler: Scheduler, request_id: int) -> None:
+    # Shielded: a client disconnect or shutdown cancelling the handler must not leave the reservation to its TTL.
+    await asyncio.shield(scheduler.release(request_id))

@@ -1,0 +1,78 @@
+"""Passing a worker's answer to the client: a stream chunk by chunk as it arrives, anything else whole.
+
+Past this point the worker has started answering, so nothing is retried: a worker failing mid-stream ends the
+stream with an error event (SSE) or a 502 (an answer not yet sent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import hdrs, web
+
+from flexlb.proxy.errors import ClientGone, ProxyError, sse_error_event
+from flexlb.proxy.upstream import Target
+
+log = logging.getLogger("flexlb.proxy")
+
+# Headers of the worker's answer the client gets; hop-by-hop ones (Transfer-Encoding, Connection) are the server's.
+PASSED_HEADERS = (hdrs.CONTENT_TYPE, hdrs.CONTENT_ENCODING, hdrs.CACHE_CONTROL)
+
+
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    target: Target,
+    *,
+    stream: bool,
+    request_id: int,
+    on_mid_stream_failure: Callable[[Target], None],
+) -> web.StreamResponse:
+    """Send ``upstream`` to the client: streamed when the client asked for a stream and the worker said 2xx."""
+    headers = {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
+    headers["X-Request-Id"] = str(request_id)
+    if not (stream and 200 <= upstream.status < 300):
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            on_mid_stream_failure(target)
+            log.warning("request %s: %s failed while sending its answer: %r", request_id, target, exc)
+            message = f"{target} failed while sending its answer: {exc!r}"
+            raise ProxyError(502, message, code="upstream_failed") from None
+        return web.Response(body=body, status=upstream.status, headers=headers)
+
+    headers.setdefault(hdrs.CACHE_CONTROL, "no-cache")
+    out = web.StreamResponse(status=upstream.status, headers=headers)
+    try:
+        await out.prepare(request)
+    except ConnectionResetError:
+        raise ClientGone from None
+    tail = b"\n\n"  # the end of the last chunk sent: an error event must start on an event boundary
+    while True:
+        try:
+            chunk = await upstream.content.readany()
+        except (aiohttp.ClientError, OSError) as exc:
+            on_mid_stream_failure(target)
+            log.warning("request %s: %s failed mid-stream: %r", request_id, target, exc)
+            if upstream.content_type == "text/event-stream":
+                prefix = b"" if tail.endswith(b"\n\n") else b"\n\n"
+                await _write(out, prefix + sse_error_event(f"{target} failed mid-stream: {exc!r}"))
+            break
+        if not chunk:
+            break
+        await _write(out, chunk)
+        tail = chunk[-2:]
+    try:
+        await out.write_eof()
+    except ConnectionResetError:
+        raise ClientGone from None
+    return out
+
+
+async def _write(out: web.StreamResponse, data: bytes) -> None:
+    try:
+        await out.write(data)
+    except ConnectionResetError:
+        raise ClientGone from None

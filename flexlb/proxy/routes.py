@@ -1,0 +1,55 @@
+"""``setup_proxy``: the proxy's routes on the router's app, its client session's lifecycle, and GET /v1/models."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+
+from flexlb.http.routes import CONTEXT
+from flexlb.proxy.context import PROXY, ProxyContext, ProxyOptions
+from flexlb.proxy.handler import handler_for
+from flexlb.proxy.metrics import ProxyMetrics
+from flexlb.proxy.parse import Route
+from flexlb.proxy.upstream import make_session
+from flexlb.settings import FlexlbConfig
+
+MODELS_PATH = "/v1/models"
+
+
+def setup_proxy(app: web.Application, config: FlexlbConfig) -> None:
+    """Serve the OpenAI and SGLang routes on ``app`` (a router: its RouterContext must be set)."""
+    router = app[CONTEXT]
+    options = ProxyOptions.from_config(config)
+    if options.served_model_name:
+        # check_model accepts it, on these routes and on /rtp_llm/schedule alike.
+        router.model_names = router.model_names | {options.served_model_name}
+    app[PROXY] = ProxyContext(
+        router=router,
+        options=options,
+        metrics=ProxyMetrics(router.metrics.registry),
+        rng=random.Random(),  # seeded from os.urandom: routers draw independent ids
+        created=int(time.time()),
+    )
+    for route in Route:
+        app.router.add_post(route.value, handler_for(route))
+    app.router.add_get(MODELS_PATH, list_models)
+    app.cleanup_ctx.append(_session_lifecycle)
+
+
+async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    pctx = app[PROXY]
+    pctx.session = make_session(pctx.options.connect_timeout_s)
+    yield
+    await pctx.session.close()
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The one model this router serves: ``servedModelName``, else the service id."""
+    pctx = request.app[PROXY]
+    card = {"id": pctx.model_name, "object": "model", "created": pctx.created, "owned_by": "flexlb"}
+    pctx.metrics.requests.labels(route=MODELS_PATH, status="200").inc()
+    return web.Response(body=orjson.dumps({"object": "list", "data": [card]}), content_type="application/json")
