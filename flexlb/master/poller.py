@@ -20,6 +20,7 @@ from flexlb.master.reconcile import (
     StatusUpdate,
     WorkerTrack,
     cache_diff,
+    cache_poll_due,
     next_cache_interval,
     reconcile_status,
 )
@@ -107,7 +108,7 @@ class WorkerPoller:
         """One status poll, and a cache poll when it is due."""
         try:
             polled = await self._poll_status()
-            if polled and self.clock() >= self.track.next_cache_at:
+            if polled and cache_poll_due(self.track, self.clock(), self.options.cache_min_interval_s):
                 await self._poll_cache()
             if self._redis_failing:
                 self._redis_failing = False
@@ -161,6 +162,7 @@ class WorkerPoller:
 
     async def _poll_cache(self) -> None:
         track = self.track
+        track.last_cache_at, track.iterations_at_cache_poll = self.clock(), track.iterations
         try:
             version = -1 if track.cache_version is None else track.cache_version
             reply = await self.client.get_cache_status(version, True, self.options.deadline_s)

@@ -55,6 +55,10 @@ class WorkerTrack:
     cache_keys: frozenset[int] | None = None  # what Redis holds for the worker, as far as this term knows
     cache_interval_s: float = 0.0  # current adaptive interval; 0 until the first cache poll
     next_cache_at: float = 0.0  # monotonic s
+    last_cache_at: float = 0.0  # monotonic s of the last cache poll
+    # the engine's cache changes only when it runs a step: a moved iterate_count makes a cache poll due at once
+    iterations: int = -1  # iterate_count of the last status
+    iterations_at_cache_poll: int = -1
 
     @property
     def available(self) -> bool:
@@ -111,6 +115,7 @@ def reconcile_status(
         return None
     track.status_version = status.status_version
     track.finished_version = status.latest_finished_version
+    track.iterations = status.iterate_count
 
     live = frozenset(t.request_id for t in status.running_task_info)
     finished = {t.request_id for t in status.finished_task_list}
@@ -153,5 +158,14 @@ def cache_diff(known: Iterable[int], current: Iterable[int]) -> tuple[list[int],
 
 
 def next_cache_interval(interval_s: float, changed: bool, low_s: float, high_s: float) -> float:
-    """Adaptive cache polling: twice as often while the key set changes, half as often while it does not."""
-    return max(low_s, interval_s / 2) if changed else min(high_s, interval_s * 2)
+    """Adaptive cache polling: back to the shortest interval when the key set changed, half as often each time it
+    did not (a quiet worker costs little; a busy one is followed closely)."""
+    return low_s if changed else min(high_s, interval_s * 2)
+
+
+def cache_poll_due(track: WorkerTrack, now: float, low_s: float) -> bool:
+    """Due by the adaptive interval, or early (at most every ``low_s``) when the engine ran steps since the last
+    cache poll: after an idle spell the first new request's blocks must not wait for the long interval."""
+    if now >= track.next_cache_at:
+        return True
+    return track.iterations != track.iterations_at_cache_poll and now - track.last_cache_at >= low_s

@@ -9,6 +9,7 @@ from flexlb.master.reconcile import (
     Hysteresis,
     WorkerTrack,
     cache_diff,
+    cache_poll_due,
     next_cache_interval,
     queued_prefill_tokens,
     reconcile_status,
@@ -157,7 +158,18 @@ def test_cache_diff() -> None:
 
 
 def test_cache_interval_adapts_within_bounds() -> None:
-    assert next_cache_interval(1.0, True, 0.05, 3.0) == 0.5
-    assert next_cache_interval(0.06, True, 0.05, 3.0) == 0.05
+    assert next_cache_interval(3.0, True, 0.05, 3.0) == 0.05  # a change: back to the shortest interval at once
     assert next_cache_interval(2.0, False, 0.05, 3.0) == 3.0
     assert next_cache_interval(0.05, False, 0.05, 3.0) == 0.1
+
+
+def test_a_cache_poll_is_due_early_when_the_engine_ran_steps_after_an_idle_spell() -> None:
+    track = WorkerTrack(cache_interval_s=3.0, next_cache_at=103.0, last_cache_at=100.0)
+    track.iterations = track.iterations_at_cache_poll = 500
+    assert not cache_poll_due(track, 101.0, 0.05)  # idle: wait for the long interval
+    apply(track, WorkerStatusPB(status_version=7, iterate_count=501))
+    assert track.iterations == 501
+    assert cache_poll_due(track, 101.0, 0.05)  # a step ran: its blocks may be new
+    track.last_cache_at = 101.0
+    assert not cache_poll_due(track, 101.01, 0.05)  # but never more often than the shortest interval
+    assert cache_poll_due(track, 103.0, 0.05)
