@@ -22,6 +22,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from flexlb.admission import AdmissionControl
 from flexlb.domain import ErrorCode, ScheduleRequest, ScheduleResult
 from flexlb.scheduler import Scheduler
 from flexlb.state.events import FleetEvents
@@ -37,6 +38,7 @@ class QueueOptions:
     max_size: int = 1_000_000
     max_retries: int = 0  # retryable failures before giving up; 0 = until the request's timeout
     recheck_s: float = 0.2  # longest wait between two attempts for the head without a fleet event
+    admission_interval_s: float = 0.01  # how often permits follow the water level (resourceCheckIntervalMs)
 
 
 @dataclass(eq=False, slots=True)
@@ -62,6 +64,12 @@ class QueueMetrics:
         self.rejected = Counter(
             "flexlb_queue_rejected_total", "Requests not queued or dropped, by reason.", ["reason"], registry=registry
         )
+        self.permits = Gauge(
+            "flexlb_admission_permits",
+            "Queue mode: requests this router lets into scheduling at once (follows the fleet's water level).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
 
 
 class RequestQueue:
@@ -73,13 +81,18 @@ class RequestQueue:
         events: FleetEvents | None,
         options: QueueOptions,
         metrics: QueueMetrics,
+        admission: AdmissionControl | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self.scheduler = scheduler
         self.events = events
         self.options = options
         self.metrics = metrics
+        self.admission = admission if options.enabled else None
         self._clock = clock
+        self._admission_at = 0.0
+        if self.admission is not None:
+            metrics.permits.set(self.admission.permits)
         self._queue: deque[_Entry] = deque()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -105,7 +118,9 @@ class RequestQueue:
     async def schedule(self, request: ScheduleRequest) -> ScheduleResult:
         attempts = 0
         last = "none yet: queued behind earlier requests"
-        if not (self.options.enabled and self._queue):  # never overtake requests already waiting
+        if self.options.enabled and not self._queue and not self._admits():
+            last = f"none yet: {self.scheduler.in_flight} requests in flight, {self._permits()} admitted at once"
+        elif not (self.options.enabled and self._queue):  # never overtake requests already waiting
             result = await self.scheduler.schedule(request)
             if result.success or not self.options.enabled or not result.code.retryable:
                 return result
@@ -130,12 +145,29 @@ class RequestQueue:
                 self.metrics.wait.labels(outcome="cancelled").observe(self._clock() - entry.enqueued)
                 log.info("request %s left the queue: client went away", request.request_id)
 
+    def _admits(self) -> bool:
+        """Dynamic capacity: fewer requests in flight than the permits of the fleet's current water level."""
+        if self.admission is None:
+            return True
+        now = self._clock()
+        snapshot = self.scheduler.last_snapshot
+        if snapshot is not None and now - self._admission_at >= self.options.admission_interval_s:
+            self._admission_at = now
+            self.metrics.permits.set(self.admission.update(snapshot.views))
+        return self.admission.admits(self.scheduler.in_flight)
+
+    def _permits(self) -> int | None:
+        return None if self.admission is None else self.admission.permits
+
     def snapshot(self) -> dict[str, Any]:
         now = self._clock()
         return {
             "enabled": self.options.enabled,
             "queue_length": len(self._queue),
             "max_queue_size": self.options.max_size,
+            "in_flight": self.scheduler.in_flight,
+            "permits": self._permits(),
+            "water_levels": None if self.admission is None else self.admission.levels,
             "entries": [
                 {
                     "request_id": e.request.request_id,
@@ -164,6 +196,9 @@ class RequestQueue:
         if not self._queue:
             self._kick.clear()
             await self._kick.wait()
+            return
+        if not self._admits():  # the fleet is full: wait for releases before even trying
+            await self._wait_for_change()
             return
         head = self._queue[0]
         result = await self.scheduler.schedule(head.request)

@@ -98,6 +98,11 @@ class Scheduler:
             return None
         return (self._clock() - self._last_snapshot_at) * 1000
 
+    @property
+    def in_flight(self) -> int:
+        """Requests this router reserved capacity for and has not released yet (queue mode's admission counts them)."""
+        return len(self._reserved_here) + len(self._local)
+
     def can_schedule(self) -> bool:
         """Redis is up, or the local snapshot is fresh enough to schedule from."""
         age = self.snapshot_age_ms

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from flexlb.admission import AdmissionControl, AdmissionOptions
 from flexlb.app import make_redis
 from flexlb.domain import ErrorCode, Role, ScheduleRequest, WorkerSpec, WorkerStatus
 from flexlb.embedded_redis import EmbeddedRedis
@@ -38,7 +39,7 @@ async def make_queue(redis_server: EmbeddedRedis, service: str) -> AsyncIterator
     made: list[tuple[RequestQueue, FleetEvents]] = []
     client = make_redis(redis_server.url, 1000)
 
-    async def make(**options: object) -> RequestQueue:
+    async def make(admission: AdmissionControl | None = None, **options: object) -> RequestQueue:
         store = FleetStore(client, service)
         await store.register_worker(W, WorkerStatus(kv_total=100_000))
         scheduler = Scheduler(
@@ -55,6 +56,7 @@ async def make_queue(redis_server: EmbeddedRedis, service: str) -> AsyncIterator
             events,
             QueueOptions(**{"enabled": True, "recheck_s": NEVER_S, **options}),  # type: ignore[arg-type]
             QueueMetrics(CollectorRegistry()),
+            admission,
         )
         queue.start()
         made.append((queue, events))
@@ -151,3 +153,20 @@ async def test_without_queueing_a_full_fleet_fails_at_once(make_queue, other_rou
     assert (await other_router.reserve(100, [(W.worker_id, 10)], 60_000)).ok
     result = await queue.schedule(req(1))
     assert result.code is ErrorCode.NO_PDFUSION_WORKER
+
+
+async def test_admission_holds_requests_while_the_fleet_is_full_and_lets_one_in_per_release(make_queue) -> None:  # type: ignore[no-untyped-def]
+    control = AdmissionControl(AdmissionOptions(min_permits=1, max_permits=2))
+    queue = await make_queue(admission=control, admission_interval_s=0.0)
+    unlimited = WorkerSpec(W.ip, W.http_port, W.role)  # no max_concurrency: only admission holds requests back
+    await queue.scheduler.store.register_worker(unlimited, WorkerStatus(kv_total=100_000, kv_used=90_000))
+    first = await queue.schedule(req(1))  # no water level known yet: admitted
+    assert first.success
+    second = asyncio.create_task(queue.schedule(req(2)))  # KV 90 % used: permits step down to 1, 1 in flight
+    await until_queued(queue, 1)
+    snapshot = queue.snapshot()
+    assert snapshot["permits"] == 1 and snapshot["in_flight"] == 1 and snapshot["water_levels"]["decode"] == 100
+    assert await queue.scheduler.release(1) == 1  # capacity back: the queued request gets in
+    result = await asyncio.wait_for(second, 5)
+    assert result.success
+    await queue.scheduler.release(2)
