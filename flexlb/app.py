@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from flexlb.admission import AdmissionControl, AdmissionOptions
 from flexlb.discovery import register_static_workers
 from flexlb.domain import ROLE_ORDER, Role
 from flexlb.http.admin import setup_admin_routes
@@ -103,9 +104,21 @@ def create_app(
         scheduler,
         events,
         QueueOptions(
-            enabled=config.enable_queueing, max_size=config.max_queue_size, max_retries=config.max_retry_count
+            enabled=config.enable_queueing,
+            max_size=config.max_queue_size,
+            max_retries=config.max_retry_count,
+            admission_interval_s=config.resource_check_interval_ms / 1000,
         ),
         QueueMetrics(registry),
+        AdmissionControl(
+            AdmissionOptions(
+                min_permits=config.admission_min_permits,
+                max_permits=config.admission_max_permits,
+                decode_full_speed_percent=config.decode_full_speed_threshold,
+                decode_stop_percent=config.decode_stop_threshold,
+                max_prefill_queue=config.max_prefill_queue_size,
+            )
+        ),
     )
     master = None
     if config.contend_for_master:

@@ -141,6 +141,18 @@ class FlexlbConfig:
     decode_stop_threshold: int = _opt(
         80, "Queue mode: decode water level is 100 (admit nothing) at or above this percentage of KV used.", **_PERCENT
     )
+    admission_min_permits: int = _opt(
+        1,
+        "Queue mode: requests this router lets into scheduling at once when the fleet is full (never fewer).",
+        origin="flexlb",
+        low=1,
+    )
+    admission_max_permits: int = _opt(
+        1024,
+        "Queue mode: requests this router lets into scheduling at once when the fleet is idle.",
+        origin="flexlb",
+        low=1,
+    )
     # --- flexlb's own
     reservation_ttl_ms: int = _opt(
         60_000, "How long a reservation that is never released holds capacity, in ms.", origin="flexlb", low=1
@@ -500,6 +512,12 @@ def parse_flexlb_config(environ: Mapping[str, str]) -> FlexlbConfig:
         raise ConfigError(
             f"{where}: masterRenewIntervalMs ({config.master_renew_interval_ms}) must be below half of"
             f" masterLockTtlMs ({config.master_lock_ttl_ms}), so one lost renew does not cost the lock"
+        )
+    if config.admission_min_permits > config.admission_max_permits:
+        where = sources.get("admission_min_permits") or sources.get("admission_max_permits") or name
+        raise ConfigError(
+            f"{where}: admissionMinPermits ({config.admission_min_permits}) must not exceed"
+            f" admissionMaxPermits ({config.admission_max_permits})"
         )
     if config.cache_sync_min_interval_ms > config.cache_sync_max_interval_ms:
         where = sources.get("cache_sync_min_interval_ms") or sources.get("cache_sync_max_interval_ms") or name

@@ -41,6 +41,8 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "maxPrefillQueueSize": 20,
     "decodeFullSpeedThreshold": 40,
     "decodeStopThreshold": 80,
+    "admissionMinPermits": 1,
+    "admissionMaxPermits": 1024,
     "reservationTtlMs": 60_000,
     "scheduleRetries": 3,
     "defaultPrefillTokensPerMs": 10.0,
