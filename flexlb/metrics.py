@@ -34,6 +34,19 @@ class SchedulerMetrics:
             registry=registry,
         )
         self.redis_errors = Counter("flexlb_redis_errors_total", "Failed Redis calls.", registry=registry)
+        self.in_flight = Gauge(
+            "flexlb_reservations_in_flight",
+            "Requests this router reserved capacity for and has not released yet.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.hit_tokens = Counter(
+            "flexlb_cache_hit_tokens_total",
+            "Prefix-cache hit tokens of the chosen workers ('chosen') and of the best worker for the request"
+            " ('available'), by role: their ratio shows what load balancing gives up of cache affinity.",
+            ["role", "kind"],
+            registry=registry,
+        )
         self.redis_up = Gauge("flexlb_redis_up", "1 while Redis answers, 0 while it does not.", registry=registry)
         self.redis_up.set(1)
 

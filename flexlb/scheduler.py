@@ -109,6 +109,11 @@ class Scheduler:
         return self.redis_up or (age is not None and age <= self.options.max_staleness_ms)
 
     async def schedule(self, request: ScheduleRequest) -> ScheduleResult:
+        result = await self._schedule(request)
+        self.metrics.in_flight.set(self.in_flight)
+        return result
+
+    async def _schedule(self, request: ScheduleRequest) -> ScheduleResult:
         ttl_ms = max(1, min(self.options.reservation_ttl_ms, request.generate_timeout_ms))
         if self._should_try_redis():
             try:
@@ -128,6 +133,7 @@ class Scheduler:
         if local is not None:
             released += len(local.picks)
         workers, _ = self._reserved_here.pop(request_id, ((), 0.0))
+        self.metrics.in_flight.set(self.in_flight)
         try:
             released += await self.store.release_request(request_id, workers)
             self._mark_redis_up()
@@ -171,6 +177,7 @@ class Scheduler:
                 result.attempts = attempt
                 self._last_snapshot = _with_reservation(snapshot, picks)
                 self._remember_reserved(request.request_id, [wid for wid, _ in picks])
+                self._count_hits(result, snapshot.views)
                 return result
             refused_role = roles[outcome.refused_index]
             refusal = f"{outcome.reason} on {picks[outcome.refused_index][0]} ({outcome.detail})"
@@ -269,6 +276,13 @@ class Scheduler:
             ]
             for role, vs in views.items()
         }
+
+    def _count_hits(self, result: ScheduleResult, views: dict[Role, list[WorkerView]]) -> None:
+        for role, choice in result.choices.items():
+            best = max((v.hit_tokens for v in views.get(role, ())), default=0)
+            if best:
+                self.metrics.hit_tokens.labels(role=role.value, kind="chosen").inc(choice.worker.hit_tokens)
+                self.metrics.hit_tokens.labels(role=role.value, kind="available").inc(best)
 
     def _remember_reserved(self, request_id: int, workers: list[str]) -> None:
         now = self._clock()

@@ -167,3 +167,21 @@ async def test_a_worker_hash_that_cannot_be_decoded_is_skipped_not_fatal(store: 
     result = await make_scheduler(store).schedule(ScheduleRequest(request_id=9, seq_len=100))
     assert result.success and result.choices[Role.PDFUSION].worker.worker_id == good
     assert [v.worker_id for v in await store.list_workers()] == [good]
+
+
+async def test_metrics_count_in_flight_reservations_and_hit_tokens_chosen_vs_available(store: FleetStore) -> None:
+    a = await add(store, "10.0.10.1", Role.PDFUSION)
+    b = await add(store, "10.0.10.2", Role.PDFUSION, waiting=40)  # holds the prefix but is much busier
+    await store.set_cache_blocks(b, [1, 2, 3])
+    scheduler = make_scheduler(store)
+    registry = scheduler.metrics.registry
+    result = await scheduler.schedule(ScheduleRequest(request_id=11, seq_len=500, block_cache_keys=(1, 2, 3, 4)))
+    assert result.success
+    chosen = result.choices[Role.PDFUSION].worker
+    value = registry.get_sample_value
+    assert value("flexlb_reservations_in_flight") == 1
+    assert value("flexlb_cache_hit_tokens_total", {"role": "PDFUSION", "kind": "available"}) == 3 * 64
+    assert value("flexlb_cache_hit_tokens_total", {"role": "PDFUSION", "kind": "chosen"}) == chosen.hit_tokens
+    assert chosen.worker_id in (a, b)
+    await scheduler.release(11)
+    assert value("flexlb_reservations_in_flight") == 0
