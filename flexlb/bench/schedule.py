@@ -258,11 +258,15 @@ class Stack:
         for role, key in ((Role.PREFILL, "prefill_endpoint"), (Role.DECODE, "decode_endpoint")):
             if by_role.get(role):
                 config[key] = {"address": by_role[role], "type": "SpecifiedIpPortList"}
+        # The registered workers are statuses the benchmark writes, with no engine behind them: a router that
+        # became master would poll them, find nothing and mark them down. The user's own options still apply.
+        flexlb_config = orjson.loads(os.environ.get("FLEXLB_CONFIG") or "{}")
         return {
             **os.environ,
             "REDIS_URL": self.redis_url,
             "FLEXLB_SERVICE_ID": self.service,
             "MODEL_SERVICE_CONFIG": orjson.dumps(config).decode(),
+            "FLEXLB_CONFIG": orjson.dumps({"contendForMaster": False, **flexlb_config}).decode(),
         }
 
     def _start_router(self) -> None:
