@@ -23,5 +23,6 @@ def test_bench_schedule_runs_without_errors_and_reports_round_trips(tmp_path: Pa
     assert results["loop"]["decisions"] > 0
     split = results["split"]
     assert split["schedule_only"]["errors"] == split["release_only"]["errors"] == 0
-    assert split["schedule_only"]["redis"]["client_commands_per_op"] == 2.0  # snapshot + reserve
-    assert split["release_only"]["redis"]["client_commands_per_op"] == 1.0
+    # snapshot + reserve, and one release script; the router's periodic sweep adds a little to either
+    assert 2.0 <= split["schedule_only"]["redis"]["client_commands_per_op"] < 2.2
+    assert 1.0 <= split["release_only"]["redis"]["client_commands_per_op"] < 1.2
