@@ -1,4 +1,5 @@
-"""Generated protobuf/gRPC code for RTP-LLM's worker status RPCs (source: ``protos/flexlb_worker.proto``).
+"""Generated protobuf/gRPC code: RTP-LLM's worker status RPCs (source: ``protos/flexlb_worker.proto``) and flexlb's
+gRPC schedule API, package ``flexlb.v1`` (source: ``protos/flexlb_schedule.proto``).
 
-Do not edit ``flexlb_worker_pb2*.py*`` by hand: change the .proto and run ``python -m flexlb.proto.generate``.
+Do not edit the ``*_pb2*.py*`` files by hand: change the .proto and run ``python -m flexlb.proto.generate``.
 """

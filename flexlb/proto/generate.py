@@ -1,6 +1,6 @@
-"""Regenerate the committed protobuf/gRPC code from ``protos/flexlb_worker.proto``.
+"""Regenerate the committed protobuf/gRPC code from the ``.proto`` files in ``protos/``.
 
-Run ``python -m flexlb.proto.generate`` after editing the .proto (``--check`` only compares). protoc's gRPC plugin
+Run ``python -m flexlb.proto.generate`` after editing a .proto (``--check`` only compares). protoc's gRPC plugin
 writes ``import flexlb_worker_pb2`` (a top-level import that fails inside a package); this rewrites it to an import
 from ``flexlb.proto`` so the output is reproducible byte for byte, which ``tests/unit/test_proto_wire.py`` checks.
 Needs ``grpcio-tools`` (a test dependency); the output depends on its version, so regenerate with the pinned one.
@@ -15,40 +15,56 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO_DIR = PACKAGE_DIR.parents[1] / "protos"  # the repository's protos/ (not shipped in wheels)
-PROTO_FILE = "flexlb_worker.proto"
-GENERATED_FILES = ("flexlb_worker_pb2.py", "flexlb_worker_pb2.pyi", "flexlb_worker_pb2_grpc.py")
+# RTP-LLM's worker status RPCs (the master polls them) and flexlb's own gRPC schedule API (flexlb.v1).
+PROTO_FILES = ("flexlb_worker.proto", "flexlb_schedule.proto")
 
-_TOP_LEVEL_IMPORT = "import flexlb_worker_pb2 as flexlb__worker__pb2\n"
-_PACKAGE_IMPORT = "from flexlb.proto import flexlb_worker_pb2 as flexlb__worker__pb2\n"
+
+def generated_names(proto_file: str) -> tuple[str, str, str]:
+    """The messages, their type stubs and the gRPC stubs protoc writes for ``proto_file``."""
+    stem = proto_file.removesuffix(".proto")
+    return f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"
+
+
+GENERATED_FILES = tuple(name for proto in PROTO_FILES for name in generated_names(proto))
+
+
+def _package_import(grpc_code: str, proto_file: str) -> str:
+    """Rewrite the gRPC code's top-level import of its messages to an import from ``flexlb.proto``."""
+    stem = proto_file.removesuffix(".proto")
+    alias = stem.replace("_", "__") + "__pb2"  # protoc's alias: flexlb_worker -> flexlb__worker__pb2
+    top_level = f"import {stem}_pb2 as {alias}\n"
+    # Exactly one occurrence, so a change in protoc's output fails here instead of shipping a broken import.
+    if grpc_code.count(top_level) != 1:
+        raise RuntimeError(f"expected one {top_level.strip()!r} in the gRPC code; protoc's output changed")
+    return grpc_code.replace(top_level, f"from flexlb.proto import {stem}_pb2 as {alias}\n")
 
 
 def render(proto_dir: Path = PROTO_DIR) -> dict[str, bytes]:
-    """Run protoc on ``proto_dir/flexlb_worker.proto`` in a temporary directory; return file name -> content."""
+    """Run protoc on every file of PROTO_FILES in ``proto_dir``, in a temporary directory; return name -> content."""
     from grpc_tools import protoc  # imported here: only needed to regenerate, not to use the generated code
 
-    proto = proto_dir / PROTO_FILE
-    if not proto.is_file():
-        raise FileNotFoundError(f"{proto} not found: run from a source checkout of flexlb")
-    with tempfile.TemporaryDirectory(prefix="flexlb-protoc-") as tmp:
-        status = protoc.main(
-            [
-                "grpc_tools.protoc",  # argv[0], ignored
-                f"-I{proto_dir}",
-                f"--python_out={tmp}",
-                f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}",
-                str(proto),
-            ]
-        )
-        if status != 0:
-            raise RuntimeError(f"protoc failed with status {status} on {proto} (its errors are on stderr)")
-        files = {name: (Path(tmp) / name).read_bytes() for name in GENERATED_FILES}
-
-    grpc_code = files["flexlb_worker_pb2_grpc.py"].decode()
-    # Exactly one occurrence, so a change in protoc's output fails here instead of shipping a broken import.
-    if grpc_code.count(_TOP_LEVEL_IMPORT) != 1:
-        raise RuntimeError(f"expected one {_TOP_LEVEL_IMPORT.strip()!r} in the gRPC code; protoc's output changed")
-    files["flexlb_worker_pb2_grpc.py"] = grpc_code.replace(_TOP_LEVEL_IMPORT, _PACKAGE_IMPORT).encode()
+    files: dict[str, bytes] = {}
+    for proto_file in PROTO_FILES:
+        proto = proto_dir / proto_file
+        if not proto.is_file():
+            raise FileNotFoundError(f"{proto} not found: run from a source checkout of flexlb")
+        with tempfile.TemporaryDirectory(prefix="flexlb-protoc-") as tmp:
+            status = protoc.main(
+                [
+                    "grpc_tools.protoc",  # argv[0], ignored
+                    f"-I{proto_dir}",
+                    f"--python_out={tmp}",
+                    f"--pyi_out={tmp}",
+                    f"--grpc_python_out={tmp}",
+                    str(proto),
+                ]
+            )
+            if status != 0:
+                raise RuntimeError(f"protoc failed with status {status} on {proto} (its errors are on stderr)")
+            messages, stubs, grpc_name = generated_names(proto_file)
+            files[messages] = (Path(tmp) / messages).read_bytes()
+            files[stubs] = (Path(tmp) / stubs).read_bytes()
+            files[grpc_name] = _package_import((Path(tmp) / grpc_name).read_text(), proto_file).encode()
     return files
 
 

@@ -227,6 +227,20 @@ def test_method_paths_match_rtp_llm() -> None:
 # --- the committed generated code is current -----------------------------------------------------------------------
 
 
+def test_every_proto_has_its_generated_code() -> None:
+    from flexlb.proto import generate
+
+    assert sorted(p.name for p in generate.PROTO_DIR.glob("*.proto")) == sorted(generate.PROTO_FILES)
+    assert generate.GENERATED_FILES == (
+        "flexlb_worker_pb2.py",
+        "flexlb_worker_pb2.pyi",
+        "flexlb_worker_pb2_grpc.py",
+        "flexlb_schedule_pb2.py",
+        "flexlb_schedule_pb2.pyi",
+        "flexlb_schedule_pb2_grpc.py",
+    )
+
+
 def test_generated_code_is_current(tmp_path: Path) -> None:
     if importlib.util.find_spec("grpc_tools") is None:
         pytest.skip("grpcio-tools is not installed (it is in the test extra): cannot regenerate to compare")
@@ -240,7 +254,8 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
         if (tmp_path / name).read_bytes() != (generate.PACKAGE_DIR / name).read_bytes()
     ]
     assert not stale, (
-        f"{', '.join(stale)} differ from protos/{generate.PROTO_FILE}: run `python -m flexlb.proto.generate` "
+        f"{', '.join(stale)} differ from {', '.join(generate.PROTO_FILES)} in protos/: run"
+        " `python -m flexlb.proto.generate` "
         f"(with grpcio-tools {_committed_grpc_version()}, the version the committed code was generated with)"
     )
 

@@ -1,0 +1,102 @@
+"""The gRPC schedule API's servicer: the HTTP handlers' semantics (flexlb/http/routes.py ``schedule`` and
+``release``) over gRPC, on the same RouterContext.
+
+Schedule validates as the JSON API does (a bad request or an unknown model fails the call with INVALID_ARGUMENT or
+NOT_FOUND and the HTTP API's message), goes through the router's RequestQueue (so queue mode applies) and answers
+every scheduling outcome, refusals included, as a reply with the HTTP body's ``success`` and ``code``. Release gives
+the request's reservations back through Scheduler.release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from flexlb.domain import ErrorCode
+from flexlb.grpc_api.convert import (
+    CODE_METADATA_KEY,
+    release_fields,
+    release_response_pb,
+    schedule_fields,
+    schedule_response_pb,
+    status_code_for,
+)
+from flexlb.http.routes import RouterContext, check_model
+from flexlb.http.wire import BadRequest, parse_request_id, parse_schedule_request, schedule_body
+from flexlb.proto.flexlb_schedule_pb2 import (
+    ReleaseRequestPB,
+    ReleaseResponsePB,
+    ScheduleRequestPB,
+    ScheduleResponsePB,
+)
+from flexlb.proto.flexlb_schedule_pb2_grpc import FlexlbSchedulerServicer
+
+log = logging.getLogger("flexlb.grpc_api")
+
+_Reply = TypeVar("_Reply")
+
+
+class ScheduleService(FlexlbSchedulerServicer):
+    """``flexlb.v1.FlexlbScheduler`` on one router. Runs on the router's event loop (it shares its Redis client)."""
+
+    def __init__(self, ctx: RouterContext) -> None:
+        self.ctx = ctx
+
+    async def Schedule(self, request: ScheduleRequestPB, context: grpc.aio.ServicerContext) -> ScheduleResponsePB:
+        return await _guarded("Schedule", context, lambda: self._schedule(request, context))
+
+    async def Release(self, request: ReleaseRequestPB, context: grpc.aio.ServicerContext) -> ReleaseResponsePB:
+        return await _guarded("Release", context, lambda: self._release(request, context))
+
+    async def _schedule(self, request: ScheduleRequestPB, context: grpc.aio.ServicerContext) -> ScheduleResponsePB:
+        ctx = self.ctx
+        started = time.perf_counter()
+        try:
+            req = parse_schedule_request(schedule_fields(request))
+            check_model(ctx, req.model)
+        except BadRequest as exc:
+            ctx.metrics.schedules.labels(code=str(int(exc.code))).inc()
+            await _refuse(context, exc)
+        result = await ctx.queue.schedule(req)
+        ctx.metrics.schedules.labels(code=str(int(result.code))).inc()
+        ctx.metrics.schedule_latency.observe(time.perf_counter() - started)
+        if not result.success:
+            log.info("request %s (gRPC): %s (%s)", req.request_id, result.code.name, result.message)
+        return schedule_response_pb(schedule_body(result, req.request_id, master_host=ctx.master_host))
+
+    async def _release(self, request: ReleaseRequestPB, context: grpc.aio.ServicerContext) -> ReleaseResponsePB:
+        ctx = self.ctx
+        data = release_fields(request)
+        try:
+            request_id = parse_request_id(data)
+            check_model(ctx, data.get("model"))
+        except BadRequest as exc:
+            await _refuse(context, exc)
+        # Shielded: a caller that gives up mid-release must not leave the reservations to their TTL.
+        released = await asyncio.shield(ctx.scheduler.release(request_id))
+        body = {"success": True, "code": int(ErrorCode.OK), "request_id": request_id, "released": released}
+        return release_response_pb(body)
+
+
+async def _refuse(context: grpc.aio.ServicerContext, exc: BadRequest) -> NoReturn:
+    """Fail the call as the HTTP API answers 4xx: the message names the field, the flexlb code is in the trailers."""
+    await context.abort(status_code_for(exc), exc.message, trailing_metadata=((CODE_METADATA_KEY, str(int(exc.code))),))
+    raise AssertionError("context.abort returned")  # it raises; this keeps type checkers and readers sure
+
+
+async def _guarded(rpc: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[_Reply]]) -> _Reply:
+    """Run ``call``; an unexpected error is logged here and answered INTERNAL without its details, as the HTTP API
+    answers a JSON 500 and never a stack trace."""
+    try:
+        return await call()
+    except grpc.aio.AbortError:  # a refusal already sent by _refuse
+        raise
+    except Exception:
+        log.exception("gRPC %s: unexpected error", rpc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc}; see the router's log")
+        raise AssertionError("context.abort returned") from None
