@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -18,11 +18,13 @@ from redis.retry import Retry
 from flexlb.admission import AdmissionControl, AdmissionOptions
 from flexlb.discovery import register_static_workers
 from flexlb.domain import ROLE_ORDER, Role
+from flexlb.grpc_api import GrpcScheduleApi
 from flexlb.http.admin import setup_admin_routes
+from flexlb.http.drain import InFlightRequests
 from flexlb.http.middleware import json_errors
 from flexlb.http.routes import CONTEXT, MASTER, RouterContext, setup_master_routes, setup_routes
 from flexlb.master.service import MasterService, default_holder
-from flexlb.metrics import MasterMetrics, SchedulerMetrics
+from flexlb.metrics import MasterMetrics, SchedulerMetrics, exposition_registry
 from flexlb.proxy import setup_proxy
 from flexlb.queueing import QueueMetrics, QueueOptions, RequestQueue
 from flexlb.routing import ChoiceMemory, StrategyName, StrategyParams, TtftModel
@@ -123,7 +125,8 @@ def create_app(
     master = None
     if config.contend_for_master:
         master = MasterService(redis, settings, MasterMetrics(registry), holder=default_holder("router"))
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+    in_flight = InFlightRequests()
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[in_flight.middleware, json_errors])
     app[CONTEXT] = RouterContext(
         scheduler=scheduler,
         store=store,
@@ -132,11 +135,19 @@ def create_app(
         master_host=master_host or f"127.0.0.1:{config.http_port}",
         master=master,
         queue=queue,
+        metrics_registry=exposition_registry(registry),
     )
+    grpc_api = GrpcScheduleApi.from_config(config) if config.enable_grpc_prefill_master else None
+    if grpc_api is not None:  # claims its port first: one in use fails start-up before anything has started
+        app.cleanup_ctx.append(grpc_api.bind)
+        app.on_shutdown.append(grpc_api.shutdown)  # SIGTERM: takes no new calls, as the HTTP listener
     setup_routes(app)
     setup_admin_routes(app)
     setup_proxy(app, config)
+    app.on_shutdown.append(_stop_taking_work(queue, master, in_flight, config.shutdown_timeout_ms))
     app.cleanup_ctx.append(_router_lifecycle(settings, redis, store, master, events, queue))
+    if grpc_api is not None:  # serves once the router is up, stops before it goes
+        app.cleanup_ctx.append(grpc_api.serve)
     return app
 
 
@@ -155,12 +166,12 @@ def create_master_app(
     master = MasterService(redis, settings, MasterMetrics(registry), holder=holder or default_holder("master"))
     app = web.Application(middlewares=[json_errors])
     app[MASTER] = master
-    setup_master_routes(app, registry)
+    setup_master_routes(app, exposition_registry(registry))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await _start_with_redis(settings, store)
+        started = await _start_with_redis(settings, store)
         master.start()
-        background = asyncio.create_task(_maintain(settings, store, None))
+        background = asyncio.create_task(_maintain(settings, store, None, started=started))
         yield
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -172,15 +183,36 @@ def create_master_app(
     return app
 
 
-async def _start_with_redis(settings: Settings, store: FleetStore) -> None:
+async def _start_with_redis(settings: Settings, store: FleetStore, *, retry: bool = False) -> bool:
+    """Load the scripts and register the static workers; False while Redis does not answer."""
     try:
         await store.scripts.preload()
         await register_static_workers(
             store, settings.service.endpoints, [v.worker_id for v in await store.list_workers()]
         )
     except REDIS_UNAVAILABLE as exc:
-        # the process still starts: background duties finish this once Redis answers
-        log.error("Redis unreachable at start-up (%s); carrying on until it answers", exc)
+        if not retry:  # the process still starts: the maintenance loop retries this until Redis answers
+            log.error("Redis unreachable at start-up (%s); /health says starting until it answers", exc)
+        return False
+    if retry:
+        log.warning("Redis answers: start-up finished")
+    return True
+
+
+def _stop_taking_work(
+    queue: RequestQueue, master: MasterService | None, in_flight: InFlightRequests, timeout_ms: int
+) -> Callable[[web.Application], Awaitable[None]]:
+    async def on_shutdown(app: web.Application) -> None:
+        """SIGTERM, once the listening socket is closed: answer the queued requests now, hand the master lock over
+        (another process polls the workers meanwhile), let the requests in flight run up to shutdownTimeoutMs and
+        cancel the rest (their finally blocks release their reservations)."""
+        log.info("shutting down: %d requests in flight have %.1fs to finish", len(in_flight), timeout_ms / 1000)
+        await queue.stop()
+        if master is not None:
+            await master.stop()
+        await in_flight.drain(timeout_ms / 1000)
+
+    return on_shutdown
 
 
 def _router_lifecycle(
@@ -192,13 +224,22 @@ def _router_lifecycle(
     queue: RequestQueue,
 ):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await _start_with_redis(settings, store)
+        ctx = app[CONTEXT]
+        ctx.ready = await _start_with_redis(settings, store)
         if master is not None:
             master.start()
         events.start()
         queue.start()
-        background = asyncio.create_task(_maintain(settings, store, app[CONTEXT].scheduler))
+
+        def on_started() -> None:
+            ctx.ready = True
+
+        background = asyncio.create_task(
+            _maintain(settings, store, ctx.scheduler, started=ctx.ready, on_started=on_started)
+        )
         yield
+        # The server has drained or cancelled every handler by now (shutdownTimeoutMs); queue and master stopped at
+        # shutdown (both idempotent). Redis closes last: releases of cancelled handlers may still be writing.
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background
@@ -206,18 +247,32 @@ def _router_lifecycle(
         await events.stop()
         if master is not None:
             await master.stop()
+        await ctx.scheduler.finish_releases()
         await redis.aclose()
 
     return lifecycle
 
 
-async def _maintain(settings: Settings, store: FleetStore, scheduler: Scheduler | None) -> None:
-    """Background duties of every process: keep the static workers registered, write the releases Redis missed while
-    it was down (routers), and expire reservations of workers no request reads (reads and reservations expire the
-    others)."""
+async def _maintain(
+    settings: Settings,
+    store: FleetStore,
+    scheduler: Scheduler | None,
+    *,
+    started: bool,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    """Background duties of every process: finish the start-up once Redis answers (``started`` false), keep the
+    static workers registered, write the releases Redis missed while it was down (routers), and expire reservations
+    of workers no request reads (reads and reservations expire the others)."""
     interval = min(max(settings.flexlb.reservation_ttl_ms / 4000, 0.1), 1.0)
     while True:
         await asyncio.sleep(interval)
+        if not started:
+            started = await _start_with_redis(settings, store, retry=True)
+            if not started:
+                continue
+            if on_started is not None:
+                on_started()
         try:
             if scheduler is not None:
                 await scheduler.write_unwritten_releases()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -48,11 +49,20 @@ def _advertised(host: str, port: int) -> str:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from flexlb.app import create_app
+    from flexlb.supervisor import PortUnavailable, check_port, follow_supervisor
 
     config = settings.flexlb
     host = args.host or config.http_host
     port = args.port if args.port is not None else config.http_port
+    if args.processes < 1:
+        raise UsageError(f"--processes must be at least 1, got {args.processes}")
+    if args.processes > 1:
+        try:
+            port = check_port(host, port)
+        except PortUnavailable as exc:
+            raise UsageError(str(exc)) from None
+    if args.supervisor_pid is not None:
+        follow_supervisor(args.supervisor_pid)
     embedded: EmbeddedRedis | None = None
     if settings.redis_url is None:
         embedded = EmbeddedRedis().start()
@@ -60,16 +70,60 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"flexlb: REDIS_URL not set; started redis-server at {embedded.url}", flush=True)
         print(f"flexlb: to use it from another shell: export REDIS_URL={embedded.url}", flush=True)
     try:
-        uvloop.install()
-        app = create_app(settings, master_host=args.advertise or _advertised(host, port))
-        print(f"flexlb: router for service {settings.service.service_id!r} on http://{host}:{port}", flush=True)
-        # handler_cancellation: a client that disconnects cancels its handler, so a queued request leaves the queue
-        # and a proxied one stops its upstream call (aiohttp's default lets handlers run on).
-        web.run_app(app, host=host, port=port, print=None, access_log=None, reuse_port=True, handler_cancellation=True)
+        if args.processes > 1:
+            return _supervise(args, settings, host, port)
+        _run_router(args, settings, host, port)
     finally:
         if embedded is not None:
             embedded.close()
     return 0
+
+
+def _run_router(args: argparse.Namespace, settings: Settings, host: str, port: int) -> None:
+    from flexlb.app import create_app
+    from flexlb.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT_S
+
+    uvloop.install()
+    app = create_app(settings, master_host=args.advertise or _advertised(host, port))
+    print(f"flexlb: router for service {settings.service.service_id!r} on http://{host}:{port}", flush=True)
+    # handler_cancellation: a client that disconnects cancels its handler, so a queued request leaves the queue
+    # and a proxied one stops its upstream call (aiohttp's default lets handlers run on). SIGTERM: the app's
+    # on_shutdown drains the requests in flight up to shutdownTimeoutMs (flexlb/http/drain.py).
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        reuse_port=True,
+        handler_cancellation=True,
+        shutdown_timeout=AIOHTTP_SHUTDOWN_TIMEOUT_S,
+    )
+
+
+def _supervise(args: argparse.Namespace, settings: Settings, host: str, port: int) -> int:
+    """``--processes N``: N children, each a ``flexlb serve`` on the same port and Redis, restarted when they die."""
+    from flexlb.supervisor import RouterSupervisor
+
+    assert settings.redis_url is not None
+    # Each child's own --processes 1 run; exec'd, not forked, so each has its own event loop and Redis client.
+    command = [
+        sys.executable, "-m", "flexlb.cli", "--log-level", args.log_level,
+        "serve", "--processes", "1", "--host", host, "--port", str(port),
+        "--advertise", args.advertise or _advertised(host, port), "--supervisor-pid", str(os.getpid()),
+    ]  # fmt: skip
+    print(
+        f"flexlb: {args.processes} router processes for service {settings.service.service_id!r} on"
+        f" http://{host}:{port}",
+        flush=True,
+    )
+    supervisor = RouterSupervisor(
+        command,
+        {**os.environ, "REDIS_URL": settings.redis_url},
+        args.processes,
+        shutdown_timeout_s=settings.flexlb.shutdown_timeout_ms / 1000,
+    )
+    return supervisor.run()
 
 
 def cmd_master(args: argparse.Namespace, settings: Settings) -> int:
@@ -178,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: FLEXLB_CONFIG httpHost, 0.0.0.0)")
     serve.add_argument("--port", type=int, help="listen port (default: FLEXLB_CONFIG httpPort, 7001)")
     serve.add_argument("--advertise", help="ip:port reported as real_master_host (default: this host's address)")
+    serve.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="router processes on the one port (SO_REUSEPORT), supervised by this one (default 1: no supervisor)",
+    )
+    serve.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)  # set by --processes for its children
 
     master = sub.add_parser(
         "master", help="contend for the master lock and poll the workers while holding it (REDIS_URL required)"
@@ -219,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flexlb.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from flexlb.demo.cli import add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 
@@ -242,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flexlb.bench.cli import run_bench
 
             return run_bench(args, settings)
+        if args.command == "demo":
+            from flexlb.demo.cli import cmd_demo
+
+            return cmd_demo(args)
     except (ConfigError, UsageError, RedisNotInstalled) as exc:
         print(f"flexlb: error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,28 @@
-"""Prometheus metrics of one router process, on a registry passed in (tests make their own)."""
+"""Prometheus metrics of one router process, on a registry passed in (tests make their own).
+
+``flexlb serve --processes N`` runs prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR): counters and
+histograms are summed over every process, live or dead; each gauge says how its processes' values combine.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """What /metrics serves: with PROMETHEUS_MULTIPROC_DIR set, the aggregate of every process's metric files;
+    otherwise ``registry``, this process's own."""
+    directory = os.environ.get(MULTIPROC_DIR_ENV)
+    if not directory:
+        return registry
+    aggregate = CollectorRegistry()
+    MultiProcessCollector(aggregate, directory)
+    return aggregate
 
 
 class SchedulerMetrics:
@@ -47,7 +67,13 @@ class SchedulerMetrics:
             ["role", "kind"],
             registry=registry,
         )
-        self.redis_up = Gauge("flexlb_redis_up", "1 while Redis answers, 0 while it does not.", registry=registry)
+        # several processes: 0 when any live one cannot reach Redis
+        self.redis_up = Gauge(
+            "flexlb_redis_up",
+            "1 while Redis answers, 0 while it does not.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.redis_up.set(1)
 
 
@@ -57,10 +83,16 @@ class MasterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.is_master = Gauge(
-            "flexlb_master_is_master", "1 while this process holds the master lock.", registry=registry
+            "flexlb_master_is_master",
+            "1 while this process holds the master lock.",
+            registry=registry,
+            multiprocess_mode="livemax",  # several processes: 1 when one of them is master
         )
         self.epoch = Gauge(
-            "flexlb_master_epoch", "Epoch of this process's current or last master term.", registry=registry
+            "flexlb_master_epoch",
+            "Epoch of this process's current or last master term.",
+            registry=registry,
+            multiprocess_mode="max",  # the latest term any process (even one since restarted) held
         )
         self.polls = Counter(
             "flexlb_master_polls_total",
@@ -68,8 +100,14 @@ class MasterMetrics:
             ["rpc", "result"],
             registry=registry,
         )
+        # Several processes: the value written last wins, i.e. the current master's (it writes on every poll); a
+        # deposed process's max would keep saying alive after the worker died.
         self.worker_alive = Gauge(
-            "flexlb_worker_alive", "1 while a worker answers its status polls.", ["worker", "role"], registry=registry
+            "flexlb_worker_alive",
+            "1 while a worker answers its status polls.",
+            ["worker", "role"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
         )
         self.lost_tasks = Counter(
             "flexlb_master_lost_tasks_total",

@@ -53,7 +53,12 @@ class _Entry:
 
 class QueueMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.size = Gauge("flexlb_queue_size", "Requests waiting in this router's queue.", registry=registry)
+        self.size = Gauge(
+            "flexlb_queue_size",
+            "Requests waiting in this router's queue.",
+            registry=registry,
+            multiprocess_mode="livesum",  # several processes: the router's queue is all of theirs
+        )
         self.wait = Histogram(
             "flexlb_queue_wait_seconds",
             "Time requests spent in the queue, by outcome.",
@@ -96,6 +101,8 @@ class RequestQueue:
         self._queue: deque[_Entry] = deque()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._attempt: tuple[_Entry, asyncio.Future[ScheduleResult]] | None = None  # the head's schedule under way
+        self._stopped = False
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -105,12 +112,20 @@ class RequestQueue:
             self._task = asyncio.create_task(self._dispatch(), name="request queue")
 
     async def stop(self) -> None:
-        """Stop dispatching; queued requests are answered REQUEST_CANCELLED (the router is going away)."""
+        """Stop dispatching; queued requests are answered REQUEST_CANCELLED (the router is going away), and so are
+        later ones that find no capacity, at once."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._attempt is not None:  # the head's attempt ran on: answer it, or give its reservation back
+            head, attempt = self._attempt
+            self._attempt = None
+            await asyncio.wait([attempt])
+            if attempt.exception() is None:  # a failed attempt reserved nothing (the dispatcher logs failures)
+                await self._settle(head, attempt.result())
         while self._queue:
             entry = self._queue.popleft()
             self._answer(entry, _failure(ErrorCode.REQUEST_CANCELLED, "the router is shutting down"), "cancelled")
@@ -125,6 +140,8 @@ class RequestQueue:
             if result.success or not self.options.enabled or not result.code.retryable:
                 return result
             attempts, last = 1, result.message
+        if self._stopped:  # no dispatcher would try it again
+            return _failure(ErrorCode.REQUEST_CANCELLED, f"the router is shutting down; last attempt: {last}")
         if len(self._queue) >= self.options.max_size:
             self.metrics.rejected.labels(reason="full").inc()
             return _failure(
@@ -201,19 +218,29 @@ class RequestQueue:
             await self._wait_for_change()
             return
         head = self._queue[0]
-        result = await self.scheduler.schedule(head.request)
+        attempt = asyncio.ensure_future(self.scheduler.schedule(head.request))
+        self._attempt = (head, attempt)
+        # Shielded: stop() cancels the dispatcher, not a reservation Redis may be making; it settles the attempt.
+        result = await asyncio.shield(attempt)
+        self._attempt = None
+        if not await self._settle(head, result):
+            await self._wait_for_change()
+
+    async def _settle(self, head: _Entry, result: ScheduleResult) -> bool:
+        """Answer ``head`` with the result of an attempt when it is final; False leaves it at the head to retry."""
         head.attempts += 1
         retries_left = not self.options.max_retries or head.attempts <= self.options.max_retries
-        if result.success or not result.code.retryable or not retries_left:
-            if self._queue and self._queue[0] is head:
-                self._queue.popleft()
-            if head.future.cancelled():  # the client left while we scheduled: give the capacity back
-                if result.success:
-                    await self.scheduler.release(head.request.request_id)
-                return
-            self._answer(head, result, "scheduled" if result.success else "failed")
-            return  # the next head may fit too: try it at once
-        await self._wait_for_change()
+        final = result.success or not result.code.retryable or not retries_left
+        if not final:
+            return False
+        if self._queue and self._queue[0] is head:
+            self._queue.popleft()
+        if head.future.cancelled():  # the client left while we scheduled: give the capacity back
+            if result.success:
+                await self.scheduler.release(head.request.request_id)
+            return True
+        self._answer(head, result, "scheduled" if result.success else "failed")
+        return True  # the next head may fit too: try it at once
 
     async def _wait_for_change(self) -> None:
         timeout = self.options.recheck_s

@@ -11,6 +11,7 @@ request tries Redis again (at most once per ``probe_interval_s``), so shared sch
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -81,6 +82,7 @@ class Scheduler:
         self._unwritten_releases: set[int] = set()
         # Workers this router reserved per request, so a release here needs no lookup: request -> (workers, when).
         self._reserved_here: dict[int, tuple[list[str], float]] = {}
+        self._releasing: set[asyncio.Task[int]] = set()  # releases still writing to Redis (see release)
 
     # ---- public API ----
 
@@ -127,7 +129,30 @@ class Scheduler:
         return self._schedule_degraded(request, ttl_ms)
 
     async def release(self, request_id: int) -> int:
-        """Give back every reservation of the request; returns how many were held. Idempotent."""
+        """Give back every reservation of the request; returns how many were held. Idempotent.
+
+        The release runs as a task of its own: a caller cancelled meanwhile (client gone, shutdown) does not cut it
+        short, and :meth:`finish_releases` waits for it before the Redis client closes."""
+        task = asyncio.ensure_future(self._release(request_id))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        return await asyncio.shield(task)
+
+    async def finish_releases(self) -> None:
+        """At shutdown, before the Redis client closes: wait for the releases still running and write the ones Redis
+        missed while it was down."""
+        if self._releasing:
+            await asyncio.wait(set(self._releasing))
+        try:
+            await self.write_unwritten_releases()
+        except REDIS_UNAVAILABLE as exc:
+            log.warning(
+                "%d releases not written to Redis (%s): their reservations expire by their TTL",
+                len(self._unwritten_releases),
+                exc,
+            )
+
+    async def _release(self, request_id: int) -> int:
         released = 0
         local = self._local.pop(request_id, None)
         if local is not None:

@@ -188,6 +188,13 @@ class FlexlbConfig:
     http_port: int = _opt(
         7001, "Port the HTTP server listens on; 0 = any free port.", origin="flexlb", low=0, high=65535
     )
+    shutdown_timeout_ms: int = _opt(
+        30_000,
+        "On SIGTERM: how long in-flight requests may still run before they are cancelled (their reservations"
+        " released), in ms.",
+        origin="flexlb",
+        low=0,
+    )
     contend_for_master: bool = _opt(
         True,
         "This router contends for the master lock and, while it holds it, polls the workers. Set false on routers"
@@ -255,11 +262,23 @@ class FlexlbConfig:
         low=1,
         high=65535,
     )
-    # --- an option of the original kept for later
+    # --- gRPC schedule API (flexlb.grpc_api, protos/flexlb_schedule.proto)
     enable_grpc_prefill_master: bool = _opt(
         False,
-        "Original option (schedule over gRPC); kept in the configuration but not implemented yet.",
-        note="kept as enable_grpc_prefill_master, but not implemented in flexlb yet: it has no effect",
+        "Serve the schedule API over gRPC too (`flexlb.v1.FlexlbScheduler`: Schedule and Release, the semantics of"
+        " POST /rtp_llm/schedule and /rtp_llm/release) on `grpcHost`:`grpcPort`.",
+    )
+    grpc_host: str = _opt(
+        "0.0.0.0",
+        "Address the gRPC schedule API listens on (`flexlb serve --host` sets only the HTTP address).",
+        origin="flexlb",
+    )
+    grpc_port: int = _opt(
+        7051,
+        "Port of the gRPC schedule API; 0 = any free port (the log names it). A port in use fails the start-up.",
+        origin="flexlb",
+        low=0,
+        high=65535,
     )
 
     def __post_init__(self) -> None:

@@ -57,9 +57,16 @@ async def real_store(real_redis: aioredis.Redis, service: str) -> FleetStore:
 
 
 class RouterProcess:
-    """A ``flexlb serve`` child process on a free port."""
+    """A ``flexlb serve`` child process on a free port; ``processes`` > 1: a supervisor of that many routers."""
 
-    def __init__(self, redis_url: str, service: str, config: dict | None = None, env: dict | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        service: str,
+        config: dict | None = None,
+        env: dict | None = None,
+        processes: int = 1,
+    ) -> None:
         import os
         import subprocess
         import sys
@@ -80,8 +87,11 @@ class RouterProcess:
         }
         self.log_path = f"/tmp/flexlb-router-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        command = [sys.executable, "-m", "flexlb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        if processes != 1:
+            command += ["--processes", str(processes)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flexlb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            command,
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -95,7 +105,8 @@ class RouterProcess:
         with open(self.log_path, errors="replace") as f:
             return f.read()[-4000:]
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM, and the exit status (killed, and -9, if it does not stop in 10 s)."""
         import subprocess
 
         if self.process.poll() is None:
@@ -106,17 +117,24 @@ class RouterProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        return self.process.returncode
 
 
 @pytest.fixture
 def start_router(redis_server: EmbeddedRedis, service: str) -> Iterator:
-    """Factory: start_router(config=..., redis_url=...) -> a ready RouterProcess; all are stopped at the end."""
+    """Factory: start_router(config=..., redis_url=..., processes=...) -> a ready RouterProcess; all are stopped at
+    the end."""
     started: list[RouterProcess] = []
 
     def start(
-        config: dict | None = None, *, redis_url: str | None = None, env: dict | None = None, wait: bool = True
+        config: dict | None = None,
+        *,
+        redis_url: str | None = None,
+        env: dict | None = None,
+        wait: bool = True,
+        processes: int = 1,
     ) -> RouterProcess:
-        router = RouterProcess(redis_url or redis_server.url, service, config, env)
+        router = RouterProcess(redis_url or redis_server.url, service, config, env, processes)
         started.append(router)
         return router.wait_ready() if wait else router
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import FrameType
 
 from flexlb.bench.argtypes import int_at_least, non_negative_float, positive_float
+from flexlb.bench.proxy_cli import add_proxy_parser, cmd_proxy
 from flexlb.bench.run_cli import add_compare_parser, add_run_parser, cmd_compare, cmd_run
 from flexlb.settings import Settings
 
@@ -107,6 +108,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, help="random seed of the workload (default: random, written to the JSON)")
     add_run_parser(bsub)
     add_compare_parser(bsub)
+    add_proxy_parser(bsub)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -120,6 +122,8 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_run(args)
     if args.bench_cmd == "compare":
         return cmd_compare(args)
+    if args.bench_cmd == "proxy":
+        return cmd_proxy(args)
     raise NotImplementedError(args.bench_cmd)
 
 

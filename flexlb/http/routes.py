@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,8 @@ class RouterContext:
     model_names: frozenset[str] = frozenset()
     master: MasterService | None = None  # this process's master election, when it contends
     queue: RequestQueue = None  # type: ignore[assignment]  # set by create_app (queue mode, or a pass-through)
+    metrics_registry: CollectorRegistry | None = None  # what /metrics serves; None = metrics.registry
+    ready: bool = False  # reached Redis once (scripts loaded): until then /health answers 503 "starting"
 
 
 CONTEXT = web.AppKey("context", RouterContext)
@@ -184,14 +187,22 @@ async def queue_snapshot(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     sched = ctx.scheduler
+    if not ctx.ready:  # Redis never answered: no scripts, no snapshot to degrade to
+        return json_response({"status": "starting", "redis_up": False, "degraded": False, "pid": os.getpid()}, 503)
     ready = sched.can_schedule()
-    body = {"status": "ok" if ready else "unavailable", "redis_up": sched.redis_up, "degraded": not sched.redis_up}
+    body = {
+        "status": "ok" if ready else "unavailable",
+        "redis_up": sched.redis_up,
+        "degraded": not sched.redis_up,
+        "pid": os.getpid(),  # which process answered, when several share the port (flexlb serve --processes)
+    }
     return json_response(body, 200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    return web.Response(body=generate_latest(ctx.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    registry = ctx.metrics_registry or ctx.metrics.registry
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def setup_routes(app: web.Application) -> None:

@@ -153,6 +153,5 @@ def http_status_for(code: ErrorCode) -> int:
         return 400
     if code == ErrorCode.QUEUE_FULL:
         return 429
-    if code == ErrorCode.REQUEST_CANCELLED:
-        return 499
+    # REQUEST_CANCELLED answers the queued requests of a router shutting down: 503, another router can take them
     return 503

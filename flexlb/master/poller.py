@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -291,7 +292,10 @@ class MasterDuties:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await poller.close()
-        with contextlib.suppress(KeyError):  # never polled successfully: no series
+        with contextlib.suppress(KeyError), warnings.catch_warnings():  # KeyError: never polled, no series
+            # Multi-process mode cannot remove a series (prometheus_client warns); there the next master's writes,
+            # the most recent, take over the worker's series.
+            warnings.simplefilter("ignore", UserWarning)
             self.metrics.worker_alive.remove(worker_id, poller.spec.role.value)
 
     async def _stop_all(self) -> None:

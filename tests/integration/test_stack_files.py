@@ -22,6 +22,8 @@ import pytest
 from conftest import free_port_pair
 
 from flexlb.cli import build_parser
+from flexlb.demo import WORKER_OPTIONS
+from flexlb.domain import DEFAULT_BLOCK_SIZE, Role
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = re.compile(r"(?<![\d.])(6390|7001|7002|7100|8000|8010|8020|8030)(?!\d)")
@@ -76,8 +78,27 @@ def test_compose_and_procfile_run_the_same_worker_settings() -> None:
         assert options(strip) == options([w for w in compose[name] if not w.isdigit()]), name
         values = dict(zip(proc[name], proc[name][1:], strict=False))
         cvalues = dict(zip(compose[name], compose[name][1:], strict=False))
-        for option in ("--role", "--kv-blocks", "--max-concurrency"):
+        for option in ("--role", "--kv-blocks", "--max-concurrency", "--time-scale"):
             assert values[option] == cvalues[option], (name, option)
+
+
+def worker_options(words: list[str]) -> dict[str, str]:
+    """A sim-worker command line's options and values, but where the worker listens and its role."""
+    start = words.index("sim-worker") + 1
+    pairs = dict(zip(words[start::2], words[start + 1 :: 2], strict=True))
+    return {k: v for k, v in pairs.items() if k not in ("--host", "--port", "--role")}
+
+
+def test_the_stack_files_run_the_workers_of_flexlb_demo() -> None:
+    """Every simulated worker of the Procfile and of docker-compose.yml has exactly `flexlb demo`'s options for its
+    role (the role counts may differ: the demo's default fleet is PDFUSION, the stack's is PREFILL + DECODE)."""
+    lines = {name: shlex.split(line) for name, line in procfile().items() if "sim-worker" in line}
+    commands = {f"compose {n}": c for n, c in compose_commands().items() if "sim-worker" in c}
+    assert len(lines) == 4 and len(commands) == 4
+    for name, words in {**lines, **commands}.items():
+        role = Role.parse(words[words.index("--role") + 1])
+        expected = WORKER_OPTIONS[role].argv()
+        assert worker_options(words) == dict(zip(expected[::2], expected[1::2], strict=True)), name
 
 
 @pytest.fixture
@@ -153,7 +174,8 @@ def test_the_procfile_stack_schedules_through_both_routers(procfile_stack: dict[
     info = until("the master elected", master_known)
     assert info["master_lock_holder"].endswith(":master") and not info["this_process_is_master"]
 
-    prefill_kv = 1024 * 64  # the Procfile's --kv-blocks, in tokens: a status the master polled, not a default
+    # the Procfile's --kv-blocks (flexlb demo's), in tokens: a status the master polled, not a default
+    prefill_kv = WORKER_OPTIONS[Role.PREFILL].kv_blocks * DEFAULT_BLOCK_SIZE
     for rid, router in enumerate(routers, start=1):
 
         def scheduled(rid: int = rid, router: str = router) -> dict | None:

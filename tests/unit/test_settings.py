@@ -53,6 +53,7 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "redisTimeoutMs": 1000,
     "httpHost": "0.0.0.0",
     "httpPort": 7001,
+    "shutdownTimeoutMs": 30_000,
     "contendForMaster": True,
     "masterLockTtlMs": 3000,
     "masterRenewIntervalMs": 1000,
@@ -66,6 +67,8 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "proxyResponseTimeoutMs": 600_000,
     "bootstrapPort": 8998,
     "enableGrpcPrefillMaster": False,
+    "grpcHost": "0.0.0.0",
+    "grpcPort": 7051,
 }
 
 
@@ -416,21 +419,27 @@ def test_original_example_config_is_accepted(caplog: pytest.LogCaptureFixture) -
         cfg = load_settings({"FLEXLB_CONFIG": original}).flexlb
     assert cfg.load_balance_strategy == "LOWEST_CONCURRENCY"
     assert cfg.enable_grpc_prefill_master is False
-    assert len(warnings_of(caplog)) == 9  # 7 ignored keys, 1 strategy name, enableGrpcPrefillMaster
+    assert len(warnings_of(caplog)) == 8  # 7 ignored keys, 1 strategy name
 
 
 @pytest.mark.parametrize(
     "environ", [flexlb(enableGrpcPrefillMaster=True), {"ENABLE_GRPC_PREFILL_MASTER": "yes"}], ids=["json", "env"]
 )
-def test_enable_grpc_prefill_master_is_kept_with_a_warning(
+def test_enable_grpc_prefill_master_turns_on_the_grpc_api_without_a_warning(
     caplog: pytest.LogCaptureFixture, environ: dict[str, str]
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="flexlb.settings"):
         cfg = load_settings(environ).flexlb
     assert cfg.enable_grpc_prefill_master is True
-    (warning,) = warnings_of(caplog)
-    assert "enableGrpcPrefillMaster" in warning or "ENABLE_GRPC_PREFILL_MASTER" in warning
-    assert "not implemented" in warning
+    assert (cfg.grpc_host, cfg.grpc_port) == ("0.0.0.0", 7051)
+    assert warnings_of(caplog) == []
+
+
+def test_grpc_port_is_a_port_and_0_means_any() -> None:
+    assert load_settings(flexlb(grpcPort=0)).flexlb.grpc_port == 0
+    assert load_settings({"GRPC_PORT": "9100"}).flexlb.grpc_port == 9100
+    assert error_of(flexlb(grpcPort=70000)) == "FLEXLB_CONFIG.grpcPort: must be between 0 and 65535, got 70000"
+    assert error_of(flexlb(grpcHost=" ")) == "FLEXLB_CONFIG.grpcHost: must not be empty"
 
 
 def test_unknown_key_warns_with_its_name(caplog: pytest.LogCaptureFixture) -> None:

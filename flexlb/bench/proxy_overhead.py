@@ -1,0 +1,133 @@
+"""`flexlb bench proxy`, the pure part: the phase plan, the requests of a phase, and what the proxy adds.
+
+The same closed loop (same request shape, same concurrency) runs against the worker directly and through a router's
+OpenAI proxy, in alternating phases (direct, proxy, direct, proxy, ...) so a drift of the machine's load affects
+both modes alike. Each phase sends fresh prompts of the same length, so no phase finds another's prefix cached and
+the engine does the same work in every phase. Added latency is the difference of the two modes' percentiles
+(proxy p50 - direct p50, proxy p99 - direct p99), not a percentile of per-request differences: the requests of the
+two modes are different requests.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flexlb.bench.report import latency_summary
+from flexlb.bench.tables import num, table
+from flexlb.bench.workloads import RequestSpec
+from flexlb.bench.workloads.text import random_words
+
+MODES = ("direct", "proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyBenchParams:
+    requests: int = 200  # per phase
+    rounds: int = 3  # each round: one direct phase, then one proxy phase
+    concurrency: int = 8
+    prompt_tokens: int = 256
+    max_tokens: int = 16
+    time_scale: float = 0.1  # the worker's: its engine time is a tenth of the model's, so the proxy's share shows
+    seed: int = 1
+    startup_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "rounds", "concurrency", "prompt_tokens", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.time_scale > 0:
+            raise ValueError(f"time_scale must be positive, got {self.time_scale}")
+
+
+def phase_plan(rounds: int) -> list[tuple[int, str]]:
+    """(round, mode) in the order they run: direct then proxy, ``rounds`` times."""
+    return [(r, mode) for r in range(1, rounds + 1) for mode in MODES]
+
+
+def phase_specs(params: ProxyBenchParams, phase: int) -> list[RequestSpec]:
+    """The requests of phase ``phase`` (0-based): ``requests`` completions of fresh ``prompt_tokens``-word prompts."""
+    rng = random.Random(f"proxy:{params.seed}:{phase}")
+    return [
+        RequestSpec(prompt=random_words(rng, params.prompt_tokens), max_tokens=params.max_tokens, tag=f"phase{phase}")
+        for _ in range(params.requests)
+    ]
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return None
+    return a - b
+
+
+def combine(phases: Sequence[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """One mode's totals over its phases: requests, errors, requests/s (ok requests over the phases' summed wall
+    time) and the latency percentiles of all its requests together (``latencies``: ttft_ms and e2e_ms lists)."""
+    own = [p for p in phases if p["mode"] == mode]
+    ok = sum(p["summary"]["ok"] for p in own)
+    seconds = sum(p["summary"]["elapsed_s"] for p in own)
+    return {
+        "phases": len(own),
+        "requests": sum(p["summary"]["requests"] for p in own),
+        "errors": sum(p["summary"]["errors"] for p in own),
+        "elapsed_s": seconds,
+        "request_throughput": ok / seconds if seconds > 0 else None,
+        "ttft_ms": latency_summary([x for p in own for x in p["latencies"]["ttft_ms"]]),
+        "e2e_ms": latency_summary([x for p in own for x in p["latencies"]["e2e_ms"]]),
+    }
+
+
+def added(direct: dict[str, Any], proxy: dict[str, Any]) -> dict[str, float | None]:
+    """What going through the proxy adds: latency percentiles (ms) and the throughput ratio (proxy / direct)."""
+    out: dict[str, float | None] = {}
+    for metric in ("ttft_ms", "e2e_ms"):
+        for q in ("p50", "p99", "mean"):
+            out[f"{metric.removesuffix('_ms')}_{q}_ms"] = _diff(proxy[metric].get(q), direct[metric].get(q))
+    d, p = direct["request_throughput"], proxy["request_throughput"]
+    out["throughput_ratio"] = p / d if d and p is not None else None
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    modes, extra, c = result["modes"], result["added"], result["config"]
+    rows = []
+    for mode in MODES:
+        m = modes[mode]
+        rows.append(
+            [
+                mode,
+                str(m["requests"]),
+                str(m["errors"]),
+                num(m["request_throughput"]),
+                num(m["ttft_ms"]["p50"], 2),
+                num(m["ttft_ms"]["p99"], 2),
+                num(m["e2e_ms"]["p50"], 2),
+                num(m["e2e_ms"]["p99"], 2),
+            ]
+        )
+    ratio = extra["throughput_ratio"]
+    rows.append(
+        [
+            "added by the proxy",
+            "",
+            "",
+            "-" if ratio is None else f"x{ratio:.2f}",
+            num(extra["ttft_p50_ms"], 2),
+            num(extra["ttft_p99_ms"], 2),
+            num(extra["e2e_p50_ms"], 2),
+            num(extra["e2e_p99_ms"], 2),
+        ]
+    )
+    header = ["", "requests", "errors", "req/s", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99"]
+    lines = table(rows, header, [False] + [True] * (len(header) - 1))
+    lines += [
+        "",
+        f"{c['rounds']} rounds of a direct then a proxy phase, {c['requests']} requests each, {c['concurrency']} in "
+        f"flight; {c['prompt_tokens']}-token prompts, {c['max_tokens']} output tokens, streamed; one simulated "
+        f"worker at --time-scale {c['time_scale']:g}; times in ms from the client",
+        "added: proxy percentile minus direct percentile; req/s: the proxy's throughput as a multiple of direct",
+    ]
+    return "\n".join(lines) + "\n"
