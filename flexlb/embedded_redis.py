@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flexlb.readiness import stop_process
+
 
 class RedisNotInstalled(RuntimeError):
     pass
@@ -19,6 +21,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port P with P and P + 1 free: a simulated worker serves HTTP on P and its status gRPC on P + 1."""
+    for _ in range(200):
+        with socket.socket() as http, socket.socket() as grpc_:
+            http.bind((host, 0))
+            port = http.getsockname()[1]
+            try:
+                grpc_.bind((host, port + 1))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no two adjacent free ports on {host}")
 
 
 class EmbeddedRedis:
@@ -75,13 +91,8 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM; an append-only file, if any, is already fsynced)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
-"""Waiting for a child process's HTTP server to be ready (benchmarks, tests, local stacks)."""
+"""Child processes of benchmarks, tests and local stacks: waiting for their HTTP server to be ready, stopping them."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 import urllib.request
@@ -32,3 +33,15 @@ def wait_http_ready(
             pass
         time.sleep(0.02)
     raise NotReady(f"{what} on {url} not ready within {timeout_s:g}s:\n{log()}")
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
+    """Send ``sig`` unless it has exited, wait ``timeout_s``, then kill it; returns the exit status (-9 if killed)."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

@@ -42,7 +42,7 @@ import redis.asyncio as aioredis
 from flexlb.bench.report import Target, latency_summary
 from flexlb.domain import Role, WorkerSpec
 from flexlb.embedded_redis import EmbeddedRedis, free_port
-from flexlb.readiness import NotReady, wait_http_ready
+from flexlb.readiness import NotReady, stop_process, wait_http_ready
 from flexlb.state.scripts import SCRIPT_NAMES, script_source
 from flexlb.state.store import FleetStore
 
@@ -302,13 +302,8 @@ class Stack:
 
         The router's log is kept when the run failed (error messages name it), else removed with its folder.
         """
-        if self.router is not None and self.router.poll() is None:
-            self.router.terminate()
-            try:
-                self.router.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.router.kill()
-                self.router.wait()
+        if self.router is not None:
+            stop_process(self.router)
         if self.embedded is not None:
             self.embedded.close()
         elif self.redis_url:

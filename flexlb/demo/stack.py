@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import redis as redis_sync
 from flexlb.demo.params import WorkerOptions
 from flexlb.demo.processes import Child, spawn, stop_all
 from flexlb.domain import DEFAULT_BLOCK_SIZE, Role
-from flexlb.embedded_redis import RedisNotInstalled, free_port
+from flexlb.embedded_redis import RedisNotInstalled, free_port, free_port_pair
 from flexlb.readiness import NotReady, wait_http_ready
 from flexlb.settings import ENV_VARS, FlexlbConfig
 from flexlb.state.keys import ServiceKeys
@@ -38,20 +37,6 @@ _CONFIG_VARIABLES = frozenset({v.name for v in ENV_VARS} | {f.name.upper() for f
 
 class StackError(RuntimeError):
     """A process of the stack did not start or died (the message names it and shows its log's end)."""
-
-
-def free_port_pair() -> int:
-    """A port P with P and P + 1 free: a simulated worker serves HTTP on P and its status gRPC on P + 1."""
-    for _ in range(200):
-        with socket.socket() as http, socket.socket() as grpc_:
-            http.bind(("127.0.0.1", 0))
-            port = http.getsockname()[1]
-            try:
-                grpc_.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise StackError("no two adjacent free ports on 127.0.0.1")
 
 
 def clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
@@ -179,7 +164,10 @@ class Stack:
         the fleet's status in Redis shows every worker polled (alive, with its configured KV)."""
         workers = []
         for i, role in enumerate(roles):
-            port = free_port_pair()
+            try:
+                port = free_port_pair()
+            except OSError as exc:
+                raise StackError(str(exc)) from None
             command = [*FLEXLB, "sim-worker", "--role", role.value.lower(), "--port", str(port), *options[role].argv()]
             workers.append(Worker(self._spawn(f"{service_id}-{role.value.lower()}{i}", command), role, port))
         service = Service(service_id, workers, [], None)

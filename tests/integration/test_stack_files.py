@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port_pair
 
 from flexlb.cli import build_parser
 from flexlb.demo import WORKER_OPTIONS
 from flexlb.domain import DEFAULT_BLOCK_SIZE, Role
+from flexlb.embedded_redis import free_port_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = re.compile(r"(?<![\d.])(6390|7001|7002|7100|8000|8010|8020|8030)(?!\d)")
