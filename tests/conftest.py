@@ -3,15 +3,30 @@ processes of the real commands (routers, `flexlb master`, simulated workers)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Self
 
 import pytest
 import redis.asyncio as aioredis
 
 from flexlb.embedded_redis import EmbeddedRedis
-from flexlb.readiness import wait_http_ready
+from flexlb.readiness import stop_process, wait_http_ready
 from flexlb.state.store import FleetStore
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
+    """Poll ``check`` until it returns something truthy and return that; fail naming ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +71,38 @@ async def real_store(real_redis: aioredis.Redis, service: str) -> FleetStore:
     return FleetStore(real_redis, service)
 
 
-class RouterProcess:
+class ChildProcess:
+    """A flexlb command run as a child process, its output in ``log_path``, ready when its ``/health`` answers 200."""
+
+    what = "process"
+    url: str
+
+    def _spawn(self, command: list[str], env: dict[str, str], log_path: str) -> None:
+        import subprocess
+
+        self.log_path = log_path
+        with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 20.0) -> Self:
+        wait_http_ready(self.url, self.process, self.log, self.what, timeout_s)
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def stop(self, sig: int | None = None) -> int:
+        """Send ``sig`` (default SIGTERM) and return the exit status (killed, and -9, if it does not stop in 10 s)."""
+        import signal
+
+        return stop_process(self.process, sig or signal.SIGTERM)
+
+
+class RouterProcess(ChildProcess):
     """A ``flexlb serve`` child process on a free port; ``processes`` > 1: a supervisor of that many routers."""
+
+    what = "router"
 
     def __init__(
         self,
@@ -68,7 +113,6 @@ class RouterProcess:
         processes: int = 1,
     ) -> None:
         import os
-        import subprocess
         import sys
 
         import orjson
@@ -85,39 +129,10 @@ class RouterProcess:
             "FLEXLB_CONFIG": orjson.dumps({"contendForMaster": False, **(config or {})}).decode(),
             **(env or {}),
         }
-        self.log_path = f"/tmp/flexlb-router-{self.port}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         command = [sys.executable, "-m", "flexlb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         if processes != 1:
             command += ["--processes", str(processes)]
-        self.process = subprocess.Popen(
-            command,
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout_s: float = 20.0) -> RouterProcess:
-        wait_http_ready(self.url, self.process, self.log, "router", timeout_s)
-        return self
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
-
-    def stop(self) -> int:
-        """SIGTERM, and the exit status (killed, and -9, if it does not stop in 10 s)."""
-        import subprocess
-
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
+        self._spawn(command, full_env, f"/tmp/flexlb-router-{self.port}.log")
 
 
 @pytest.fixture
@@ -143,26 +158,12 @@ def start_router(redis_server: EmbeddedRedis, service: str) -> Iterator:
         router.stop()
 
 
-def free_port_pair() -> int:
-    """A port P with P and P + 1 free (a worker's default gRPC port is its HTTP port + 1)."""
-    import socket
-
-    for _ in range(100):
-        with socket.socket() as http, socket.socket() as grpc_:
-            http.bind(("127.0.0.1", 0))
-            port = http.getsockname()[1]
-            try:
-                grpc_.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no two adjacent free ports")
-
-
-class SimWorkerProcess:
+class SimWorkerProcess(ChildProcess):
     """A simulated worker child process (``flexlb sim-worker``) on a free HTTP port, gRPC on the next one.
 
     ``port`` reuses a port (a restarted worker); ``args`` are extra sim-worker options."""
+
+    what = "worker"
 
     def __init__(
         self,
@@ -175,45 +176,18 @@ class SimWorkerProcess:
         time_scale: float = 0.05,
     ) -> None:
         import os
-        import subprocess
         import sys
 
         self.role = role
+        from flexlb.embedded_redis import free_port_pair
+
         self.port = port or free_port_pair()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_address = f"127.0.0.1:{self.port + 1}"
         self.worker_id = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
         entry = entry or ("-m", "flexlb.cli", "sim-worker", "--role", role)
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, *entry, "--port", str(self.port), "--time-scale", str(time_scale), *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def wait_ready(self, timeout_s: float = 20.0) -> SimWorkerProcess:
-        wait_http_ready(self.url, self.process, self.log, "worker", timeout_s)
-        return self
-
-    def stop(self, sig: int | None = None) -> int:
-        """Send ``sig`` (default SIGTERM) and return the exit status (killed, and -9, if it does not stop in 10 s)."""
-        import signal
-        import subprocess
-
-        if self.process.poll() is None:
-            self.process.send_signal(sig or signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
+        command = [sys.executable, *entry, "--port", str(self.port), "--time-scale", str(time_scale), *args]
+        self._spawn(command, {**os.environ, "PYTHONUNBUFFERED": "1"}, log_path)
 
 
 @pytest.fixture
@@ -231,12 +205,13 @@ def start_sim_worker(tmp_path) -> Iterator:  # type: ignore[no-untyped-def]
         worker.stop()
 
 
-class MasterProcess:
+class MasterProcess(ChildProcess):
     """A ``flexlb master`` child process; its /health on a free port."""
+
+    what = "master"
 
     def __init__(self, redis_url: str, service: str, config: dict | None = None, env: dict | None = None) -> None:
         import os
-        import subprocess
         import sys
 
         import orjson
@@ -246,41 +221,15 @@ class MasterProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.holder = f"test-master-{self.port}"
-        self.log_path = f"/tmp/flexlb-master-{self.port}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flexlb.cli", "master", "--port", str(self.port), "--holder", self.holder],
-            env={
-                **os.environ,
-                "REDIS_URL": redis_url,
-                "FLEXLB_SERVICE_ID": service,
-                "FLEXLB_CONFIG": orjson.dumps(config or {}).decode(),
-                **(env or {}),
-            },
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout_s: float = 20.0) -> MasterProcess:
-        wait_http_ready(self.url, self.process, self.log, "master", timeout_s)
-        return self
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
-
-    def stop(self) -> int:
-        import subprocess
-
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
+        command = [sys.executable, "-m", "flexlb.cli", "master", "--port", str(self.port), "--holder", self.holder]
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "FLEXLB_SERVICE_ID": service,
+            "FLEXLB_CONFIG": orjson.dumps(config or {}).decode(),
+            **(env or {}),
+        }
+        self._spawn(command, env, f"/tmp/flexlb-master-{self.port}.log")
 
 
 @pytest.fixture

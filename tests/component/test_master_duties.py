@@ -4,12 +4,11 @@ a corrupt worker entry does not stop the polling of the others, and a newer epoc
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from conftest import eventually
 from prometheus_client import CollectorRegistry
 
 from flexlb.domain import Role, WorkerSpec
@@ -22,17 +21,6 @@ from flexlb.state.store import FleetStore
 
 EPOCH = 7
 KV_BLOCKS = 32
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ import itertools
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
+from conftest import eventually
 
 from flexlb.blocks import block_cache_keys, tokenize
 from flexlb.domain import ErrorCode, Role, WorkerSpec
@@ -62,18 +62,6 @@ def workload(tag: str, seed: int) -> list[tuple[int, str]]:
         requests.append((group, f"{systems[group]} {question}"))
     rng.shuffle(requests)
     return requests
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
 
 
 async def counters(http: aiohttp.ClientSession, worker: Any) -> tuple[int, int]:

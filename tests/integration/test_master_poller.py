@@ -4,15 +4,13 @@ reservations, liveness. Everything runs as real processes: redis-server, `flexlb
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import signal
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
+from conftest import eventually
 
 from flexlb.blocks import block_cache_keys, tokenize
 from flexlb.domain import Role, WorkerSpec
@@ -22,18 +20,6 @@ KV_BLOCKS = 256
 BLOCK = 64
 PROMPT = " ".join(f"w{i}" for i in range(BLOCK * 6))  # exactly 6 full blocks
 _ids = itertools.count(1_000)
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
 
 
 async def status_of(redis: aioredis.Redis, store: FleetStore, worker_id: str) -> dict[str, str]:

@@ -4,15 +4,14 @@ and plain aiohttp."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from conftest import eventually
 from openai import APIStatusError, AsyncOpenAI
 
 from flexlb.domain import Role, WorkerSpec, WorkerStatus
@@ -20,18 +19,6 @@ from flexlb.state.store import FleetStore
 
 MODEL = "flexlb-sim"  # what the simulated workers serve; the routers' servedModelName
 PROMPT = " ".join(f"w{i}" for i in range(150))  # two full blocks and a partial one
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
 
 
 def start_all(*starters: Callable[[], Any]) -> list[Any]:

@@ -5,8 +5,7 @@ stream with an error event. No master runs here: the proxy's own release is the 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
+from conftest import eventually
 from openai import AsyncOpenAI
 
 from flexlb.domain import Role, WorkerSpec
@@ -24,18 +24,6 @@ from flexlb.state.store import FleetStore
 MODEL = "flexlb-sim"
 BOOTSTRAP_PORT = 9123
 PROMPT = " ".join(f"w{i}" for i in range(100))
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
 
 
 async def no_reservation_left(redis: aioredis.Redis, store: FleetStore, *worker_ids: str) -> bool:

@@ -4,28 +4,17 @@ slot; a client that disconnects leaves A's queue; QUEUE_FULL and QUEUE_TIMEOUT c
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
+from conftest import eventually
 
 from flexlb.domain import Role, WorkerSpec, WorkerStatus
 from flexlb.state.store import FleetStore
 
 W = WorkerSpec("10.9.0.1", 8000, Role.PDFUSION, max_concurrency=1)
 QUEUEING = {"enableQueueing": True, "maxQueueSize": 2}
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -11,12 +11,13 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
+from conftest import eventually
 
 from flexlb.domain import Role, WorkerSpec, WorkerStatus
 from flexlb.embedded_redis import EmbeddedRedis, free_port
@@ -35,17 +36,6 @@ def poll(check: Callable[[], Any], what: str, timeout_s: float = 15.0) -> Any:
         if last:
             return last
         time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.02)
     raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import SimWorkerProcess
+from conftest import eventually as poll
 
 from flexlb.blocks import block_cache_keys, render_chat, tokenize
 from flexlb.sim.protocol import ROUTER_EXTRA_FIELDS
@@ -37,18 +37,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 def worker_args(*extra: str) -> tuple[str, ...]:
     return ("--model", MODEL, "--block-size", str(BLOCK), "--kv-blocks", "512", *extra)
-
-
-async def poll(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
-    """Call ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{what}: not within {timeout_s}s (last: {last!r})")
 
 
 async def first_event(resp: aiohttp.ClientResponse) -> bytes:
