@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -26,8 +25,8 @@ from flexlb.grpc_api.convert import (
     schedule_response_pb,
     status_code_for,
 )
-from flexlb.http.routes import RouterContext, check_model
-from flexlb.http.wire import BadRequest, parse_request_id, parse_schedule_request, schedule_body
+from flexlb.http.routes import RouterContext, check_model, run_schedule
+from flexlb.http.wire import BadRequest, parse_request_id, schedule_body
 from flexlb.proto.flexlb_schedule_pb2 import (
     ReleaseRequestPB,
     ReleaseResponsePB,
@@ -55,18 +54,14 @@ class ScheduleService(FlexlbSchedulerServicer):
 
     async def _schedule(self, request: ScheduleRequestPB, context: grpc.aio.ServicerContext) -> ScheduleResponsePB:
         ctx = self.ctx
-        started = time.perf_counter()
+
+        async def body() -> dict[str, Any]:
+            return schedule_fields(request)
+
         try:
-            req = parse_schedule_request(schedule_fields(request))
-            check_model(ctx, req.model)
+            req, result = await run_schedule(ctx, body(), via=" (gRPC)")
         except BadRequest as exc:
-            ctx.metrics.schedules.labels(code=str(int(exc.code))).inc()
             await _refuse(context, exc)
-        result = await ctx.queue.schedule(req)
-        ctx.metrics.schedules.labels(code=str(int(result.code))).inc()
-        ctx.metrics.schedule_latency.observe(time.perf_counter() - started)
-        if not result.success:
-            log.info("request %s (gRPC): %s (%s)", req.request_id, result.code.name, result.message)
         return schedule_response_pb(schedule_body(result, req.request_id, master_host=ctx.master_host))
 
     async def _release(self, request: ReleaseRequestPB, context: grpc.aio.ServicerContext) -> ReleaseResponsePB:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from flexlb.domain import ErrorCode
+from flexlb.domain import ErrorCode, ScheduleRequest, ScheduleResult
 from flexlb.http.wire import (
     BadRequest,
     error_body,
@@ -81,20 +82,32 @@ def check_model(ctx: RouterContext, model: str | None) -> None:
     )
 
 
-async def schedule(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
+async def run_schedule(
+    ctx: RouterContext, body: Awaitable[dict[str, Any]], via: str = ""
+) -> tuple[ScheduleRequest, ScheduleResult]:
+    """The schedule API's work, whatever the transport: validate ``body``, schedule through the queue, count and
+    log. Raises BadRequest (counted too) for a request the client got wrong."""
     started = time.perf_counter()
     try:
-        req = parse_schedule_request(await read_object(request))
+        req = parse_schedule_request(await body)
         check_model(ctx, req.model)
     except BadRequest as exc:
         ctx.metrics.schedules.labels(code=str(int(exc.code))).inc()
-        return bad_request(exc, ctx)
+        raise
     result = await ctx.queue.schedule(req)
     ctx.metrics.schedules.labels(code=str(int(result.code))).inc()
     ctx.metrics.schedule_latency.observe(time.perf_counter() - started)
     if not result.success:
-        log.info("request %s: %s (%s)", req.request_id, result.code.name, result.message)
+        log.info("request %s%s: %s (%s)", req.request_id, via, result.code.name, result.message)
+    return req, result
+
+
+async def schedule(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    try:
+        req, result = await run_schedule(ctx, read_object(request))
+    except BadRequest as exc:
+        return bad_request(exc, ctx)
     return json_response(
         schedule_body(result, req.request_id, master_host=ctx.master_host), http_status_for(result.code)
     )
