@@ -10,6 +10,7 @@ two modes are different requests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -24,6 +25,16 @@ from flexlb.bench.workloads.text import random_words
 MODES = ("direct", "proxy")
 
 
+# The simulated engine's speed options `flexlb bench proxy` passes on to `flexlb sim-worker` when set (None: the
+# simulator's defaults), as (field, option).
+ENGINE_OPTIONS = (
+    ("prefill_tokens_per_ms", "--prefill-tokens-per-ms"),
+    ("prefill_overhead_ms", "--prefill-overhead-ms"),
+    ("decode_step_ms_base", "--decode-step-ms-base"),
+    ("decode_step_ms_per_seq", "--decode-step-ms-per-seq"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyBenchParams:
     requests: int = 200  # per phase
@@ -34,13 +45,35 @@ class ProxyBenchParams:
     time_scale: float = 0.1  # the worker's: its engine time is a tenth of the model's, so the proxy's share shows
     seed: int = 1
     startup_timeout_s: float = 60.0
+    stream: bool = True  # False: answers sent whole (no TTFT; E2E is the latency)
+    strategy: str | None = None  # the router's loadBalanceStrategy; None: its default
+    max_concurrency: int = 64  # the worker's: room for every request in flight, so it never queues
+    prefill_tokens_per_ms: float | None = None
+    prefill_overhead_ms: float | None = None
+    decode_step_ms_base: float | None = None
+    decode_step_ms_per_seq: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("requests", "rounds", "concurrency", "prompt_tokens", "max_tokens"):
+        for name in ("requests", "rounds", "concurrency", "prompt_tokens", "max_tokens", "max_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.time_scale > 0:
             raise ValueError(f"time_scale must be positive, got {self.time_scale}")
+        for name, _ in ENGINE_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative, got {value}")
+
+    def engine_argv(self) -> list[str]:
+        """The `flexlb sim-worker` speed options that were set, in ENGINE_OPTIONS order."""
+        return engine_argv(dataclasses.asdict(self))
+
+    def router_config(self) -> dict[str, Any]:
+        """FLEXLB_CONFIG of the router: it polls the worker itself (no master process), with ``strategy``."""
+        config: dict[str, Any] = {"contendForMaster": True}
+        if self.strategy is not None:
+            config["loadBalanceStrategy"] = self.strategy
+        return config
 
 
 def phase_plan(rounds: int) -> list[tuple[int, str]]:
@@ -65,11 +98,14 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 def combine(phases: Sequence[dict[str, Any]], mode: str) -> dict[str, Any]:
     """One mode's totals over its phases: requests, errors, requests/s (ok requests over the phases' summed wall
-    time) and the latency percentiles of all its requests together (``latencies``: ttft_ms and e2e_ms lists)."""
+    time), the latency percentiles of all its requests together (``latencies``: ttft_ms and e2e_ms lists) and,
+    when the phases measured it (``router_cpu_s``), the router process's CPU microseconds per request."""
     own = [p for p in phases if p["mode"] == mode]
     ok = sum(p["summary"]["ok"] for p in own)
     seconds = sum(p["summary"]["elapsed_s"] for p in own)
+    cpu = [p["router_cpu_s"] for p in own if p.get("router_cpu_s") is not None]
     return {
+        "router_cpu_us_per_request": sum(cpu) * 1e6 / ok if ok and cpu and len(cpu) == len(own) else None,
         "phases": len(own),
         "requests": sum(p["summary"]["requests"] for p in own),
         "errors": sum(p["summary"]["errors"] for p in own),
@@ -123,11 +159,26 @@ def render(result: dict[str, Any]) -> str:
     )
     header = ["", "requests", "errors", "req/s", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99"]
     lines = table(rows, header, [False] + [True] * (len(header) - 1))
+    streamed = "streamed" if c.get("stream", True) else "not streamed (no TTFT)"
+    engine = " ".join([f"--time-scale {c['time_scale']:g}", *engine_argv(c)])
     lines += [
         "",
         f"{c['rounds']} rounds of a direct then a proxy phase, {c['requests']} requests each, {c['concurrency']} in "
-        f"flight; {c['prompt_tokens']}-token prompts, {c['max_tokens']} output tokens, streamed; one simulated "
-        f"worker at --time-scale {c['time_scale']:g}; times in ms from the client",
+        f"flight; {c['prompt_tokens']}-token prompts, {c['max_tokens']} output tokens, {streamed}; one simulated "
+        f"worker at {engine}; times in ms from the client",
         "added: proxy percentile minus direct percentile; req/s: the proxy's throughput as a multiple of direct",
     ]
+    cpu = {mode: modes[mode].get("router_cpu_us_per_request") for mode in MODES}
+    if cpu["proxy"] is not None:
+        idle = "" if cpu["direct"] is None else f" (direct phases: {cpu['direct']:.0f} us, its polling alone)"
+        lines.append(f"router process CPU per proxied request: {cpu['proxy']:.0f} us{idle}")
     return "\n".join(lines) + "\n"
+
+
+def engine_argv(config: dict[str, Any]) -> list[str]:
+    """The `flexlb sim-worker` speed options set in ``config`` (the params as a dict), in ENGINE_OPTIONS order."""
+    argv: list[str] = []
+    for name, option in ENGINE_OPTIONS:
+        if config.get(name) is not None:
+            argv += [option, f"{config[name]:g}"]
+    return argv

@@ -1,5 +1,8 @@
 """`flexlb bench proxy`, the I/O part: a redis-server, one simulated worker and one router (contendForMaster true:
-it polls the worker itself), then the phases of ``proxy_overhead.phase_plan`` against the worker and the router."""
+it polls the worker itself), then the phases of ``proxy_overhead.phase_plan`` against the worker and the router.
+
+Each phase also measures the router process's CPU time (from /proc, on Linux): during a proxy phase that is the
+proxy's cost per request plus the router's polling of the worker, which the direct phases show alone."""
 
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import orjson
 
 from flexlb.bench import proxy_overhead as po
+from flexlb.bench.client import ERROR_TEXT_LIMIT, RequestRecord, base_url, payload
 from flexlb.bench.stats import summarize
+from flexlb.bench.workloads import RequestSpec
 from flexlb.demo.interrupts import Interrupts
 from flexlb.demo.load import LoadOutcome, LoadProgress, closed_loop
 from flexlb.demo.params import WorkerOptions
@@ -23,6 +29,104 @@ from flexlb.demo.terminal import Terminal
 from flexlb.domain import Role
 
 REQUEST_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BenchWorkerOptions(WorkerOptions):
+    """The demo's worker options plus the engine speed options the bench was given."""
+
+    engine: tuple[str, ...] = ()
+
+    def argv(self) -> list[str]:
+        return [*WorkerOptions.argv(self), *self.engine]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` so far, from /proc (None where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) ": field 3 (state) onwards
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
+async def _send_plain(session: aiohttp.ClientSession, url: str, spec: RequestSpec, record: RequestRecord) -> None:
+    """One request whose answer comes whole: E2E only; output tokens from its usage."""
+    body = payload(spec, None, ignore_eos=True)
+    body["stream"] = False
+    del body["stream_options"]
+    data = orjson.dumps(body)
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=data, headers={"Content-Type": "application/json"}) as resp:
+            record.status = resp.status
+            answer = await resp.read()
+        if resp.status != 200:
+            record.error = f"HTTP {resp.status}: {answer[:ERROR_TEXT_LIMIT].decode('utf-8', 'replace')}"
+        else:
+            usage = orjson.loads(answer).get("usage") or {}
+            record.output_tokens = int(usage.get("completion_tokens") or 0)
+    except asyncio.CancelledError:
+        record.error = "cancelled: the run was interrupted"
+        raise
+    except TimeoutError:
+        record.error = "timeout"
+    except (aiohttp.ClientError, ValueError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_LIMIT]
+    finally:
+        record.e2e_ms = (time.perf_counter() - start) * 1000
+
+
+async def _plain_loop(
+    session: aiohttp.ClientSession,
+    specs: list[RequestSpec],
+    target: str,
+    concurrency: int,
+    stop: asyncio.Event,
+    on_progress: Callable[[LoadProgress, float], None],
+) -> LoadOutcome:
+    """``closed_loop`` for answers not streamed: ``concurrency`` clients each send the next request when theirs
+    ended; ``stop`` cancels what is in flight."""
+    url = f"{base_url(target)}/v1/completions"
+    records: list[RequestRecord] = []
+    progress = LoadProgress(len(specs))
+    indexes = iter(range(len(specs)))
+    t0 = time.perf_counter()
+
+    async def client() -> None:
+        for i in indexes:
+            record = RequestRecord(i, specs[i].tag, specs[i].api, specs[i].max_tokens)
+            records.append(record)
+            record.start_s = time.perf_counter() - t0
+            progress.sent += 1
+            await _send_plain(session, url, specs[i], record)
+            progress.done += 1
+            progress.errors += 0 if record.ok else 1
+
+    async def report() -> None:
+        while True:
+            on_progress(progress, time.perf_counter() - t0)
+            await asyncio.sleep(0.5)
+
+    clients = asyncio.gather(*(client() for _ in range(min(concurrency, len(specs)))))
+    stopped, reporter = asyncio.create_task(stop.wait()), asyncio.create_task(report())
+    try:
+        await asyncio.wait({clients, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        interrupted = not clients.done()
+        if interrupted:
+            clients.cancel()
+        await asyncio.gather(clients, return_exceptions=True)
+    finally:
+        stopped.cancel()
+        reporter.cancel()
+        await asyncio.gather(stopped, reporter, return_exceptions=True)
+    elapsed = time.perf_counter() - t0
+    on_progress(progress, elapsed)
+    records.sort(key=lambda r: r.index)
+    ends = [r.end_s for r in records if r.e2e_ms is not None]
+    return LoadOutcome(records, elapsed if interrupted or not ends else max(ends), interrupted)
 
 
 async def _phase(
@@ -39,6 +143,8 @@ async def _phase(
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             specs = po.phase_specs(params, index)
+            if not params.stream:
+                return await _plain_loop(session, specs, url, params.concurrency, stop, on_progress)
             return await closed_loop(
                 session, specs, [url], params.concurrency, stop=stop, on_progress=on_progress, progress_interval_s=0.5
             )
@@ -53,8 +159,14 @@ def run_proxy_bench(
     caller closes ``stack`` and adds the processes it started."""
     stack.start_redis()
     # Room for every request in flight: the worker never queues, so both modes see the same engine.
-    options = {Role.PDFUSION: WorkerOptions(kv_blocks=4096, max_concurrency=64, time_scale=params.time_scale)}
-    service = stack.start_service("bench-proxy", [Role.PDFUSION], options, 1, {"contendForMaster": True}, master=False)
+    worker_options = BenchWorkerOptions(
+        kv_blocks=4096,
+        max_concurrency=params.max_concurrency,
+        time_scale=params.time_scale,
+        engine=tuple(params.engine_argv()),
+    )
+    options = {Role.PDFUSION: worker_options}
+    service = stack.start_service("bench-proxy", [Role.PDFUSION], options, 1, params.router_config(), master=False)
     (worker,), (router,) = service.workers, service.routers
     targets = {"direct": worker.url, "proxy": router.url}
     term.line(f"worker {worker.url} (pid {worker.child.pid}), router {router.url} (pid {router.child.pid})")
@@ -68,7 +180,9 @@ def run_proxy_bench(
                 f"round {round_} {mode:<6} {p.done:>5}/{p.total} done  {p.errors} errors  {elapsed_s:5.1f} s"
             )
 
+        cpu_before = cpu_seconds(router.child.pid)
         outcome = asyncio.run(_phase(targets[mode], params, index, interrupts, progress))
+        cpu_after = cpu_seconds(router.child.pid)
         term.line()
         ok = [r for r in outcome.records if r.ok]
         phases.append(
@@ -76,6 +190,7 @@ def run_proxy_bench(
                 "round": round_,
                 "mode": mode,
                 "target": targets[mode],
+                "router_cpu_s": None if cpu_before is None or cpu_after is None else cpu_after - cpu_before,
                 "summary": summarize(outcome.records, outcome.elapsed_s),
                 "latencies": {
                     "ttft_ms": [r.ttft_ms for r in ok if r.ttft_ms is not None],

@@ -1,0 +1,77 @@
+"""`flexlb bench proxy`'s options for the setting of the proxy's targets: answers not streamed, the worker's engine
+speed, the router's strategy, and the router's CPU time per request (pure parts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from flexlb.bench.proxy_overhead import ProxyBenchParams, added, combine, render
+from flexlb.bench.proxy_run import BenchWorkerOptions, cpu_seconds
+from flexlb.cli import build_parser
+
+TARGET_SETTING = (
+    "bench proxy --concurrency 32 --prompt-tokens 32 --max-tokens 8 --time-scale 1 --strategy ROUND_ROBIN "
+    "--prefill-tokens-per-ms 1000 --prefill-overhead-ms 0.5 --decode-step-ms-base 1 --decode-step-ms-per-seq 0.02 "
+    "--no-stream"
+)
+
+
+def test_the_target_setting_parses_into_the_worker_and_router_options() -> None:
+    args = build_parser().parse_args(TARGET_SETTING.split())
+    assert (args.stream, args.strategy, args.max_concurrency, args.concurrency) == (False, "ROUND_ROBIN", 64, 32)
+    params = ProxyBenchParams(
+        stream=args.stream,
+        strategy=args.strategy,
+        prefill_tokens_per_ms=args.prefill_tokens_per_ms,
+        prefill_overhead_ms=args.prefill_overhead_ms,
+        decode_step_ms_base=args.decode_step_ms_base,
+        decode_step_ms_per_seq=args.decode_step_ms_per_seq,
+    )
+    assert params.engine_argv() == [
+        "--prefill-tokens-per-ms", "1000", "--prefill-overhead-ms", "0.5",
+        "--decode-step-ms-base", "1", "--decode-step-ms-per-seq", "0.02",
+    ]  # fmt: skip
+    assert params.router_config() == {"contendForMaster": True, "loadBalanceStrategy": "ROUND_ROBIN"}
+    worker = BenchWorkerOptions(kv_blocks=4096, max_concurrency=64, time_scale=1, engine=tuple(params.engine_argv()))
+    assert worker.argv()[:6] == ["--kv-blocks", "4096", "--max-concurrency", "64", "--time-scale", "1"]
+    assert worker.argv()[6:] == params.engine_argv()
+
+
+def test_defaults_stay_as_before() -> None:
+    args = build_parser().parse_args(["bench", "proxy"])
+    assert args.stream and args.strategy is None and args.prefill_tokens_per_ms is None
+    params = ProxyBenchParams()
+    assert params.engine_argv() == [] and params.router_config() == {"contendForMaster": True}
+    with pytest.raises(ValueError, match="prefill_overhead_ms"):
+        ProxyBenchParams(prefill_overhead_ms=-1)
+
+
+def _phase(mode: str, e2e: list[float], elapsed: float, cpu: float | None) -> dict:
+    summary = {"requests": len(e2e), "ok": len(e2e), "errors": 0, "elapsed_s": elapsed}
+    return {"mode": mode, "router_cpu_s": cpu, "summary": summary, "latencies": {"ttft_ms": [], "e2e_ms": e2e}}
+
+
+def test_router_cpu_per_request_and_the_table_of_answers_not_streamed() -> None:
+    phases = [_phase("direct", [1.0, 2.0], 1.0, 0.01), _phase("proxy", [3.0, 4.0], 2.0, 0.004)]
+    modes = {m: combine(phases, m) for m in ("direct", "proxy")}
+    assert modes["proxy"]["router_cpu_us_per_request"] == pytest.approx(2000.0)
+    assert modes["direct"]["router_cpu_us_per_request"] == pytest.approx(5000.0)
+    unmeasured = combine([_phase("proxy", [1.0], 1.0, None)], "proxy")
+    assert unmeasured["router_cpu_us_per_request"] is None
+
+    config = dataclasses.asdict(ProxyBenchParams(stream=False, prefill_overhead_ms=0.5))
+    text = render({"config": config, "modes": modes, "added": added(modes["direct"], modes["proxy"])})
+    assert "not streamed (no TTFT)" in text and "--time-scale 0.1 --prefill-overhead-ms 0.5" in text
+    assert "router process CPU per proxied request: 2000 us (direct phases: 5000 us" in text
+
+
+def test_cpu_seconds_of_this_process() -> None:
+    first = cpu_seconds(os.getpid())
+    if first is None:
+        pytest.skip("no /proc here")
+    sum(i * i for i in range(200_000))  # some CPU work
+    second = cpu_seconds(os.getpid())
+    assert second is not None and second >= first >= 0
