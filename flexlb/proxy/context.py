@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
 from flexlb.http.routes import RouterContext
 from flexlb.proxy.metrics import ProxyMetrics
+from flexlb.proxy.releases import Releases
 from flexlb.settings import FlexlbConfig
 
 
@@ -42,6 +43,7 @@ class ProxyContext:
     rng: random.Random  # request ids and bootstrap rooms
     created: int  # epoch seconds: the model's "created" in /v1/models
     session: aiohttp.ClientSession | None = None  # the one session to the workers, open while the app runs
+    releases: Releases = field(default_factory=Releases)  # started, not awaited: the answer does not wait
 
     @property
     def model_name(self) -> str:

@@ -1,8 +1,9 @@
 """One proxied request: validate, schedule, forward to the chosen worker(s), relay the answer, release.
 
 The reservation is released however the request ends (answered, failed, client gone): the ``finally`` around
-everything after scheduling. A worker that fails before its first byte is released at once and the request is
-scheduled again without it, ``retries`` times at most.
+everything after scheduling starts the release without waiting for it (``flexlb.proxy.releases``), so the answer
+does not wait for Redis. A worker that fails before its first byte is released at once, and waited for, before the
+request is scheduled again without it (the new reservation has the same request id), ``retries`` times at most.
 
 A client that disconnects cancels its handler (the router's server runs with ``handler_cancellation``, see
 ``flexlb serve``): the cancellation unwinds through the ``finally`` blocks, which close the upstream connection (the
@@ -86,7 +87,7 @@ async def proxy_request(request: web.Request, route: Route) -> web.StreamRespons
         error = ProxyError(500, f"internal error in {route.value}; see the router's log", code="internal_error")
         return error_response(error, request_id)
     finally:
-        pctx.metrics.requests.labels(route=route.value, status=str(status)).inc()
+        pctx.metrics.count_request(route.value, status)
 
 
 async def _parse(request: web.Request, route: Route, pctx: ProxyContext) -> ProxiedRequest:
@@ -146,7 +147,8 @@ async def _serve(
                     )
         raise _no_worker(None, failures)
     finally:
-        await _release(router.scheduler, request_id)
+        # The answer is complete (or the client gone): the release must not hold it up, but it always runs.
+        pctx.releases.start(router.scheduler, request_id)
 
 
 async def _attempt(

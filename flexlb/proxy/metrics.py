@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter
 
 
 class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._request_counts: dict[tuple[str, int], Any] = {}  # (route, status) -> its bound child of requests
         self.requests = Counter(
             "flexlb_proxy_requests_total",
             "Proxied requests by route and the HTTP status sent to the client (499: the client went away).",
@@ -26,3 +29,10 @@ class ProxyMetrics:
             ["role"],
             registry=registry,
         )
+
+    def count_request(self, route: str, status: int) -> None:
+        """One more request on ``route`` answered ``status``; the labelled child is bound once per pair."""
+        child = self._request_counts.get((route, status))
+        if child is None:
+            child = self._request_counts[route, status] = self.requests.labels(route=route, status=str(status))
+        child.inc()

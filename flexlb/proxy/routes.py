@@ -44,6 +44,7 @@ async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
     pctx = app[PROXY]
     pctx.session = make_session(pctx.options.connect_timeout_s)
     yield
+    await pctx.releases.wait()  # none left by now: the scheduler's finish_releases waited for them
     await pctx.session.close()
 
 
@@ -51,5 +52,5 @@ async def list_models(request: web.Request) -> web.Response:
     """The one model this router serves: ``servedModelName``, else the service id."""
     pctx = request.app[PROXY]
     card = {"id": pctx.model_name, "object": "model", "created": pctx.created, "owned_by": "flexlb"}
-    pctx.metrics.requests.labels(route=MODELS_PATH, status="200").inc()
+    pctx.metrics.count_request(MODELS_PATH, 200)
     return web.Response(body=orjson.dumps({"object": "list", "data": [card]}), content_type="application/json")

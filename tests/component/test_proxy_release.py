@@ -1,0 +1,167 @@
+"""The proxy's release of a request's reservation: started when the answer is complete, never awaited by it, and
+always run to its end (also for a client that went away), with its failures logged.
+
+The proxy runs in-process on a stand-in router (a scheduler whose release waits at a gate the test opens) in front
+of a stand-in worker, so the test sees the answer arrive while the release is still held."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from flexlb.domain import Choice, Role, ScheduleRequest, ScheduleResult, WorkerSpec, WorkerStatus, WorkerView
+from flexlb.http.routes import CONTEXT
+from flexlb.proxy import setup_proxy
+from flexlb.proxy.context import PROXY
+from flexlb.proxy.releases import Releases
+from flexlb.settings import FlexlbConfig
+
+GUARD_S = 10.0  # a failure guard only: what is awaited here happens at once when the code is right
+
+
+class GatedScheduler:
+    """Schedules every request on ``worker``; each release waits until ``gate`` is open, then is recorded."""
+
+    def __init__(self, worker: WorkerSpec) -> None:
+        self.worker = worker
+        self.gate = asyncio.Event()
+        self.releasing: list[int] = []  # releases started
+        self.released: list[int] = []  # releases finished
+        self.started = asyncio.Event()
+        self.last_snapshot = None  # the block size: the default
+        self.view = SimpleNamespace(block_size=lambda: 64)
+
+    async def schedule(self, request: ScheduleRequest) -> ScheduleResult:
+        choice = Choice(WorkerView(self.worker, WorkerStatus()))
+        return ScheduleResult(success=True, choices={Role.PDFUSION: choice})
+
+    async def release(self, request_id: int) -> int:
+        self.releasing.append(request_id)
+        self.started.set()
+        await self.gate.wait()
+        self.released.append(request_id)
+        return 1
+
+
+async def _worker_app() -> web.Application:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.json_response({"choices": [{"text": "hi"}], "request_id": body["request_id"]})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(b'data: {"choices": [{"text": "hi"}]}\n\n')
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    return app
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[tuple[str, GatedScheduler, web.Application]]:
+    worker_runner, worker_port = await _serve(await _worker_app())
+    scheduler = GatedScheduler(WorkerSpec("127.0.0.1", worker_port, Role.PDFUSION))
+    app = web.Application()
+    app[CONTEXT] = SimpleNamespace(  # type: ignore[misc]
+        scheduler=scheduler,
+        queue=None,
+        service_id="release-test",
+        model_names=frozenset(),
+        metrics=SimpleNamespace(registry=CollectorRegistry()),
+    )
+    setup_proxy(app, FlexlbConfig())
+    runner, port = await _serve(app)
+    try:
+        yield f"http://127.0.0.1:{port}", scheduler, app
+    finally:
+        scheduler.gate.set()  # let any release still held end
+        await runner.cleanup()
+        await worker_runner.cleanup()
+
+
+BODY = {"prompt": "one two three", "max_tokens": 1}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_the_answer_does_not_wait_for_the_release(
+    proxy: tuple[str, GatedScheduler, web.Application], stream: bool
+) -> None:
+    url, scheduler, app = proxy
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with asyncio.timeout(GUARD_S):
+                async with http.post(f"{url}/v1/completions", json=BODY | {"stream": stream}) as resp:
+                    answer = await resp.read()
+        except TimeoutError:
+            raise AssertionError("the answer waited for the release") from None
+    assert resp.status == 200 and b"hi" in answer
+    request_id = int(resp.headers["X-Request-Id"])
+    # The answer is out, its release started and is still held at the gate.
+    assert scheduler.releasing == [request_id] and scheduler.released == []
+    assert len(app[PROXY].releases) == 1
+
+    scheduler.gate.set()
+    async with asyncio.timeout(GUARD_S):
+        await app[PROXY].releases.wait()
+    assert scheduler.released == [request_id]
+
+
+async def test_a_client_that_goes_away_still_gets_its_release(
+    proxy: tuple[str, GatedScheduler, web.Application],
+) -> None:
+    url, scheduler, app = proxy
+    scheduler.gate.set()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/completions", json=BODY | {"stream": True}) as resp:
+            request_id = int(resp.headers["X-Request-Id"])
+            resp.close()  # gone before reading the stream
+    async with asyncio.timeout(GUARD_S):
+        await scheduler.started.wait()
+        await app[PROXY].releases.wait()
+    assert scheduler.released == [request_id]
+
+
+class _Failing:
+    async def release(self, request_id: int) -> int:
+        raise RuntimeError(f"release {request_id} exploded")
+
+
+async def test_a_failed_release_is_logged_and_its_exception_retrieved(caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        releases = Releases()
+        with caplog.at_level(logging.ERROR, logger="flexlb.proxy"):
+            releases.start(_Failing(), 7)
+            assert len(releases) == 1  # started, not awaited, and held
+            await releases.wait()
+        assert len(releases) == 0
+        assert [r.getMessage() for r in caplog.records] == [
+            "release of request 7 failed; its reservation expires by its TTL"
+        ]
+        assert "exploded" in caplog.text
+        gc.collect()  # an exception never retrieved is reported when its task is collected
+        assert unretrieved == []
+    finally:
+        loop.set_exception_handler(None)
