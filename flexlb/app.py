@@ -28,9 +28,10 @@ from flexlb.metrics import MasterMetrics, SchedulerMetrics, exposition_registry
 from flexlb.proxy import setup_proxy
 from flexlb.queueing import QueueMetrics, QueueOptions, RequestQueue
 from flexlb.routing import ChoiceMemory, StrategyName, StrategyParams, TtftModel
-from flexlb.scheduler import REDIS_UNAVAILABLE, Scheduler, SchedulerOptions
+from flexlb.scheduler import Scheduler, SchedulerOptions
 from flexlb.settings import FlexlbConfig, Settings
 from flexlb.state.connection import use_hiredis_packing
+from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.events import FleetEvents
 from flexlb.state.store import FleetStore
 
@@ -228,6 +229,7 @@ def _router_lifecycle(
         ctx.ready = await _start_with_redis(settings, store)
         if master is not None:
             master.start()
+        ctx.scheduler.view_sync.start()
         events.start()
         queue.start()
 
@@ -245,6 +247,7 @@ def _router_lifecycle(
             await background
         await queue.stop()
         await events.stop()
+        await ctx.scheduler.view_sync.stop()
         if master is not None:
             await master.stop()
         await ctx.scheduler.finish_releases()
@@ -263,7 +266,7 @@ async def _maintain(
 ) -> None:
     """Background duties of every process: finish the start-up once Redis answers (``started`` false), keep the
     static workers registered, write the releases Redis missed while it was down (routers), and expire reservations
-    of workers no request reads (reads and reservations expire the others)."""
+    of workers no request reserves (reservations expire the others)."""
     interval = min(max(settings.flexlb.reservation_ttl_ms / 4000, 0.1), 1.0)
     while True:
         await asyncio.sleep(interval)
@@ -276,7 +279,8 @@ async def _maintain(
         try:
             if scheduler is not None:
                 await scheduler.write_unwritten_releases()
-            views = await store.list_workers()
+            # a router knows the fleet from its view; only `flexlb master` reads every worker (once per interval)
+            views = list(scheduler.view.all()) if scheduler is not None else await store.list_workers()
             await register_static_workers(store, settings.service.endpoints, [v.worker_id for v in views])
             await store.sweep([v.worker_id for v in views if v.pending_count])
         except REDIS_UNAVAILABLE:

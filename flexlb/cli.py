@@ -17,11 +17,11 @@ from aiohttp import web
 
 from flexlb.domain import Role, WorkerSpec, check_host
 from flexlb.embedded_redis import EmbeddedRedis, RedisNotInstalled
-from flexlb.scheduler import REDIS_UNAVAILABLE
 from flexlb.settings import ConfigError, Settings, load_settings
 from flexlb.sim.__main__ import add_sim_worker_options
 from flexlb.sim.__main__ import run as run_sim_worker
 from flexlb.state.codec import parse_status_value
+from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.store import FleetStore, WorkerNotFound
 
 log = logging.getLogger("flexlb")

@@ -167,10 +167,10 @@ class RequestQueue:
         if self.admission is None:
             return True
         now = self._clock()
-        snapshot = self.scheduler.last_snapshot
-        if snapshot is not None and now - self._admission_at >= self.options.admission_interval_s:
+        view = self.scheduler.view
+        if view.synced and now - self._admission_at >= self.options.admission_interval_s:
             self._admission_at = now
-            self.metrics.permits.set(self.admission.update(snapshot.views))
+            self.metrics.permits.set(self.admission.update(view.by_role()))
         return self.admission.admits(self.scheduler.in_flight)
 
     def _permits(self) -> int | None:

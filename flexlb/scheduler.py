@@ -1,12 +1,15 @@
 """Scheduler: picks one worker per role for a request and reserves them fleet-wide in Redis.
 
-One decision is two Redis round trips: a snapshot (status, pending load and cache hit of every worker) and an
-atomic reservation of the chosen worker of every role. A reservation refused because a concurrent router took the
-capacity first is retried on a fresh snapshot, a bounded number of times.
+The decision reads this process's live fleet view (flexlb.state.view, kept current from Redis' change stream by a
+ViewSync), plus, for prefill-type roles, the request's own blocks in the inverted cache index: at most one lookup
+call (more only for prefixes longer than LOOKUP_CHUNK blocks) and one atomic reservation of the chosen worker of
+every role. The reservation re-checks those workers; one refused because the view was behind (another router took
+the capacity first) updates the view with what the script saw and is retried, a bounded number of times. A refusal
+is only answered from a view caught up with the stream.
 
-When Redis is unreachable the scheduler keeps deciding from its last snapshot plus its own in-flight reservations
-(degraded mode) until that snapshot is older than ``max_staleness_ms``; then it answers STATE_UNAVAILABLE. Each
-request tries Redis again (at most once per ``probe_interval_s``), so shared scheduling resumes by itself.
+When Redis is unreachable the scheduler keeps deciding from the view plus its own in-flight reservations (degraded
+mode) until the view is older than ``max_staleness_ms``; then it answers STATE_UNAVAILABLE. Each request tries
+Redis again (at most once per ``probe_interval_s``), so shared scheduling resumes by itself.
 """
 
 from __future__ import annotations
@@ -14,31 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
-
-from flexlb.domain import (
-    NO_WORKER_CODE,
-    ROLE_ORDER,
-    Choice,
-    ErrorCode,
-    Role,
-    ScheduleRequest,
-    ScheduleResult,
-    WorkerView,
-)
+from flexlb.domain import NO_WORKER_CODE, ROLE_ORDER, ErrorCode, Role, ScheduleRequest, ScheduleResult
 from flexlb.metrics import SchedulerMetrics
-from flexlb.routing import ChoiceMemory, StrategyName, StrategyParams, choose, eligible
-from flexlb.state.store import FleetSnapshot, FleetStore
+from flexlb.routing import ChoiceMemory, DecisionOptions, StrategyName, StrategyParams, decide, order_keys
+from flexlb.routing.strategies import PREFILL_ROLES
+from flexlb.state.errors import REDIS_UNAVAILABLE
+from flexlb.state.store import FleetStore
+from flexlb.state.view import FleetView
+from flexlb.state.view_sync import ViewSync
 
 log = logging.getLogger("flexlb.scheduler")
 
 MAX_UNWRITTEN_RELEASES = 100_000  # beyond that, the rest expire by TTL
-
-# Errors that mean "Redis is not there", as opposed to a bug in a script (ResponseError), which must surface.
-REDIS_UNAVAILABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +43,11 @@ class SchedulerOptions:
     retries: int = 3
     max_staleness_ms: int = 10_000
     probe_interval_s: float = 0.5
+    prune_above: int = 32  # roles with more workers are pruned, not scored in full (flexlb.routing.decide)
+
+    @property
+    def decision(self) -> DecisionOptions:
+        return DecisionOptions(self.strategies, self.params, self.roles, self.prune_above)
 
 
 @dataclass(slots=True)
@@ -66,14 +64,17 @@ class Scheduler:
         memory: ChoiceMemory,
         metrics: SchedulerMetrics,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        on_view_change: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.options = options
         self.memory = memory
         self.metrics = metrics
         self._clock = clock
-        self._last_snapshot: FleetSnapshot | None = None
-        self._last_snapshot_at = 0.0
+        self._decision = options.decision
+        self.view = FleetView(order_keys(options.params))
+        self.view_sync = ViewSync(store, self.view, clock=clock, on_change=on_view_change)
         self._redis_down_since: float | None = None
         self._next_probe_at = 0.0
         # Reservations made while Redis was down: only this process knows them, until released or expired.
@@ -91,14 +92,10 @@ class Scheduler:
         return self._redis_down_since is None
 
     @property
-    def last_snapshot(self) -> FleetSnapshot | None:
-        return self._last_snapshot
-
-    @property
-    def snapshot_age_ms(self) -> float | None:
-        if self._last_snapshot is None:
-            return None
-        return (self._clock() - self._last_snapshot_at) * 1000
+    def view_age_ms(self) -> float | None:
+        """How long ago Redis last confirmed the fleet view (None: never read)."""
+        age = self.view_sync.age_s()
+        return None if age is None else age * 1000
 
     @property
     def in_flight(self) -> int:
@@ -106,8 +103,8 @@ class Scheduler:
         return len(self._reserved_here) + len(self._local)
 
     def can_schedule(self) -> bool:
-        """Redis is up, or the local snapshot is fresh enough to schedule from."""
-        age = self.snapshot_age_ms
+        """Redis is up, or the fleet view is fresh enough to schedule from."""
+        age = self.view_age_ms
         return self.redis_up or (age is not None and age <= self.options.max_staleness_ms)
 
     async def schedule(self, request: ScheduleRequest) -> ScheduleResult:
@@ -185,27 +182,42 @@ class Scheduler:
     # ---- shared (Redis) path ----
 
     async def _schedule_shared(self, request: ScheduleRequest, ttl_ms: int) -> ScheduleResult:
+        if not self.view_sync.running:  # no tail following the stream (not started, or reconnecting): read inline
+            await self.view_sync.catch_up()
+        hits = await self.store.lookup_prefix(request.block_cache_keys) if self._needs_lookup(request) else {}
         refusal = ""
         refused_role: Role | None = None
-        for attempt in range(1, self.options.retries + 2):
-            started = self._clock()
-            snapshot = await self.store.snapshot(self._roles_to_read(), request.block_cache_keys)
-            self._last_snapshot, self._last_snapshot_at = snapshot, started
-            result = self._decide(request, self._with_local_load(snapshot.views))
+        caught_up = not self.view_sync.running
+        attempt = 0
+        while attempt <= self.options.retries:
+            attempt += 1
+            result = self._decide(request, hits)
             if not result.success:
-                result.attempts = attempt
-                return result
+                if caught_up:
+                    result.attempts = attempt
+                    return result
+                # the view may lag the stream by a moment (a worker just registered or freed): confirm first
+                await self.view_sync.catch_up()
+                caught_up = True
+                attempt -= 1
+                continue
             roles = list(result.choices)
             picks = [(result.choices[r].worker.worker_id, result.choices[r].reserve_tokens) for r in roles]
             outcome = await self.store.reserve(request.request_id, picks, ttl_ms)
             if outcome.ok:
+                for (wid, _), (count, tokens) in zip(picks, outcome.pending, strict=True):
+                    self.view.set_pending(wid, count, tokens)
                 result.attempts = attempt
-                self._last_snapshot = _with_reservation(snapshot, picks)
                 self._remember_reserved(request.request_id, [wid for wid, _ in picks])
-                self._count_hits(result, snapshot.views)
+                self._count_hits(result, hits)
                 return result
             refused_role = roles[outcome.refused_index]
-            refusal = f"{outcome.reason} on {picks[outcome.refused_index][0]} ({outcome.detail})"
+            refused_id = picks[outcome.refused_index][0]
+            if outcome.reason == "gone":
+                self.view.forget(refused_id)
+            else:
+                self.view.merge_fields(refused_id, outcome.seen or {})
+            refusal = f"{outcome.reason} on {refused_id} ({outcome.detail})"
             self.metrics.reserve_refused.labels(role=refused_role.value, reason=outcome.reason).inc()
             log.debug("request %s: %s reservation refused: %s; retrying", request.request_id, refused_role, refusal)
         assert refused_role is not None
@@ -217,94 +229,73 @@ class Scheduler:
             attempts=self.options.retries + 1,
         )
 
-    def _roles_to_read(self) -> tuple[Role, ...]:
-        return self.options.roles or ROLE_ORDER
+    def _needs_lookup(self, request: ScheduleRequest) -> bool:
+        """Only prefill-type roles use cache hits; a request with no blocks has none."""
+        if not request.block_cache_keys:
+            return False
+        roles = self.options.roles or ROLE_ORDER
+        return any(r in PREFILL_ROLES and self.view.count(r) for r in roles)
 
     # ---- the decision itself (no I/O) ----
 
-    def _decide(self, request: ScheduleRequest, views: dict[Role, list[WorkerView]]) -> ScheduleResult:
-        roles = self.options.roles or tuple(r for r in ROLE_ORDER if views.get(r))
-        if not roles:
-            return ScheduleResult(
-                success=False,
-                code=ErrorCode.NO_AVAILABLE_WORKER,
-                message=f"NO_AVAILABLE_WORKER: no workers registered for service {self.store.keys.service!r}",
-            )
-        choices: dict[Role, Choice] = {}
-        group = ""
-        for role in (r for r in ROLE_ORDER if r in roles):
-            registered = views.get(role, [])
-            candidates = eligible(registered, role, request.seq_len, request.exclude_workers)
-            if group:  # a later role stays in the group of the earlier choice, as the original
-                candidates = [c for c in candidates if c.spec.group == group]
-            strategy = self.options.strategies[role]
-            choice = choose(strategy, role, candidates, request, self.memory, self.options.params)
-            if choice is None:
-                code = NO_WORKER_CODE[role]
-                return ScheduleResult(
-                    success=False,
-                    code=code,
-                    message=f"{code.name}: {_why_none(role, registered, group, request.exclude_workers)}",
-                )
-            choices[role] = choice
-            group = group or choice.worker.spec.group
-        return ScheduleResult(success=True, choices=choices)
+    def _decide(self, request: ScheduleRequest, hits: dict[str, int]) -> ScheduleResult:
+        return decide(
+            request,
+            self.view,
+            self._decision,
+            self.memory,
+            hits=hits,
+            local_load=self._local_load(),
+            service=self.store.keys.service,
+        )
 
     # ---- degraded (local) path ----
 
     def _schedule_degraded(self, request: ScheduleRequest, ttl_ms: int) -> ScheduleResult:
-        age = self.snapshot_age_ms
-        if self._last_snapshot is None or age is None or age > self.options.max_staleness_ms:
+        age = self.view_age_ms
+        if age is None or age > self.options.max_staleness_ms:
             self.metrics.schedules_unavailable.inc()
-            known = "no snapshot yet" if age is None else f"last snapshot {age / 1000:.1f}s old"
+            known = "no fleet view yet" if age is None else f"the fleet view is {age / 1000:.1f}s old"
             return ScheduleResult(
                 success=False,
                 code=ErrorCode.STATE_UNAVAILABLE,
                 message=f"STATE_UNAVAILABLE: Redis is unreachable and {known} "
                 f"(limit {self.options.max_staleness_ms / 1000:.1f}s)",
             )
-        # cache hits are unknown without Redis; the views keep the load, not the last request's hit
-        views = {r: [replace(v, hit_blocks=0) for v in vs] for r, vs in self._last_snapshot.views.items()}
-        result = self._decide(request, self._with_local_load(views))
+        # cache hits are unknown without Redis; the view keeps the load
+        result = self._decide(request, {})
         result.degraded = True
         if result.success:
             picks = [(c.worker.worker_id, c.reserve_tokens) for c in result.choices.values()]
             self._local[request.request_id] = _LocalReservation(picks, self._clock() + ttl_ms / 1000)
             self.metrics.schedules_degraded.inc()
             log.warning(
-                "request %s scheduled in degraded mode from a %.0f ms old snapshot: %s",
+                "request %s scheduled in degraded mode from a fleet view %.0f ms old: %s",
                 request.request_id,
                 age,
                 ", ".join(f"{r.value}={c.worker.worker_id}" for r, c in result.choices.items()),
             )
         return result
 
-    def _with_local_load(self, views: dict[Role, list[WorkerView]]) -> dict[Role, list[WorkerView]]:
-        """Add the reservations only this process knows (made in degraded mode) to the pending load."""
+    def _local_load(self) -> dict[str, tuple[int, int]]:
+        """Reservations only this process knows (made in degraded mode): worker -> (count, tokens)."""
         self._prune_local()
-        if not self._local:
-            return views
-        count: dict[str, int] = {}
-        tokens: dict[str, int] = {}
+        load: dict[str, tuple[int, int]] = {}
         for res in self._local.values():
-            for wid, t in res.picks:
-                count[wid] = count.get(wid, 0) + 1
-                tokens[wid] = tokens.get(wid, 0) + t
-        return {
-            role: [
-                replace(
-                    v,
-                    pending_count=v.pending_count + count.get(v.worker_id, 0),
-                    pending_tokens=v.pending_tokens + tokens.get(v.worker_id, 0),
-                )
-                for v in vs
-            ]
-            for role, vs in views.items()
-        }
+            for wid, tokens in res.picks:
+                count, total = load.get(wid, (0, 0))
+                load[wid] = (count + 1, total + tokens)
+        return load
 
-    def _count_hits(self, result: ScheduleResult, views: dict[Role, list[WorkerView]]) -> None:
+    def _count_hits(self, result: ScheduleResult, hits: dict[str, int]) -> None:
+        if not hits:
+            return
         for role, choice in result.choices.items():
-            best = max((v.hit_tokens for v in views.get(role, ())), default=0)
+            best = 0
+            for wid, blocks in hits.items():
+                view = self.view.get(wid)
+                if view is not None and view.spec.role is role:
+                    best = max(best, blocks * view.status.block_size)
             if best:
                 self.metrics.hit_tokens.labels(role=role.value, kind="chosen").inc(choice.worker.hit_tokens)
                 self.metrics.hit_tokens.labels(role=role.value, kind="available").inc(best)
@@ -345,41 +336,3 @@ class Scheduler:
             self._redis_down_since = None
             self.metrics.redis_up.set(1)
             log.warning("Redis reachable again after %.1fs: shared scheduling resumed", down_s)
-
-
-def _with_reservation(snapshot: FleetSnapshot, picks: Sequence[tuple[str, int]]) -> FleetSnapshot:
-    """The snapshot as it stands after our own reservation, so degraded mode does not count it as free."""
-    tokens = dict(picks)
-    views = {
-        role: [
-            replace(v, pending_count=v.pending_count + 1, pending_tokens=v.pending_tokens + tokens[v.worker_id])
-            if v.worker_id in tokens
-            else v
-            for v in vs
-        ]
-        for role, vs in snapshot.views.items()
-    }
-    return FleetSnapshot(views=views, now_ms=snapshot.now_ms)
-
-
-def _why_none(role: Role, registered: Sequence[WorkerView], group: str, excluded: frozenset[str] = frozenset()) -> str:
-    """A message naming why no worker of the role could take the request."""
-    where = f" in group {group!r}" if group else ""
-    if not registered:
-        return f"no {role.value} worker registered"
-    alive = [v for v in registered if v.status.alive]
-    if not alive:
-        return f"none of {len(registered)} {role.value} workers is alive"
-    available = [v for v in alive if v.status.available]
-    if not available:
-        return f"all {len(alive)} alive {role.value} workers are unavailable (too many waiting tasks or KV too full)"
-    tried = sum(1 for v in available if v.worker_id in excluded)
-    if tried == len(available):
-        return f"all {tried} available {role.value} workers already failed this request"
-    if tried:  # a retry: the ones tried failed, the others are full
-        others = len(available) - tried
-        return (
-            f"{tried} {role.value} workers already failed this request; the other {others}{where}"
-            " are at their concurrency or KV limit"
-        )
-    return f"all {len(alive)} alive {role.value} workers{where} are at their concurrency or KV limit"

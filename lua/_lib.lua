@@ -6,8 +6,30 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The change stream: every write that changes what a router's fleet view holds appends one entry, so routers tail
+-- the stream instead of reading every worker. Entries are {t, kind, n, seq, field, value, ...}: kind 's' (status
+-- fields of worker w), 'a' (worker w registered or updated, with its role), 'r' (worker w removed), 'p' (pending
+-- load: field = worker id, value = "pending_count pending_tokens"). n grows by one per entry, so a reader that sees
+-- a jump knows it missed entries (trimmed stream, Redis restarted empty) and reads the fleet again.
+local STREAM_MAXLEN = 20000
+local function stream_add(stream_key, seq_key, kind, fields)
+  local n = redis.call('INCR', seq_key)
+  redis.call('XADD', stream_key, 'MAXLEN', '~', STREAM_MAXLEN, '*', 't', kind, 'n', n, unpack(fields))
+end
+
+-- HINCRBY with a Lua number: never '-0' (Lua 5.1 formats negative zero so, and HINCRBY refuses it).
+local function hincr(key, field, delta)
+  if delta ~= 0 then redis.call('HINCRBY', key, field, string.format('%d', delta)) end
+end
+
+-- "pending_count pending_tokens" of a worker's status hash: the value of a 'p' stream entry.
+local function pending_of(worker_key)
+  local p = redis.call('HMGET', worker_key, 'pending_count', 'pending_tokens')
+  return (p[1] or '0') .. ' ' .. (p[2] or '0')
+end
+
 -- Drop the reservations of one worker whose expiry has passed and give their load back.
--- A router that crashed never releases; this is what returns its capacity.
+-- A router that crashed never releases; this is what returns its capacity. Returns how many were dropped.
 local function expire_reservations(worker_key, resv_key, tokens_key, now)
   local overdue = redis.call('ZRANGEBYSCORE', resv_key, '-inf', now)
   if #overdue == 0 then return 0 end
@@ -18,10 +40,19 @@ local function expire_reservations(worker_key, resv_key, tokens_key, now)
   end
   redis.call('ZREM', resv_key, unpack(overdue))
   if redis.call('EXISTS', worker_key) == 1 then
-    redis.call('HINCRBY', worker_key, 'pending_count', -#overdue)
-    redis.call('HINCRBY', worker_key, 'pending_tokens', -freed)
+    hincr(worker_key, 'pending_count', -#overdue)
+    hincr(worker_key, 'pending_tokens', -freed)
   end
   return #overdue
+end
+
+-- Remove a worker from the inverted block index (block hash -> workers) and drop its own block set.
+-- block_prefix is the block keys' common prefix ("flexlb:{svc}:blk:"): the keys are named from the worker's set.
+local function unindex_blocks(cache_key, block_prefix, wid)
+  local blocks = redis.call('SMEMBERS', cache_key)
+  for _, block in ipairs(blocks) do redis.call('SREM', block_prefix .. block, wid) end
+  redis.call('DEL', cache_key)
+  return #blocks
 end
 
 -- Give membership a new version: the server time in microseconds, or one more than the current version if that is

@@ -1,29 +1,29 @@
--- master_cache: apply a diff to the set of KV block cache keys a worker holds.
+-- master_cache: apply a diff to the set of KV block cache keys a worker holds, and to the inverted index.
 -- KEYS[1]          master epoch
 -- KEYS[2]          the worker's status hash
 -- KEYS[3]          its cache block set (signed 64-bit integers as decimal text)
 -- ARGV[1]          epoch of the writer's term
--- ARGV[2]          A, the number of keys to add
--- ARGV[3..2+A]     keys to add
--- ARGV[3+A..]      keys to remove
+-- ARGV[2]          worker id
+-- ARGV[3]          prefix of the inverted index's block keys ("flexlb:{svc}:blk:"; same hash slot as KEYS)
+-- ARGV[4]          A, the number of keys to add
+-- ARGV[5..4+A]     keys to add
+-- ARGV[5+A..]      keys to remove
 -- Returns {1, SCARD after}, {0, 'gone'} when the worker was removed, or {0, 'stale epoch N, current M'}; on
 -- refusal nothing is written.
--- Guarantees: the whole diff lands at once (adds, then removes) or not at all; a removed worker's set is not
--- re-created; any number of keys (commands take at most CHUNK arguments, far below Lua's unpack limit).
+-- Guarantees: the whole diff lands at once (adds, then removes) or not at all, in the worker's set and in the
+-- inverted index (block -> workers holding it) alike; a removed worker's set is not re-created.
 -- @include _lib.lua
 
 local ok, current = check_epoch(KEYS[1], ARGV[1])
 if not ok then return {0, 'stale epoch ' .. ARGV[1] .. ', current ' .. (current or 'none')} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {0, 'gone'} end
 
-local CHUNK = 1000
-local function apply(command, first, last)
-  for i = first, last, CHUNK do
-    redis.call(command, KEYS[3], unpack(ARGV, i, math.min(i + CHUNK - 1, last)))
-  end
+local wid, block_prefix = ARGV[2], ARGV[3]
+local last_add = 4 + tonumber(ARGV[4])
+for i = 5, last_add do
+  if redis.call('SADD', KEYS[3], ARGV[i]) == 1 then redis.call('SADD', block_prefix .. ARGV[i], wid) end
 end
-
-local last_add = 2 + tonumber(ARGV[2])
-apply('SADD', 3, last_add)
-apply('SREM', last_add + 1, #ARGV)
+for i = last_add + 1, #ARGV do
+  if redis.call('SREM', KEYS[3], ARGV[i]) == 1 then redis.call('SREM', block_prefix .. ARGV[i], wid) end
+end
 return {1, redis.call('SCARD', KEYS[3])}

@@ -3,7 +3,8 @@
 -- KEYS[2]          the worker's status hash
 -- KEYS[3]          its reservations zset (request id -> expiry ms)
 -- KEYS[4]          its reservation tokens hash (request id -> tokens)
--- KEYS[5..]        the index hash req:<rid> of each request id in ARGV, in the same order
+-- KEYS[5], KEYS[6] the change stream and its entry counter
+-- KEYS[7..]        the index hash req:<rid> of each request id in ARGV, in the same order
 -- ARGV[1]          epoch of the writer's term
 -- ARGV[2]          worker id
 -- ARGV[3]          pub/sub channel of fleet events
@@ -13,7 +14,8 @@
 -- Returns {1, reservations dropped, status_version}, {0, 'gone'} when the worker was removed, or
 -- {0, 'stale epoch N, current M'}; on refusal nothing is written.
 -- Guarantees: a reservation is dropped exactly once, when the worker reports its request: from then the worker's
--- own running/waiting counts carry it; unknown ids change nothing; status_version grows by one per write and
+-- own running/waiting counts carry it; unknown ids change nothing; status_version grows by one per write; an 's'
+-- stream entry carries the fields written (with status_version, updated_ms and the pending load) and
 -- "status <worker id> <status_version>" is published; a removed worker is not re-created.
 -- @include _lib.lua
 
@@ -37,13 +39,21 @@ for i = first_rid, #ARGV do
   if redis.call('ZREM', rk, rid) == 1 then
     freed = freed + (tonumber(redis.call('HGET', tk, rid)) or 0)
     redis.call('HDEL', tk, rid)
-    redis.call('HDEL', KEYS[i - first_rid + 5], wid)
+    redis.call('HDEL', KEYS[i - first_rid + 7], wid)
     dropped = dropped + 1
   end
 end
-if dropped > 0 then
-  redis.call('HINCRBY', wk, 'pending_count', -dropped)
-  redis.call('HINCRBY', wk, 'pending_tokens', -freed)
-end
+hincr(wk, 'pending_count', -dropped)
+hincr(wk, 'pending_tokens', -freed)
+local pending = redis.call('HMGET', wk, 'pending_count', 'pending_tokens')
+fields[#fields + 1] = 'status_version'
+fields[#fields + 1] = version
+fields[#fields + 1] = 'pending_count'
+fields[#fields + 1] = pending[1] or '0'
+fields[#fields + 1] = 'pending_tokens'
+fields[#fields + 1] = pending[2] or '0'
+fields[#fields + 1] = 'w'
+fields[#fields + 1] = wid
+stream_add(KEYS[5], KEYS[6], 's', fields)
 redis.call('PUBLISH', ARGV[3], 'status ' .. wid .. ' ' .. version)
 return {1, dropped, version}

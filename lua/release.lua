@@ -1,31 +1,38 @@
 -- release: give back a request's reservations (request finished or failed, or rollback of earlier roles).
 -- KEYS[1]          the request's index hash (worker id -> reserved tokens)
--- KEYS[2..]        3 keys per worker: status hash, reservations zset, reservation tokens hash
+-- KEYS[2], KEYS[3] the change stream and its entry counter
+-- KEYS[4..]        3 keys per worker: status hash, reservations zset, reservation tokens hash
 -- ARGV[1]          request id
 -- ARGV[2]          pub/sub channel of fleet events
 -- ARGV[3..]        worker id per KEYS triple
 -- Returns {reservations removed, workers still in the request's index} (the caller releases those too when it
--- wanted every reservation of the request but knew only some of its workers). When something was removed,
--- "released <worker id>,..." is published, so routers waiting for capacity wake up.
+-- wanted every reservation of the request but knew only some of its workers). When something was removed, a 'p'
+-- stream entry carries the workers' new pending load and "released <worker id>,..." is published, so routers
+-- waiting for capacity wake up.
 -- Guarantees: exactly once per (request, worker): a second release, or a release after expiry, changes nothing;
--- a worker removed meanwhile is not re-created.
+-- a worker removed meanwhile is not re-created; a 0-token reservation releases like any other.
+-- @include _lib.lua
+
 local rid = ARGV[1]
 local released = 0
-local freed_workers = {}
-for i = 1, (#KEYS - 1) / 3 do
-  local wk, rk, tk = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  local freed_here = redis.call('ZREM', rk, rid) == 1
-  if freed_here then
+local freed_workers, changes = {}, {}
+for i = 1, (#KEYS - 3) / 3 do
+  local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local wid = ARGV[2 + i]
+  if redis.call('ZREM', rk, rid) == 1 then
     local tokens = tonumber(redis.call('HGET', tk, rid)) or 0
     redis.call('HDEL', tk, rid)
     if redis.call('EXISTS', wk) == 1 then
-      redis.call('HINCRBY', wk, 'pending_count', -1)
-      redis.call('HINCRBY', wk, 'pending_tokens', -tokens)
+      hincr(wk, 'pending_count', -1)
+      hincr(wk, 'pending_tokens', -tokens)
+      changes[#changes + 1] = wid
+      changes[#changes + 1] = pending_of(wk)
     end
     released = released + 1
+    freed_workers[#freed_workers + 1] = wid
   end
-  redis.call('HDEL', KEYS[1], ARGV[2 + i])
-  if freed_here then freed_workers[#freed_workers + 1] = ARGV[2 + i] end
+  redis.call('HDEL', KEYS[1], wid)
 end
+if #changes > 0 then stream_add(KEYS[2], KEYS[3], 'p', changes) end
 if released > 0 then redis.call('PUBLISH', ARGV[2], 'released ' .. table.concat(freed_workers, ',')) end
 return {released, redis.call('HLEN', KEYS[1])}

@@ -1,11 +1,20 @@
--- sweep: expire the overdue reservations of some workers (a router's or the master's periodic clean-up, for
--- workers nobody schedules on and so nobody reads).
--- KEYS             3 keys per worker: status hash, reservations zset, reservation tokens hash
--- Returns the number of reservations expired.
+-- sweep: expire the overdue reservations of some workers (the master's periodic clean-up, for workers nobody
+-- schedules on, whose reservations no reserve call expires).
+-- KEYS[1], KEYS[2] the change stream and its entry counter
+-- KEYS[3..]        3 keys per worker: status hash, reservations zset, reservation tokens hash
+-- ARGV             worker id per KEYS triple
+-- Returns the number of reservations expired; a 'p' stream entry carries the new pending load of those workers.
 -- @include _lib.lua
 local now = now_ms()
-local expired = 0
-for k = 1, #KEYS, 3 do
-  expired = expired + expire_reservations(KEYS[k], KEYS[k + 1], KEYS[k + 2], now)
+local expired, changes = 0, {}
+for i = 1, (#KEYS - 2) / 3 do
+  local wk = KEYS[3 * i]
+  local here = expire_reservations(wk, KEYS[3 * i + 1], KEYS[3 * i + 2], now)
+  if here > 0 then
+    expired = expired + here
+    changes[#changes + 1] = ARGV[i]
+    changes[#changes + 1] = pending_of(wk)
+  end
 end
+if #changes > 0 then stream_add(KEYS[1], KEYS[2], 'p', changes) end
 return expired

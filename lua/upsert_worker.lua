@@ -2,13 +2,15 @@
 -- KEYS[1]          members version
 -- KEYS[2..5]       role sets of PREFILL, DECODE, PDFUSION, VIT
 -- KEYS[6]          the worker's status hash
+-- KEYS[7], KEYS[8] the change stream and its entry counter
 -- ARGV[1]          worker id
 -- ARGV[2]          role (one of the four), or '' to keep the current one
 -- ARGV[3]          '1' to create when missing, '0' to refuse an unknown worker
 -- ARGV[4..]        field, value pairs to set
 -- Returns {1, members_changed} or {0, reason}.
--- Guarantees: a worker is in exactly one role set; the members version moves whenever membership does, so
--- routers rebuild the keys they read; status_version grows by one and updated_ms is server time on every write.
+-- Guarantees: a worker is in exactly one role set; the members version moves whenever membership does;
+-- status_version grows by one and updated_ms is server time on every write; an 'a' stream entry carries the
+-- fields written with the role, status_version and the pending load.
 -- @include _lib.lua
 
 local ROLES = {'PREFILL', 'DECODE', 'PDFUSION', 'VIT'}
@@ -30,10 +32,20 @@ end
 local fields = {'role', role, 'updated_ms', now_ms()}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[6], unpack(fields))
-redis.call('HINCRBY', KEYS[6], 'status_version', 1)
+local version = redis.call('HINCRBY', KEYS[6], 'status_version', 1)
 if not exists then
   redis.call('HSETNX', KEYS[6], 'pending_count', 0)
   redis.call('HSETNX', KEYS[6], 'pending_tokens', 0)
 end
 if changed > 0 then bump_members_version(KEYS[1]) end
+local pending = redis.call('HMGET', KEYS[6], 'pending_count', 'pending_tokens')
+fields[#fields + 1] = 'status_version'
+fields[#fields + 1] = version
+fields[#fields + 1] = 'pending_count'
+fields[#fields + 1] = pending[1]
+fields[#fields + 1] = 'pending_tokens'
+fields[#fields + 1] = pending[2]
+fields[#fields + 1] = 'w'
+fields[#fields + 1] = wid
+stream_add(KEYS[7], KEYS[8], 'a', fields)
 return {1, changed}

@@ -10,7 +10,7 @@ from aiohttp.typedefs import Handler
 from flexlb.domain import ErrorCode
 from flexlb.http.routes import json_response
 from flexlb.http.wire import error_body
-from flexlb.scheduler import REDIS_UNAVAILABLE
+from flexlb.state.errors import REDIS_UNAVAILABLE
 
 log = logging.getLogger("flexlb.http")
 

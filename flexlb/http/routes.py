@@ -25,7 +25,8 @@ from flexlb.http.wire import (
 )
 from flexlb.master.election import current_master
 from flexlb.metrics import SchedulerMetrics
-from flexlb.scheduler import REDIS_UNAVAILABLE, Scheduler
+from flexlb.scheduler import Scheduler
+from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.store import FleetStore
 
 if TYPE_CHECKING:
@@ -132,7 +133,10 @@ async def schedule_snapshot(request: web.Request) -> web.Response:
     body: dict[str, Any] = {
         "service_id": ctx.service_id,
         "redis_up": sched.redis_up,
-        "snapshot_age_ms": sched.snapshot_age_ms,
+        "view_age_ms": sched.view_age_ms,
+        "view_workers": len(sched.view),
+        "view_resyncs": sched.view_sync.resyncs,
+        "view_entries": sched.view_sync.entries,
         "strategies": {r.value: s.value for r, s in sched.options.strategies.items()},
         "local_reservations": {str(rid): picks for rid, picks in sched.local_reservations().items()},
     }
@@ -140,9 +144,8 @@ async def schedule_snapshot(request: web.Request) -> web.Response:
         views = await ctx.store.list_workers()
         body["source"] = "redis"
     except REDIS_UNAVAILABLE as exc:
-        last = sched.last_snapshot
-        views = [v for vs in last.views.values() for v in vs] if last else []
-        body["source"] = f"local snapshot (Redis unreachable: {exc})"
+        views = list(sched.view.all())
+        body["source"] = f"fleet view (Redis unreachable: {exc})"
     body["workers"] = [worker_json(v) for v in views]
     return json_response(body)
 

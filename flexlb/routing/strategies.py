@@ -179,7 +179,13 @@ def choose(
     if not candidates:
         return None
     ordered = sorted(candidates, key=lambda v: v.worker_id)
-    view = STRATEGIES[name](role, ordered, request, memory, params)
+    return make_choice(role, STRATEGIES[name](role, ordered, request, memory, params), request, memory, params)
+
+
+def make_choice(
+    role: Role, view: WorkerView, request: ScheduleRequest, memory: ChoiceMemory, params: StrategyParams
+) -> Choice:
+    """The Choice of ``view`` for ``role``, recorded in ``memory``."""
     memory.note_chosen(view.worker_id)
     estimate = estimate_ttft_ms(view, request.seq_len, params.ttft) if role in PREFILL_ROLES else 0.0
     return Choice(worker=view, estimate_ttft_ms=estimate, reserve_tokens=reserve_tokens(role, view, request.seq_len))

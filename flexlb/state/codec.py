@@ -38,8 +38,8 @@ def status_fields(status: WorkerStatus) -> dict[str, str]:
     return {name: encode_status_value(name, getattr(status, name)) for name in STATUS_FIELDS}
 
 
-# The fields snapshot.lua returns, in its order (lua/snapshot.lua FIELDS; a test checks they agree).
-SNAPSHOT_FIELDS: tuple[str, ...] = (
+# The status hash fields a WorkerView is decoded from, in the order WorkerDecoder.view takes them.
+VIEW_FIELDS: tuple[str, ...] = (
     "ip", "http_port", "grpc_port", "role", "group", "max_concurrency",  # identity: _IDENTITY fields
     "alive", "available", "running", "waiting", "queued_tokens", "kv_used", "kv_total", "block_size", "step_latency_ms",
     "prefill_tokens_per_ms", "status_version", "updated_ms", "pending_count", "pending_tokens",
@@ -99,7 +99,7 @@ class WorkerDecoder:
         return view
 
     def view(self, worker_id: str, values: Sequence[str | None], hit_blocks: int = 0) -> WorkerView:
-        """``values`` in SNAPSHOT_FIELDS order; missing fields take defaults (a missing ``alive`` is not alive,
+        """``values`` in VIEW_FIELDS order; missing fields take defaults (a missing ``alive`` is not alive,
         as reserve.lua treats it). Raises ValueError for values that cannot be decoded."""
         (alive, available, running, waiting, queued, kv_used, kv_total, block_size, step_ms, rate, version, updated,
          pending_count, pending_tokens) = values[_IDENTITY:]  # fmt: skip
@@ -125,7 +125,7 @@ class WorkerDecoder:
         )
 
     def view_from_hash(self, worker_id: str, h: dict[str, str]) -> WorkerView | None:
-        return self.try_view(worker_id, [h.get(f) for f in SNAPSHOT_FIELDS])
+        return self.try_view(worker_id, [h.get(f) for f in VIEW_FIELDS])
 
 
 def parse_status_value(name: str, raw: str) -> str:

@@ -42,6 +42,29 @@ class ServiceKeys:
         names the same slot."""
         return f"{self.prefix}:events"
 
+    @property
+    def changes(self) -> str:
+        """Stream of every change a router's fleet view follows (status, membership, pending load; see
+        lua/_lib.lua stream_add), trimmed to about STREAM_MAXLEN entries."""
+        return f"{self.prefix}:changes"
+
+    @property
+    def changes_seq(self) -> str:
+        """Integer: the number of the last entry appended to :attr:`changes`, so a reader can tell it missed some."""
+        return f"{self.prefix}:changes_seq"
+
+    def change_keys(self) -> list[str]:
+        """The stream and its counter: the two keys every script that appends to the stream takes."""
+        return [self.changes, self.changes_seq]
+
+    @property
+    def block_prefix(self) -> str:
+        """Prefix of the inverted index's keys: ``<block_prefix><block hash>`` is the set of workers holding it."""
+        return f"{self.prefix}:blk:"
+
+    def block(self, block_hash: int) -> str:
+        return f"{self.block_prefix}{block_hash}"
+
     def role_set(self, role: Role) -> str:
         return f"{self.prefix}:role:{role.value}"
 

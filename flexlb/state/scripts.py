@@ -9,12 +9,13 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 SCRIPT_NAMES = (
-    "snapshot",
+    "lookup",
     "reserve",
     "release",
     "sweep",
     "upsert_worker",
     "remove_worker",
+    "cache_set",
     "lock_acquire",
     "lock_renew",
     "lock_release",

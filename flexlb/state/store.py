@@ -1,7 +1,9 @@
-"""FleetStore: the fleet's shared state in Redis (workers, reservations, cache index). The only Redis user.
+"""FleetStore: the fleet's shared state in Redis (workers, reservations, cache index, change stream).
 
-Round trips: a snapshot is one script call (two when membership changed since the last one), a reservation of
-every role one script call, a release one call (two when the caller does not know the request's workers).
+Round trips per decision: a prefix lookup in the inverted index (prefill-type roles with block keys only; one more per
+LOOKUP_CHUNK blocks still matched), a reservation of every role one script call, a release one call (two when the
+caller does not know the request's workers). No call reads every worker but :meth:`read_fleet` (a router's view
+resync: at start, after a gap in the change stream, after Redis came back) and :meth:`list_workers` (operators).
 """
 
 from __future__ import annotations
@@ -11,18 +13,13 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from flexlb.domain import Role, WorkerSpec, WorkerStatus, WorkerView
+from flexlb.domain import WorkerSpec, WorkerStatus, WorkerView
 from flexlb.state.codec import SCRIPT_OWNED, WorkerDecoder, parse_status_value, spec_fields, status_fields
-from flexlb.state.keys import ROLE_SET_ORDER, ServiceKeys
+from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import Scripts
 
-
-@dataclass(frozen=True, slots=True)
-class FleetSnapshot:
-    """Workers of the roles asked for, with pending load and the request's cache hit, at Redis time ``now_ms``."""
-
-    views: dict[Role, list[WorkerView]]
-    now_ms: int
+LOOKUP_CHUNK = 128  # blocks per lookup call: 8k tokens of 64-token blocks, so long prompts build few keys at once
+_CHECKED = ("alive", "max_concurrency", "running", "waiting", "pending_count", "kv_total", "kv_used", "pending_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +28,20 @@ class ReserveOutcome:
     refused_index: int = -1  # index into the picks of the worker that refused
     reason: str = ""  # gone | not_alive | concurrency_full | kv_full
     detail: str = ""
+    # what the script saw: (pending_count, pending_tokens) per pick after a reservation; the refused worker's
+    # checked status fields after a refusal (lua/reserve.lua CHECKED), for the caller's view
+    pending: tuple[tuple[int, int], ...] = ()
+    seen: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRead:
+    """Every worker's status hash at one moment, and the change stream's position just before it was read: a view
+    built from it and then following the stream from ``stream_id`` misses nothing."""
+
+    hashes: dict[str, dict[str, str]]
+    stream_id: str
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,61 +66,46 @@ class FleetStore:
         self.redis = redis
         self.keys = ServiceKeys(service)
         self.scripts = Scripts(redis)
-        self._members: dict[Role, list[str]] = {r: [] for r in ROLE_SET_ORDER}
-        self._members_version = "-1"  # never a real version: the first snapshot fetches membership
-        self._snapshot_keys: dict[tuple[Role, ...], list[str]] = {}  # per roles asked, for _members_version
-        self._decoder = WorkerDecoder()
 
-    async def snapshot(self, roles: Sequence[Role], block_keys: Sequence[int] = ()) -> FleetSnapshot:
-        """One consistent read of the roles' workers and each one's cached prefix of ``block_keys``."""
-        roles = tuple(roles)
-        for _ in range(3):  # membership rarely changes twice between two calls; three tries is plenty
-            args = [self._members_version, len(ROLE_SET_ORDER), *block_keys]
-            reply = await self.scripts.call("snapshot", self._keys_of_snapshot(roles), args)
-            if reply[0] == 1:
-                return self._decode_snapshot(roles, reply)
-            self._members_version = reply[1]
-            self._members = {r: sorted(m) for r, m in zip(ROLE_SET_ORDER, reply[2:], strict=True)}
-            self._snapshot_keys.clear()
-        raise RuntimeError("worker membership kept changing during the snapshot read")
+    # ---- the decision path ----
 
-    def _keys_of_snapshot(self, roles: tuple[Role, ...]) -> list[str]:
-        keys = self._snapshot_keys.get(roles)
-        if keys is None:
-            keys = [self.keys.members_version, *self.keys.role_sets()]
-            for role in roles:
-                for wid in self._members[role]:
-                    keys += [*self.keys.reservation_triple(wid), self.keys.cache_blocks(wid)]
-            self._snapshot_keys[roles] = keys
-        return keys
-
-    def _decode_snapshot(self, roles: Sequence[Role], reply: list) -> FleetSnapshot:
-        entries = iter(reply[2:])
-        view = self._decoder.try_view
-        views: dict[Role, list[WorkerView]] = {}
-        for role in roles:
-            decoded = (view(wid, values, hit) for wid, (values, hit) in zip(self._members[role], entries, strict=False))
-            views[role] = [v for v in decoded if v is not None]
-        return FleetSnapshot(views=views, now_ms=reply[1])
+    async def lookup_prefix(self, block_keys: Sequence[int]) -> dict[str, int]:
+        """Workers holding a prefix of ``block_keys`` (in prompt order) -> blocks of that prefix: one call per
+        LOOKUP_CHUNK blocks, and only while some worker still matches."""
+        hits: dict[str, int] = {}
+        alive: list[str] = []
+        for offset in range(0, len(block_keys), LOOKUP_CHUNK):
+            chunk = block_keys[offset : offset + LOOKUP_CHUNK]
+            alive, dropped = await self.scripts.call("lookup", [self.keys.block(k) for k in chunk], alive)
+            for i in range(0, len(dropped), 2):
+                hits[dropped[i]] = offset + int(dropped[i + 1])
+            if not alive:
+                return hits
+            if offset + LOOKUP_CHUNK >= len(block_keys):
+                break
+        for wid in alive:
+            hits[wid] = len(block_keys)
+        return hits
 
     async def reserve(self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int) -> ReserveOutcome:
         """Reserve ``tokens`` on each ``(worker_id, tokens)`` for ``request_id``: all of them or none."""
-        keys = [self.keys.request(request_id)]
+        keys = [self.keys.request(request_id), *self.keys.change_keys()]
         args: list[str | int] = [request_id, ttl_ms]
         for wid, tokens in picks:
             keys += self.keys.reservation_triple(wid)
             args += [wid, tokens]
         reply = await self.scripts.call("reserve", keys, args)
         if reply[0] == 1:
-            return ReserveOutcome(ok=True)
-        return ReserveOutcome(ok=False, refused_index=int(reply[1]) - 1, reason=reply[2], detail=reply[3])
+            return ReserveOutcome(ok=True, pending=tuple(parse_pending(p) for p in reply[2:]))
+        seen = {name: value for name, value in zip(_CHECKED, reply[4], strict=False) if value is not None}
+        return ReserveOutcome(ok=False, refused_index=int(reply[1]) - 1, reason=reply[2], detail=reply[3], seen=seen)
 
     async def request_workers(self, request_id: int) -> list[str]:
         """Workers that hold (or held until expiry) a reservation of the request."""
         return sorted(await self.redis.hkeys(self.keys.request(request_id)))
 
     async def _release(self, request_id: int, worker_ids: Sequence[str]) -> tuple[int, int]:
-        keys = [self.keys.request(request_id)]
+        keys = [self.keys.request(request_id), *self.keys.change_keys()]
         for wid in worker_ids:
             keys += self.keys.reservation_triple(wid)
         released, remaining = await self.scripts.call("release", keys, [request_id, self.keys.events, *worker_ids])
@@ -136,13 +132,18 @@ class FleetStore:
         """Expire overdue reservations of these workers; returns how many were expired."""
         if not worker_ids:
             return 0
-        keys = [k for wid in worker_ids for k in self.keys.reservation_triple(wid)]
-        return int(await self.scripts.call("sweep", keys, []))
+        keys = [*self.keys.change_keys(), *(k for wid in worker_ids for k in self.keys.reservation_triple(wid))]
+        return int(await self.scripts.call("sweep", keys, list(worker_ids)))
 
     # ---- membership and status (admin API / CLI now, the master's poller later) ----
 
     async def _upsert(self, worker_id: str, role: str, create: bool, fields: Mapping[str, str]) -> bool:
-        keys = [self.keys.members_version, *self.keys.role_sets(), self.keys.worker(worker_id)]
+        keys = [
+            self.keys.members_version,
+            *self.keys.role_sets(),
+            self.keys.worker(worker_id),
+            *self.keys.change_keys(),
+        ]
         args = [worker_id, role, "1" if create else "0"]
         for name, value in fields.items():
             args += [name, value]
@@ -174,17 +175,52 @@ class FleetStore:
             *self.keys.role_sets(),
             *self.keys.reservation_triple(worker_id),
             self.keys.cache_blocks(worker_id),
+            *self.keys.change_keys(),
         ]
-        return bool(await self.scripts.call("remove_worker", keys, [worker_id]))
+        return bool(await self.scripts.call("remove_worker", keys, [worker_id, self.keys.block_prefix]))
 
     async def set_cache_blocks(self, worker_id: str, block_keys: Sequence[int]) -> None:
-        """Replace the set of block hashes a worker holds (operators and tests; the poller applies diffs)."""
-        key = self.keys.cache_blocks(worker_id)
+        """Replace the set of block hashes a worker holds, in its set and the inverted index (operators and tests;
+        the poller applies diffs)."""
+        args = [worker_id, self.keys.block_prefix, *block_keys]
+        await self.scripts.call("cache_set", [self.keys.cache_blocks(worker_id)], args)
+
+    async def block_holders(self, block_key: int) -> set[str]:
+        """The workers the inverted index lists as holding one block."""
+        return set(await self.redis.smembers(self.keys.block(block_key)))
+
+    # ---- the routers' fleet view: one full read, then the change stream ----
+
+    async def read_fleet(self) -> FleetRead:
+        """Every registered worker's status hash, with the stream position to follow changes from (two round
+        trips: membership and position in one transaction, then the hashes)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            if block_keys:
-                pipe.sadd(key, *block_keys)
-            await pipe.execute()
+            pipe.get(self.keys.changes_seq)
+            pipe.xrevrange(self.keys.changes, count=1)
+            for key in self.keys.role_sets():
+                pipe.smembers(key)
+            seq, last, *members = await pipe.execute()
+        ids = sorted({wid for m in members for wid in m})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hgetall(self.keys.worker(wid))
+            hashes = await pipe.execute()
+        return FleetRead(
+            hashes={wid: h for wid, h in zip(ids, hashes, strict=True) if h},
+            stream_id=last[0][0] if last else "0-0",
+            seq=int(seq or 0),
+        )
+
+    async def read_changes(
+        self, after_id: str, *, block_ms: int | None = None, count: int = 2000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Stream entries after ``after_id`` (oldest first), waiting up to ``block_ms`` for one when given."""
+        reply = await self.redis.xread({self.keys.changes: after_id}, count=count, block=block_ms)
+        if not reply:
+            return []
+        if isinstance(reply, dict):  # RESP3 clients answer a map
+            return next(iter(reply.values()))[0]
+        return reply[0][1]
 
     async def list_workers(self) -> list[WorkerView]:
         """Every registered worker with its status and pending load (no cache hit)."""
@@ -197,7 +233,8 @@ class FleetStore:
             for wid in ids:
                 pipe.hgetall(self.keys.worker(wid))
             hashes = await pipe.execute()
-        views = (self._decoder.view_from_hash(wid, h) for wid, h in zip(ids, hashes, strict=True) if h)
+        decoder = WorkerDecoder()
+        views = (decoder.view_from_hash(wid, h) for wid, h in zip(ids, hashes, strict=True) if h)
         return [v for v in views if v is not None]
 
     async def members_version(self) -> str:
@@ -229,7 +266,11 @@ class FleetStore:
         owned = SCRIPT_OWNED.intersection(fields)
         if owned:
             raise ValueError(f"fields owned by the scripts cannot be written: {', '.join(sorted(owned))}")
-        keys = [*self.keys.reservation_triple(worker_id), *map(self.keys.request, handled_request_ids)]
+        keys = [
+            *self.keys.reservation_triple(worker_id),
+            *self.keys.change_keys(),
+            *map(self.keys.request, handled_request_ids),
+        ]
         args: list[str | int] = [epoch, worker_id, self.keys.events, len(fields)]
         for name, value in fields.items():
             args += [name, value]
@@ -242,12 +283,20 @@ class FleetStore:
     ) -> int | None:
         """Add and remove block cache keys of a worker in one step; returns the number of keys it holds after."""
         keys = [self.keys.worker(worker_id), self.keys.cache_blocks(worker_id)]
-        reply = await self._fenced("master_cache", keys, [epoch, len(add), *add, *remove])
+        args = [epoch, worker_id, self.keys.block_prefix, len(add), *add, *remove]
+        reply = await self._fenced("master_cache", keys, args)
         return None if reply is None else int(reply[1])
 
     async def forget_worker(self, epoch: int, worker_id: str) -> int | None:
         """A worker silent past the worker timeout: mark it not alive with no load, drop all its reservations and its
         cache blocks (it stays registered). Returns the number of reservations dropped."""
-        keys = [*self.keys.reservation_triple(worker_id), self.keys.cache_blocks(worker_id)]
-        reply = await self._fenced("master_forget", keys, [epoch, worker_id, self.keys.events])
+        keys = [*self.keys.reservation_triple(worker_id), self.keys.cache_blocks(worker_id), *self.keys.change_keys()]
+        args = [epoch, worker_id, self.keys.events, self.keys.block_prefix]
+        reply = await self._fenced("master_forget", keys, args)
         return None if reply is None else int(reply[1])
+
+
+def parse_pending(value: str) -> tuple[int, int]:
+    """A 'p' stream entry's value "pending_count pending_tokens"."""
+    count, _, tokens = value.partition(" ")
+    return int(count), int(tokens or 0)

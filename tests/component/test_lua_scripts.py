@@ -113,11 +113,11 @@ async def test_overdue_reservations_expire_and_give_load_back(store: FleetStore)
     assert (await store.reserve(12, [(P1.worker_id, 70)], ttl_ms=60_000)).ok
     await _wait_until_server_time_passes(store.redis, 5)
 
-    # P1 is read by a snapshot: its overdue reservation goes, the live one stays
-    snap = await store.snapshot([Role.PREFILL])
-    p1 = next(v for v in snap.views[Role.PREFILL] if v.worker_id == P1.worker_id)
-    assert (p1.pending_count, p1.pending_tokens) == (1, 70)
-    assert raw_pending(await worker_state(store, P1.worker_id)) == (1, 70)
+    # P1 is reserved again: its overdue reservation goes, the live one stays, and the script says so
+    again = await store.reserve(14, [(P1.worker_id, 5)], ttl_ms=60_000)
+    assert again.ok and again.pending == ((2, 75),)
+    assert raw_pending(await worker_state(store, P1.worker_id)) == (2, 75)
+    assert await store.release(14) == 1
     # and the sweep script does the same for a worker nobody reads
     assert (await store.reserve(13, [(P2.worker_id, 5)], ttl_ms=1)).ok
     await _wait_until_server_time_passes(store.redis, 5)
@@ -149,32 +149,33 @@ async def _wait_until_server_time_passes(redis: aioredis.Redis, ms: int) -> None
         ([1, 3], [1, 2, 3], 1),  # a hole ends the match even if later blocks are cached
         ([], [1, 2], 0),
         ([1], [], 0),
-        (list(range(100)), list(range(100)), 100),  # across several lookup chunks
+        (list(range(100)), list(range(100)), 100),
         (list(range(70)), [*range(65), 999, *range(66, 100)], 65),
+        (list(range(300)), list(range(300)), 300),  # across several lookup chunks
+        (list(range(300)), [*range(200), 999, *range(201, 300)], 200),
+        (list(range(256)), list(range(300)), 256),  # ends exactly at a chunk's edge
     ],
 )
-async def test_snapshot_cached_prefix_is_a_strict_prefix_match(
+async def test_lookup_prefix_is_a_strict_prefix_match(
     store: FleetStore, cached: list[int], request_keys: list[int], expected: int
 ) -> None:
     await register_fleet(store)
     await store.set_cache_blocks(P1.worker_id, cached)
-    snap = await store.snapshot([Role.PREFILL], request_keys)
-    hits = {v.worker_id: v.hit_blocks for v in snap.views[Role.PREFILL]}
-    assert hits == {P1.worker_id: expected, P2.worker_id: 0}
+    await store.set_cache_blocks(P2.worker_id, [5])  # holds a block, never a prefix of these requests
+    hits = await store.lookup_prefix(request_keys)
+    assert hits == ({P1.worker_id: expected} if expected else {})
 
 
-async def test_snapshot_follows_membership_changes(store: FleetStore) -> None:
+async def test_lookup_gives_each_worker_its_own_prefix(store: FleetStore) -> None:
     await register_fleet(store)
-    first = await store.snapshot([Role.PREFILL, Role.DECODE])
-    assert {v.worker_id for v in first.views[Role.PREFILL]} == {P1.worker_id, P2.worker_id}
-    # another process changes membership: removes P2, moves D1 to PREFILL
-    other = FleetStore(store.redis, store.keys.service)
-    assert await other.remove_worker(P2.worker_id)
-    await other.register_worker(WorkerSpec(D1.ip, D1.http_port, Role.PREFILL), WorkerStatus())
-    snap = await store.snapshot([Role.PREFILL, Role.DECODE])
-    assert {v.worker_id for v in snap.views[Role.PREFILL]} == {P1.worker_id, D1.worker_id}
-    assert snap.views[Role.DECODE] == []
-    assert await store.redis.exists(store.keys.worker(P2.worker_id)) == 0
+    await store.set_cache_blocks(P1.worker_id, [1, 2, 3, 4])
+    await store.set_cache_blocks(P2.worker_id, [1, 2])
+    await store.set_cache_blocks(D1.worker_id, [1, 2, 3, 9])
+    assert await store.lookup_prefix([1, 2, 3, 4, 5]) == {P1.worker_id: 4, P2.worker_id: 2, D1.worker_id: 3}
+    # replacing a worker's blocks replaces them in the inverted index too
+    await store.set_cache_blocks(P1.worker_id, [7])
+    assert await store.block_holders(1) == {P2.worker_id, D1.worker_id}
+    assert await store.lookup_prefix([1, 2, 3, 4, 5]) == {P2.worker_id: 2, D1.worker_id: 3}
 
 
 async def test_update_of_unknown_worker_is_refused_and_creates_nothing(store: FleetStore) -> None:
@@ -187,13 +188,17 @@ async def test_update_of_unknown_worker_is_refused_and_creates_nothing(store: Fl
 
 async def test_status_version_grows_and_updated_ms_is_server_time(store: FleetStore) -> None:
     await register_fleet(store)
-    v0 = (await store.snapshot([Role.DECODE])).views[Role.DECODE][0].status
+
+    def d1(views: list) -> WorkerStatus:
+        return next(v.status for v in views if v.worker_id == D1.worker_id)
+
+    v0 = d1(await store.list_workers())
     await store.update_status(D1.worker_id, {"running": 3, "kv_used": 120})
-    snap = await store.snapshot([Role.DECODE])
-    v1 = snap.views[Role.DECODE][0].status
+    v1 = d1(await store.list_workers())
+    now = await store.redis.time()
     assert v1.status_version == v0.status_version + 1
     assert (v1.running, v1.kv_used) == (3, 120)
-    assert v0.updated_ms <= v1.updated_ms <= snap.now_ms
+    assert v0.updated_ms <= v1.updated_ms <= now[0] * 1000 + now[1] // 1000
 
 
 async def test_every_script_call_touches_one_cluster_slot(store: FleetStore) -> None:
@@ -208,7 +213,7 @@ async def test_every_script_call_touches_one_cluster_slot(store: FleetStore) -> 
     store.scripts.call = recording_call.__get__(store.scripts)  # type: ignore[method-assign]
     await register_fleet(store)
     await store.set_cache_blocks(P1.worker_id, [1, 2])
-    await store.snapshot([Role.PREFILL, Role.DECODE], [1, 2])
+    await store.lookup_prefix([1, 2])
     await store.reserve(5, [(P1.worker_id, 1), (D1.worker_id, 1)], 60_000)
     await store.sweep([P1.worker_id, D1.worker_id])
     await store.release(5)
@@ -228,17 +233,6 @@ def test_script_sources_have_their_includes_expanded_and_a_header() -> None:
             assert "local function expire_reservations" in text
         assert text.startswith(f"-- {name}:"), f"lua/{name}.lua must open with its KEYS/ARGV header"
         assert "KEYS" in text.split("\n\n")[0] or name == "sweep"
-
-
-def test_snapshot_lua_returns_the_fields_the_codec_decodes() -> None:
-    import re
-
-    from flexlb.state.codec import SNAPSHOT_FIELDS
-
-    text = script_source("snapshot")
-    body = re.search(r"local FIELDS = \{(.*?)\}", text, re.S)
-    assert body is not None
-    assert tuple(re.findall(r"'([a-z_]+)'", body.group(1))) == SNAPSHOT_FIELDS
 
 
 @pytest.mark.parametrize("hint", ["all", "some", "none", "wrong"])

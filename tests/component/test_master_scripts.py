@@ -49,6 +49,8 @@ async def dump_service(store: FleetStore) -> dict[str, tuple]:
             content = await r.zrange(key, 0, -1, withscores=True)
         elif kind == "set":
             content = await r.smembers(key)
+        elif kind == "stream":
+            content = await r.xrange(key)
         else:
             content = await r.get(key)
         out[key] = (kind, content, await r.pttl(key) > 0)
@@ -164,7 +166,7 @@ async def test_handled_ids_drop_exactly_the_reservations_present(store: FleetSto
     assert await pending(store, d1) == (1, 10)
     assert (await status_hash(store, p1))["running"] == "2"
 
-    # the same ids again: nothing left to drop, nothing changes but the status write itself
+    # the same ids again: nothing left to drop, nothing changes but the status write itself (and its stream entry)
     before = await dump_service(store)
     again = await store.write_worker_status(epoch, p1, {"running": "2", "waiting": "0"}, [1, 2])
     assert again == StatusWrite(dropped=0, status_version=write.status_version + 1)
@@ -172,6 +174,7 @@ async def test_handled_ids_drop_exactly_the_reservations_present(store: FleetSto
     for state in (before, after):
         for field in ("status_version", "updated_ms"):
             del state[store.keys.worker(p1)][1][field]
+        del state[store.keys.changes], state[store.keys.changes_seq]
     assert after == before
 
     # the routers' releases that follow find the dropped reservations gone: no load is given back twice
@@ -244,10 +247,11 @@ async def test_cache_diff_of_many_keys(store: FleetStore) -> None:
     assert await store.redis.scard(store.keys.cache_blocks(wid)) == 10_005
     assert await store.cache_blocks(wid) == expected
 
-    # what the snapshot matches a request against
+    # what a request is matched against: the inverted index follows the diffs exactly
     kept = sorted(expected)[:3]
-    snap = await store.snapshot([Role.PREFILL], [*kept, sorted(removed)[0]])
-    assert snap.views[Role.PREFILL][0].hit_blocks == 3
+    assert await store.lookup_prefix([*kept, sorted(removed)[0]]) == {wid: 3}
+    for block in [*rng.sample(sorted(removed), 50), *added]:
+        assert await store.block_holders(block) == ({wid} if block in expected else set())
     assert await store.apply_cache_diff(epoch, wid, [], []) == 10_005
 
 
@@ -272,6 +276,7 @@ async def test_forget_releases_everything_and_clears_the_cache(store: FleetStore
     for key in (store.keys.reservations(p1), store.keys.reservation_tokens(p1), store.keys.cache_blocks(p1)):
         assert await store.redis.exists(key) == 0
     assert await store.cache_blocks(p1) == set()
+    assert [await store.block_holders(b) for b in (1, 2, 3)] == [set(), set(), set()]  # gone from the index too
     assert await store.redis.sismember(store.keys.role_set(Role.PREFILL), p1)  # still registered
     assert await pending(store, d1) == (1, 10)  # other workers are untouched
 
@@ -387,3 +392,33 @@ async def test_concurrent_reserve_release_and_status_writes_keep_pending_exact(
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_a_removed_or_evicting_worker_leaves_every_block_of_the_index(store: FleetStore) -> None:
+    """The inverted index stays exact: eviction (a diff's removals) and removal from the fleet take the worker out
+    of exactly its blocks, and another worker holding the same blocks stays."""
+    epoch = await become_master(store, "a")
+    p2 = WorkerSpec("10.0.0.2", 8000, Role.PREFILL)
+    await register(store, P1, p2)
+    assert await store.apply_cache_diff(epoch, P1.worker_id, [1, 2, 3, 4], []) == 4
+    assert await store.apply_cache_diff(epoch, p2.worker_id, [1, 2, 9], []) == 3
+    assert await store.apply_cache_diff(epoch, P1.worker_id, [5], [3, 4]) == 3  # evicted 3, 4; stored 5
+    assert {b: await store.block_holders(b) for b in (1, 2, 3, 4, 5, 9)} == {
+        1: {P1.worker_id, p2.worker_id},
+        2: {P1.worker_id, p2.worker_id},
+        3: set(),
+        4: set(),
+        5: {P1.worker_id},
+        9: {p2.worker_id},
+    }
+    assert await store.remove_worker(P1.worker_id)
+    assert {b: await store.block_holders(b) for b in (1, 2, 5, 9)} == {
+        1: {p2.worker_id},
+        2: {p2.worker_id},
+        5: set(),
+        9: {p2.worker_id},
+    }
+    assert await store.lookup_prefix([1, 2, 5]) == {p2.worker_id: 2}
+    # a removed worker's index is not re-created by a late diff
+    assert await store.apply_cache_diff(epoch, P1.worker_id, [1], []) is None
+    assert await store.block_holders(1) == {p2.worker_id}

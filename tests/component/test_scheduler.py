@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -12,7 +13,7 @@ from flexlb.domain import ErrorCode, Role, ScheduleRequest, WorkerSpec, WorkerSt
 from flexlb.metrics import SchedulerMetrics
 from flexlb.routing import ChoiceMemory, StrategyName
 from flexlb.scheduler import Scheduler, SchedulerOptions
-from flexlb.state.store import FleetSnapshot, FleetStore
+from flexlb.state.store import FleetStore, ReserveOutcome
 
 STRATEGIES = {
     Role.PREFILL: StrategyName.SHORTEST_TTFT,
@@ -90,21 +91,20 @@ async def test_no_worker_answers_name_the_role_and_reason(
 
 
 class InterloperStore(FleetStore):
-    """A FleetStore after whose every snapshot another router takes the decode worker's last slot: the race that
-    optimistic reservation must survive."""
+    """A FleetStore before whose first reservation another router takes the decode worker's last slot (after this
+    router decided on its view): the race that optimistic reservation must survive."""
 
     def __init__(self, store: FleetStore, decode_id: str) -> None:
         super().__init__(store.redis, store.keys.service)
         self.other_router = FleetStore(store.redis, store.keys.service)
         self.decode_id = decode_id
-        self.snapshots = 0
+        self.reservations = 0
 
-    async def snapshot(self, roles: Sequence[Role], block_keys: Sequence[int] = ()) -> FleetSnapshot:
-        snap = await super().snapshot(roles, block_keys)
-        self.snapshots += 1
-        if self.snapshots == 1:
-            assert (await self.other_router.reserve(-self.snapshots, [(self.decode_id, 1)], 60_000)).ok
-        return snap
+    async def reserve(self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int) -> ReserveOutcome:
+        self.reservations += 1
+        if self.reservations == 1:
+            assert (await self.other_router.reserve(-1, [(self.decode_id, 1)], 60_000)).ok
+        return await super().reserve(request_id, picks, ttl_ms)
 
 
 async def test_decode_refused_after_prefill_chosen_leaves_prefill_exactly_as_before(store: FleetStore) -> None:
@@ -113,16 +113,16 @@ async def test_decode_refused_after_prefill_chosen_leaves_prefill_exactly_as_bef
     racing = InterloperStore(store, d)
     before = await store.redis.hgetall(store.keys.worker(p))
     result = await make_scheduler(racing, retries=2).schedule(ScheduleRequest(request_id=5, seq_len=100))
-    # first attempt: prefill and decode chosen, reservation refused on decode (taken meanwhile); second
-    # attempt sees decode full and answers NO_DECODE_WORKER without reserving anything
-    assert racing.snapshots == 2
+    # first attempt: prefill and decode chosen, reservation refused on decode (taken meanwhile); the view learns
+    # what the script saw, so the second attempt sees decode full and answers NO_DECODE_WORKER without reserving
+    assert racing.reservations == 1 and result.attempts == 2
     assert not result.success and result.code == ErrorCode.NO_DECODE_WORKER
     assert await store.redis.hgetall(store.keys.worker(p)) == before
     assert await store.redis.zcard(store.keys.reservations(p)) == 0
     assert await store.request_workers(5) == []
 
 
-async def test_refused_reservation_is_retried_on_a_fresh_snapshot(store: FleetStore) -> None:
+async def test_refused_reservation_is_retried_on_what_the_script_saw(store: FleetStore) -> None:
     await add(store, "10.0.6.1", Role.PREFILL, limit=4)
     d1 = await add(store, "10.0.6.2", Role.DECODE, limit=1)
     d2 = await add(store, "10.0.6.3", Role.DECODE, limit=1, kv_used=5_000)  # LEAST_KV_USED prefers d1
@@ -136,11 +136,16 @@ async def test_retries_are_bounded(store: FleetStore) -> None:
     await add(store, "10.0.7.1", Role.DECODE, limit=1)
 
     class AlwaysTaken(FleetStore):
-        async def snapshot(self, roles: Sequence[Role], block_keys: Sequence[int] = ()) -> FleetSnapshot:
-            await self.release(-1)  # the snapshot sees the worker free...
-            snap = await super().snapshot(roles, block_keys)
-            assert (await self.reserve(-1, [("10.0.7.1:8000", 1)], 60_000)).ok  # ...and it is taken again
-            return snap
+        """Another router takes the worker just before every reservation and frees it just after, and the script's
+        refusal tells nothing: the view keeps seeing the worker free."""
+
+        async def reserve(self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int) -> ReserveOutcome:
+            if request_id == -1:
+                return await super().reserve(request_id, picks, ttl_ms)
+            assert (await self.reserve(-1, [("10.0.7.1:8000", 1)], 60_000)).ok
+            outcome = await super().reserve(request_id, picks, ttl_ms)
+            await self.release(-1)
+            return dataclasses.replace(outcome, seen={})
 
     store2 = AlwaysTaken(store.redis, store.keys.service)
     result = await make_scheduler(store2, retries=3).schedule(ScheduleRequest(request_id=7, seq_len=1))

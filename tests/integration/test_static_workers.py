@@ -44,7 +44,7 @@ async def test_router_started_before_redis_registers_its_static_workers_when_red
             await asyncio.sleep(0.05)
         assert answer is not None, router.log()
         status, body = answer
-        assert status == 503 and body["code"] == 8600 and "no snapshot yet" in body["error_message"]
+        assert status == 503 and body["code"] == 8600 and "no fleet view yet" in body["error_message"]
 
         async def schedulable() -> dict:
             while time.monotonic() < deadline:

@@ -13,9 +13,8 @@ from flexlb.domain import Choice, ErrorCode, Role, ScheduleResult, WorkerSpec, W
 from flexlb.proxy.errors import ProxyError, from_schedule, sse_error_event
 from flexlb.proxy.parse import Route, parse_request
 from flexlb.proxy.pd import bootstrap_fields
-from flexlb.proxy.plan import fleet_block_size, forward_body, plan
+from flexlb.proxy.plan import forward_body, plan
 from flexlb.proxy.upstream import Target
-from flexlb.state.store import FleetSnapshot
 
 
 def parse(route: Route, body: object) -> object:
@@ -106,16 +105,6 @@ def test_the_forwarded_body_carries_the_request_id_and_the_workers_model_name() 
 
 def view(ip: str, role: Role, block_size: int = 64) -> WorkerView:
     return WorkerView(WorkerSpec(ip, 8000, role), WorkerStatus(block_size=block_size))
-
-
-def test_block_size_is_the_fleets_most_common_else_the_default() -> None:
-    assert fleet_block_size(None) == 64
-    assert fleet_block_size(FleetSnapshot(views={}, now_ms=0)) == 64
-    views = {
-        Role.PREFILL: [view("a", Role.PREFILL, 16), view("b", Role.PREFILL, 16)],
-        Role.DECODE: [view("c", Role.DECODE)],
-    }
-    assert fleet_block_size(FleetSnapshot(views=views, now_ms=0)) == 16
 
 
 def test_plan_sends_pd_to_decode_with_its_prefill_and_fused_to_one_worker() -> None:

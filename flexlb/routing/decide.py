@@ -1,0 +1,290 @@
+"""The decision for one request, as a pure function: ``decide(request, fleet, options, memory) -> ScheduleResult``.
+
+Roles are chosen in ROLE_ORDER (a later role stays in the group of the earlier choice, as the original), each with
+its role's strategy, over the workers the fleet view holds, adjusted by the request's own cache hits and by load
+only this router knows (reservations made while Redis was down).
+
+Roles with more than ``prune_above`` workers are not scored in full: each strategy looks only at the workers that
+can win, found from orderings the view keeps (see ORDERS), so the work grows with the few best workers and the
+request's cache holders, not with the fleet:
+
+- SHORTEST_TTFT: the cache holders, then the others by ascending queue time, until even the fastest worker's
+  estimate of the next one (its queue time plus the whole prompt at the role's best prefill rate) is outside the
+  near-tie band of the best so far. The pick is the least recently chosen of the workers within ``tie_ratio`` of the
+  best: the same best as a full scan, and a pick the full scan's near-tie rule counts as equal to it.
+- LOWEST_CONCURRENCY, LEAST_KV_USED: by ascending load / KV in use, until the key passes the best; exactly the
+  full scan's pick.
+- RANDOM, WEIGHTED_CACHE: rejection sampling from uniform draws of the role's workers (a draw is kept when eligible,
+  and for WEIGHTED_CACHE with probability weight / largest weight), a full scan after 64 misses: the same
+  distribution as a full scan.
+- ROUND_ROBIN: from the counter's position in the role's id order, the next eligible worker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flexlb.domain import (
+    NO_WORKER_CODE,
+    ROLE_ORDER,
+    Choice,
+    ErrorCode,
+    Role,
+    ScheduleRequest,
+    ScheduleResult,
+    WorkerView,
+)
+from flexlb.routing.eligibility import is_eligible
+from flexlb.routing.strategies import (
+    PREFILL_ROLES,
+    STRATEGIES,
+    ChoiceMemory,
+    StrategyName,
+    StrategyParams,
+    choose,
+    make_choice,
+)
+from flexlb.routing.ttft import TtftModel, estimate_ttft_ms, prefill_rate
+
+# The orderings the view keeps per role (FleetView(orders=order_keys(params))).
+BY_QUEUE = "queue_ms"
+BY_LOAD = "load"
+BY_KV_USED = "kv_used"  # KV in use plus pending tokens: WEIGHTED_CACHE's weight, ascending
+BY_KV_FREE = "kv_free_desc"
+BY_RATE = "rate_desc"
+SAMPLE_TRIES = 64
+
+
+def queue_ms(view: WorkerView, model: TtftModel) -> float:
+    """The part of the TTFT estimate that does not depend on the request (see routing/ttft.py)."""
+    status = view.status
+    rate = prefill_rate(view, model)
+    return (status.queued_tokens + view.pending_tokens) / rate + (
+        status.waiting + view.pending_count
+    ) * model.overhead_ms
+
+
+def order_keys(params: StrategyParams) -> dict[str, Callable[[WorkerView], float]]:
+    model = params.ttft
+    return {
+        BY_QUEUE: lambda v: queue_ms(v, model),
+        BY_LOAD: lambda v: float(v.load),
+        BY_KV_USED: lambda v: float(v.status.kv_used + v.pending_tokens),
+        BY_KV_FREE: lambda v: -float(v.kv_free),
+        BY_RATE: lambda v: -prefill_rate(v, model),
+    }
+
+
+class Fleet(Protocol):
+    """What a decision reads: flexlb.state.view.FleetView."""
+
+    def get(self, worker_id: str) -> WorkerView | None: ...
+    def workers(self, role: Role) -> list[WorkerView]: ...
+    def ids(self, role: Role) -> list[str]: ...
+    def count(self, role: Role) -> int: ...
+    def ordered(self, role: Role, order: str) -> Iterator[tuple[float, WorkerView]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionOptions:
+    strategies: dict[Role, StrategyName]
+    params: StrategyParams = field(default_factory=StrategyParams)
+    roles: tuple[Role, ...] = ()  # roles every request needs; () = the roles that have registered workers
+    prune_above: int = 32  # roles with more workers than this are pruned, not scanned in full
+
+
+def decide(
+    request: ScheduleRequest,
+    fleet: Fleet,
+    options: DecisionOptions,
+    memory: ChoiceMemory,
+    *,
+    hits: Mapping[str, int] | None = None,
+    local_load: Mapping[str, tuple[int, int]] | None = None,
+    service: str = "",
+) -> ScheduleResult:
+    """One worker per role for ``request``, or a refusal naming the role and why none could take it.
+
+    ``hits``: worker id -> cached prefix of the request's blocks, in blocks (the inverted index's lookup).
+    ``local_load``: worker id -> (count, tokens) of reservations only this router knows, added to the pending load.
+    Records the picks in ``memory`` (recency, round-robin counters); nothing else changes.
+    """
+    roles = options.roles or tuple(r for r in ROLE_ORDER if fleet.count(r))
+    if not roles:
+        return ScheduleResult(
+            success=False,
+            code=ErrorCode.NO_AVAILABLE_WORKER,
+            message=f"NO_AVAILABLE_WORKER: no workers registered for service {service!r}",
+        )
+    scan = _Scan(request, fleet, memory, options.params, hits or {}, local_load or {})
+    choices: dict[Role, Choice] = {}
+    for role in (r for r in ROLE_ORDER if r in roles):
+        strategy = options.strategies[role]
+        if fleet.count(role) <= options.prune_above:
+            choice = choose(strategy, role, scan.all_eligible(role), request, memory, options.params)
+        else:
+            view = scan.pick(strategy, role)
+            choice = None if view is None else make_choice(role, view, request, memory, options.params)
+        if choice is None:
+            code = NO_WORKER_CODE[role]
+            why = why_none(role, fleet.workers(role), scan.group, request.exclude_workers)
+            return ScheduleResult(success=False, code=code, message=f"{code.name}: {why}")
+        choices[role] = choice
+        scan.group = scan.group or choice.worker.spec.group
+    return ScheduleResult(success=True, choices=choices)
+
+
+class _Scan:
+    """The candidates of one decision: each worker as the request sees it, and the pruned strategies."""
+
+    def __init__(
+        self,
+        request: ScheduleRequest,
+        fleet: Fleet,
+        memory: ChoiceMemory,
+        params: StrategyParams,
+        hits: Mapping[str, int],
+        local_load: Mapping[str, tuple[int, int]],
+    ) -> None:
+        self.request, self.fleet, self.memory, self.params = request, fleet, memory, params
+        self.hits, self.local_load = hits, local_load
+        self.group = ""
+
+    def as_seen(self, view: WorkerView, role: Role) -> WorkerView | None:
+        """The worker with the request's cache hit and this router's own load, if it may take the request."""
+        if view.worker_id in self.request.exclude_workers or (self.group and view.spec.group != self.group):
+            return None
+        hit = self.hits.get(view.worker_id, 0) if role in PREFILL_ROLES else 0
+        extra = self.local_load.get(view.worker_id)
+        if hit or extra:
+            count, tokens = extra or (0, 0)
+            view = WorkerView(view.spec, view.status, view.pending_count + count, view.pending_tokens + tokens, hit)
+        return view if is_eligible(view, role, self.request.seq_len) else None
+
+    def all_eligible(self, role: Role) -> list[WorkerView]:
+        seen = (self.as_seen(v, role) for v in self.fleet.workers(role))
+        return [v for v in seen if v is not None]
+
+    def pick(self, strategy: StrategyName, role: Role) -> WorkerView | None:
+        if strategy is StrategyName.SHORTEST_TTFT:
+            return self._shortest_ttft(role)
+        if strategy is StrategyName.LOWEST_CONCURRENCY:
+            return self._lowest(role, BY_LOAD, lambda v: float(v.load), lambda v: (self.memory.recency(v), v.worker_id))
+        if strategy is StrategyName.LEAST_KV_USED:
+            return self._lowest(
+                role, BY_KV_FREE, lambda v: -float(v.kv_free), lambda v: (v.load, self.memory.recency(v), v.worker_id)
+            )
+        if strategy is StrategyName.ROUND_ROBIN:
+            return self._round_robin(role)
+        return self._sample(strategy, role)
+
+    # ---- the pruned strategies ----
+
+    def _shortest_ttft(self, role: Role) -> WorkerView | None:
+        model, seq_len, tie = self.params.ttft, self.request.seq_len, self.params.tie_ratio
+        found: dict[str, tuple[float, WorkerView]] = {}
+        for wid in self.hits:
+            view = self.fleet.get(wid)
+            if view is not None and view.spec.role is role and (seen := self.as_seen(view, role)) is not None:
+                found[wid] = (estimate_ttft_ms(seen, seq_len, model), seen)
+        best = min((e for e, _ in found.values()), default=math.inf)
+        fastest = next(self.fleet.ordered(role, BY_RATE), None)
+        if fastest is None:
+            return None
+        # no worker outside the cache holders beats its queue time plus the whole prompt at the best rate
+        floor = model.overhead_ms + max(seq_len, 1) / -fastest[0]
+        for q, view in self.fleet.ordered(role, BY_QUEUE):
+            if q + floor > best * (1 + tie):
+                break
+            if view.worker_id in found or (seen := self.as_seen(view, role)) is None:
+                continue
+            estimate = estimate_ttft_ms(seen, seq_len, model)
+            found[view.worker_id] = (estimate, seen)
+            best = min(best, estimate)
+        equal = [(e, v) for e, v in found.values() if e <= best * (1 + tie)]
+        if not equal:
+            return None
+        return min(equal, key=lambda ev: (self.memory.recency(ev[1]), ev[0], ev[1].worker_id))[1]
+
+    def _lowest(
+        self, role: Role, order: str, metric: Callable[[WorkerView], float], tiebreak: Callable[[WorkerView], object]
+    ) -> WorkerView | None:
+        """The eligible worker with the smallest ``metric``, ties by ``tiebreak``; ``order``'s key is a lower
+        bound of the metric (this router's own load only adds to it)."""
+        best = math.inf
+        tied: list[WorkerView] = []
+        for key, view in self.fleet.ordered(role, order):
+            if key > best:
+                break
+            if (seen := self.as_seen(view, role)) is None:
+                continue
+            value = metric(seen)
+            if value < best:
+                best, tied = value, [seen]
+            elif value == best:
+                tied.append(seen)
+        return min(tied, key=tiebreak) if tied else None
+
+    def _round_robin(self, role: Role) -> WorkerView | None:
+        ids = self.fleet.ids(role)
+        counter = self.memory.round_robin.get(role, 0)
+        self.memory.round_robin[role] = counter + 1
+        for step in range(len(ids)):
+            view = self.fleet.get(ids[(counter + step) % len(ids)])
+            if view is not None and (seen := self.as_seen(view, role)) is not None:
+                return seen
+        return None
+
+    def _sample(self, strategy: StrategyName, role: Role) -> WorkerView | None:
+        ids, rng = self.fleet.ids(role), self.memory.rng
+        weighted = strategy is StrategyName.WEIGHTED_CACHE
+        decay = self.params.weighted_cache_decay
+        least_used = next(self.fleet.ordered(role, BY_KV_USED), (0.0, None))[0]
+        for _ in range(SAMPLE_TRIES):
+            view = self.fleet.get(rng.choice(ids))
+            if view is None or (seen := self.as_seen(view, role)) is None:
+                continue
+            used = seen.status.kv_used + seen.pending_tokens
+            if not weighted or rng.random() < math.exp(-decay * (used - least_used)):
+                return seen
+        return _full_sample(strategy, role, self.all_eligible(role), self.request, self.memory, self.params)
+
+
+def _full_sample(
+    strategy: StrategyName,
+    role: Role,
+    candidates: Sequence[WorkerView],
+    request: ScheduleRequest,
+    memory: ChoiceMemory,
+    params: StrategyParams,
+) -> WorkerView | None:
+    if not candidates:
+        return None
+    ordered = sorted(candidates, key=lambda v: v.worker_id)
+    return STRATEGIES[strategy](role, ordered, request, memory, params)
+
+
+def why_none(role: Role, registered: Sequence[WorkerView], group: str, excluded: frozenset[str] = frozenset()) -> str:
+    """A message naming why no worker of the role could take the request."""
+    where = f" in group {group!r}" if group else ""
+    if not registered:
+        return f"no {role.value} worker registered"
+    alive = [v for v in registered if v.status.alive]
+    if not alive:
+        return f"none of {len(registered)} {role.value} workers is alive"
+    available = [v for v in alive if v.status.available]
+    if not available:
+        return f"all {len(alive)} alive {role.value} workers are unavailable (too many waiting tasks or KV too full)"
+    tried = sum(1 for v in available if v.worker_id in excluded)
+    if tried == len(available):
+        return f"all {tried} available {role.value} workers already failed this request"
+    if tried:  # a retry: the ones tried failed, the others are full
+        others = len(available) - tried
+        return (
+            f"{tried} {role.value} workers already failed this request; the other {others}{where}"
+            " are at their concurrency or KV limit"
+        )
+    return f"all {len(alive)} alive {role.value} workers{where} are at their concurrency or KV limit"

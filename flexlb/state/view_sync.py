@@ -1,0 +1,157 @@
+"""ViewSync: keeps a router's FleetView current by tailing the service's change stream (XREAD BLOCK).
+
+A full read of the fleet (``FleetStore.read_fleet``) happens at start, after the connection to Redis was lost, and
+when the entries' sequence numbers show a gap (the stream was trimmed past this reader, or Redis restarted empty);
+otherwise each change costs one entry. ``fresh_at`` is when Redis last answered the tail: the decision path treats
+a view older than its staleness bound as unusable, exactly as it treated an old snapshot.
+
+Without the background task running (:meth:`start`), :meth:`catch_up` does the same work inline: the scheduler calls
+it before a decision then, so a scheduler built without the tail (tests, tools) still decides on current state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from flexlb.state.store import FleetStore
+from flexlb.state.view import FleetView, NeedsResync
+
+log = logging.getLogger("flexlb.view")
+
+RECONNECT_DELAY_S = 0.2
+
+
+class ViewSync:
+    def __init__(
+        self,
+        store: FleetStore,
+        view: FleetView,
+        *,
+        block_ms: int = 500,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.view = view
+        self.block_ms = block_ms
+        self._clock = clock
+        self._on_change = on_change
+        self._last_id = "0-0"
+        self._last_seq = 0
+        self.fresh_at: float | None = None  # when Redis last answered a read of the view
+        self.resyncs = 0  # full reads since start (tests, /schedule_snapshot)
+        self.entries = 0  # stream entries applied since start
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()  # the tail is following the stream (set after its first read)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and self.connected.is_set()
+
+    def age_s(self) -> float | None:
+        return None if self.fresh_at is None else self._clock() - self.fresh_at
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="fleet view")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.connected.clear()
+
+    async def resync(self) -> None:
+        """Read the whole fleet again and follow the stream from where that read stands."""
+        read = await self.store.read_fleet()
+        self.view.replace_all(read.hashes)
+        self._last_id, self._last_seq = read.stream_id, read.seq
+        self.fresh_at = self._clock()
+        self.resyncs += 1
+        self._changed()
+
+    async def catch_up(self, block_ms: int | None = None) -> int:
+        """Apply the entries after the last one applied (waiting up to ``block_ms`` for one); a full read first if
+        the view never had one. Returns how many entries were applied. Raises what Redis raises.
+
+        The tail and an inline catch-up may read at once: an entry is applied only if it is the next one, one
+        already applied is skipped, one after a gap means a full read."""
+        try:
+            if not self.view.synced:
+                await self.resync()
+            entries = await self.store.read_changes(self._last_id, block_ms=block_ms)
+        except BaseException:
+            self.view.synced = False  # Redis may come back empty: read everything then
+            raise
+        applied = 0
+        for entry_id, fields in entries:
+            seq = int(fields.get("n", 0))
+            if _stream_id(entry_id) <= _stream_id(self._last_id):
+                continue  # applied by the other reader meanwhile
+            if seq != self._last_seq + 1:
+                log.warning(
+                    "change stream of %s: entry %d follows %d (missed entries: trimmed, or Redis restarted); "
+                    "reading the fleet again",
+                    self.store.keys.service,
+                    seq,
+                    self._last_seq,
+                )
+                await self.resync()
+                return applied
+            try:
+                self.view.apply(fields)
+            except NeedsResync as exc:
+                log.warning("fleet view of %s: %s; reading the fleet again", self.store.keys.service, exc)
+                await self.resync()
+                return applied
+            self._last_id, self._last_seq = entry_id, seq
+            applied += 1
+        self.fresh_at = self._clock()  # a blocking read that came back empty: nothing changed until now
+        self.entries += applied
+        if applied:
+            self._changed()
+        return applied
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    async def _run(self) -> None:
+        failing = False
+        while True:
+            try:
+                await self.resync_if_needed(failing)
+                if failing:
+                    log.warning("fleet view of %s: following the change stream again", self.store.keys.service)
+                    failing = False
+                self.connected.set()
+                while True:
+                    await self.catch_up(self.block_ms)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away or restarted: read everything again once it answers
+                self.connected.clear()
+                if not failing:
+                    log.warning(
+                        "fleet view of %s: change stream lost (%s: %s); view frozen at %.1fs old, retrying",
+                        self.store.keys.service,
+                        type(exc).__name__,
+                        exc,
+                        self.age_s() or 0.0,
+                    )
+                    failing = True
+                await asyncio.sleep(RECONNECT_DELAY_S)
+
+    async def resync_if_needed(self, force: bool) -> None:
+        if force or not self.view.synced:
+            await self.resync()
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,193 @@
+"""decide(): the pure multi-role decision, and its pruned scans checked against the full scan on random fleets."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexlb.domain import ErrorCode, Role, ScheduleRequest
+from flexlb.routing import ChoiceMemory, DecisionOptions, StrategyName, StrategyParams, decide, eligible, order_keys
+from flexlb.routing.strategies import near_best
+from flexlb.routing.ttft import estimate_ttft_ms
+from flexlb.state.view import FleetView
+
+PARAMS = StrategyParams()
+
+
+def fleet_of(hashes: dict[str, dict[str, str]]) -> FleetView:
+    view = FleetView(order_keys(PARAMS))
+    view.replace_all(hashes)
+    return view
+
+
+def worker_hash(i: int, role: Role, rng: random.Random) -> dict[str, str]:
+    return {
+        "ip": f"10.1.{i // 200}.{i % 200}",
+        "http_port": "8000",
+        "role": role.value,
+        "alive": "1" if rng.random() > 0.1 else "0",
+        "available": "1" if rng.random() > 0.05 else "0",
+        "max_concurrency": str(rng.choice([0, 4, 8])),
+        "running": str(rng.randrange(6)),
+        "waiting": str(rng.randrange(4)),
+        "queued_tokens": str(rng.randrange(0, 20_000, 50)),
+        "kv_used": str(rng.randrange(0, 9_000, 100)),
+        "kv_total": str(rng.choice([0, 10_000])),
+        "prefill_tokens_per_ms": str(rng.choice([0, 5.0, 10.0, 20.0])),
+        "pending_count": str(rng.randrange(3)),
+        "pending_tokens": str(rng.randrange(0, 3_000, 100)),
+    }
+
+
+def random_fleet(seed: int, size: int, role: Role) -> tuple[FleetView, dict[str, int], random.Random]:
+    rng = random.Random(seed)
+    hashes = {}
+    for i in range(size):
+        h = worker_hash(i, role, rng)
+        hashes[f"{h['ip']}:8000"] = h
+    hits = {wid: rng.randrange(1, 40) for wid in rng.sample(sorted(hashes), k=min(size, rng.randrange(0, 6)))}
+    return fleet_of(hashes), hits, rng
+
+
+def options(strategy: StrategyName, role: Role, prune_above: int) -> DecisionOptions:
+    return DecisionOptions(
+        strategies={r: strategy for r in Role}, params=PARAMS, roles=(role,), prune_above=prune_above
+    )
+
+
+def both(fleet: FleetView, hits: dict[str, int], strategy: StrategyName, role: Role, request: ScheduleRequest):
+    memory = ChoiceMemory(rng=random.Random(1))
+    for wid in fleet.ids(role)[::3]:  # some workers chosen before, in some order
+        memory.note_chosen(wid)
+    full_memory, pruned_memory = memory, copy.deepcopy(memory)
+    full = decide(request, fleet, options(strategy, role, prune_above=10**9), full_memory, hits=hits)
+    pruned = decide(request, fleet, options(strategy, role, prune_above=0), pruned_memory, hits=hits)
+    return full, pruned
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10**6), size=st.integers(1, 120), seq_len=st.integers(0, 8_000))
+def test_pruned_shortest_ttft_is_within_the_full_scans_near_tie_band(seed: int, size: int, seq_len: int) -> None:
+    fleet, hits, _ = random_fleet(seed, size, Role.PREFILL)
+    request = ScheduleRequest(request_id=1, seq_len=seq_len)
+    full, pruned = both(fleet, hits, StrategyName.SHORTEST_TTFT, Role.PREFILL, request)
+    assert full.success == pruned.success
+    if not full.success:
+        assert (full.code, full.message) == (pruned.code, pruned.message)
+        return
+    # every eligible worker as the full scan saw it
+    seen = {
+        c.worker_id: c
+        for c in decide_candidates(fleet, hits, Role.PREFILL, request)  # (eligible, with the request's hit)
+    }
+    estimates = {wid: estimate_ttft_ms(v, seq_len, PARAMS.ttft) for wid, v in seen.items()}
+    ids = sorted(estimates)
+    equal = {ids[i] for i in near_best([estimates[w] for w in ids], PARAMS.tie_ratio, PARAMS.best_fraction)}
+    picked = pruned.choices[Role.PREFILL]
+    assert picked.worker.worker_id in equal
+    assert picked.estimate_ttft_ms == estimates[picked.worker.worker_id]
+    # the best is never missed: the pruned pick is within tie_ratio of the full scan's best
+    assert picked.estimate_ttft_ms <= min(estimates.values()) * (1 + PARAMS.tie_ratio)
+
+
+def decide_candidates(fleet: FleetView, hits: dict[str, int], role: Role, request: ScheduleRequest):
+    """The eligible workers of the role, each with the request's cache hit (what a full scan scores)."""
+    with_hits = [dataclasses.replace(v, hit_blocks=hits.get(v.worker_id, 0)) for v in fleet.workers(role)]
+    return eligible(with_hits, role, request.seq_len)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    size=st.integers(1, 120),
+    seq_len=st.integers(0, 8_000),
+    strategy=st.sampled_from([StrategyName.LOWEST_CONCURRENCY, StrategyName.LEAST_KV_USED]),
+    role=st.sampled_from([Role.PREFILL, Role.DECODE]),
+)
+def test_pruned_lowest_load_and_least_kv_equal_the_full_scan(
+    seed: int, size: int, seq_len: int, strategy: StrategyName, role: Role
+) -> None:
+    fleet, hits, _ = random_fleet(seed, size, role)
+    request = ScheduleRequest(request_id=1, seq_len=seq_len)
+    full, pruned = both(fleet, hits, strategy, role, request)
+    assert (full.success, full.code, full.message) == (pruned.success, pruned.code, pruned.message)
+    if full.success:
+        assert full.choices[role] == pruned.choices[role]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), size=st.integers(1, 80))
+def test_pruned_round_robin_and_random_pick_eligible_workers(seed: int, size: int) -> None:
+    fleet, hits, _ = random_fleet(seed, size, Role.DECODE)
+    request = ScheduleRequest(request_id=1, seq_len=500)
+    eligible_ids = {v.worker_id for v in decide_candidates(fleet, hits, Role.DECODE, request)}
+    for strategy in (StrategyName.ROUND_ROBIN, StrategyName.RANDOM, StrategyName.WEIGHTED_CACHE):
+        full, pruned = both(fleet, hits, strategy, Role.DECODE, request)
+        assert full.success == pruned.success == bool(eligible_ids)
+        if pruned.success:
+            assert pruned.choices[Role.DECODE].worker.worker_id in eligible_ids
+
+
+def test_pruned_weighted_cache_samples_the_full_scans_distribution() -> None:
+    """Rejection sampling keeps WEIGHTED_CACHE's probabilities: compare frequencies with the weights."""
+    from flexlb.routing import weighted_cache_weights
+
+    rng = random.Random(5)
+    hashes = {}
+    for i, used in enumerate([0, 300, 600, 1_000, 2_500, 4_000]):
+        h = worker_hash(i, Role.DECODE, rng) | {"alive": "1", "available": "1", "max_concurrency": "0"}
+        hashes[f"{h['ip']}:8000"] = h | {"kv_used": str(used), "pending_tokens": "0", "kv_total": "0"}
+    fleet = fleet_of(hashes)
+    workers = fleet.workers(Role.DECODE)
+    expected = dict(zip([v.worker_id for v in workers], weighted_cache_weights(workers, 0.001), strict=True))
+    memory = ChoiceMemory(rng=random.Random(11))
+    draws = 20_000
+    picks = Counter(
+        decide(
+            ScheduleRequest(request_id=i, seq_len=10),
+            fleet,
+            options(StrategyName.WEIGHTED_CACHE, Role.DECODE, prune_above=0),
+            memory,
+        )
+        .choices[Role.DECODE]
+        .worker.worker_id
+        for i in range(draws)
+    )
+    for wid, p in expected.items():
+        assert abs(picks[wid] / draws - p) < 0.015, (wid, picks[wid] / draws, p)
+
+
+def test_roles_are_chosen_in_order_within_the_first_choices_group() -> None:
+    rng = random.Random(2)
+    hashes = {}
+    for i, (role, group, kv_used) in enumerate(
+        [(Role.DECODE, "a", 9_000), (Role.DECODE, "b", 0), (Role.PREFILL, "a", 0), (Role.PREFILL, "b", 0)]
+    ):
+        h = worker_hash(i, role, rng) | {"alive": "1", "available": "1", "max_concurrency": "0", "kv_total": "10000"}
+        hashes[f"{h['ip']}:8000"] = h | {"group": group, "kv_used": str(kv_used), "pending_tokens": "0"}
+    fleet = fleet_of(hashes)
+    opts = DecisionOptions(
+        strategies={Role.DECODE: StrategyName.LEAST_KV_USED, Role.PREFILL: StrategyName.SHORTEST_TTFT},
+        params=PARAMS,
+        roles=(Role.PREFILL, Role.DECODE),
+    )
+    result = decide(ScheduleRequest(request_id=1, seq_len=100), fleet, opts, ChoiceMemory())
+    assert result.success
+    assert result.choices[Role.DECODE].worker.spec.group == "b"
+    assert result.choices[Role.PREFILL].worker.spec.group == "b"
+
+
+def test_no_worker_refusal_names_the_role() -> None:
+    result = decide(
+        ScheduleRequest(request_id=1, seq_len=1),
+        fleet_of({}),
+        options(StrategyName.RANDOM, Role.DECODE, 32),
+        ChoiceMemory(),
+    )
+    assert not result.success and result.code == ErrorCode.NO_DECODE_WORKER
+    assert "no DECODE worker registered" in result.message
