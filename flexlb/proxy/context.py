@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import web
 
 from flexlb.http.routes import RouterContext
+from flexlb.proxy.http1 import UpstreamPool
 from flexlb.proxy.metrics import ProxyMetrics
 from flexlb.proxy.releases import Releases
 from flexlb.settings import FlexlbConfig
@@ -42,7 +42,7 @@ class ProxyContext:
     metrics: ProxyMetrics
     rng: random.Random  # request ids and bootstrap rooms
     created: int  # epoch seconds: the model's "created" in /v1/models
-    session: aiohttp.ClientSession | None = None  # the one session to the workers, open while the app runs
+    session: UpstreamPool | None = None  # the one client to the workers, open while the app runs
     releases: Releases = field(default_factory=Releases)  # started, not awaited: the answer does not wait
 
     @property

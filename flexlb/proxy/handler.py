@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -28,9 +27,10 @@ from flexlb.http.routes import check_model
 from flexlb.http.wire import BadRequest
 from flexlb.proxy.context import PROXY, ProxyContext
 from flexlb.proxy.errors import ClientGone, ProxyError, error_response, from_schedule
+from flexlb.proxy.http1 import Response
 from flexlb.proxy.parse import ProxiedRequest, Route, parse_request
 from flexlb.proxy.pd import PrefillRefused, UpstreamFailures, bootstrap_fields, drain, open_pair
-from flexlb.proxy.plan import forward_body, plan
+from flexlb.proxy.plan import fleet_block_size, forward_body, plan
 from flexlb.proxy.relay import relay
 from flexlb.proxy.upstream import Target, UpstreamFailure, open_response
 from flexlb.scheduler import Scheduler
@@ -109,7 +109,7 @@ async def _serve(
 ) -> web.StreamResponse:
     router = pctx.router
     body = forward_body(parsed, request_id, pctx.options.served_model_name)
-    keys = tuple(block_cache_keys(parsed.tokens, router.scheduler.view.block_size()))
+    keys = tuple(block_cache_keys(parsed.tokens, fleet_block_size(router.scheduler.last_snapshot)))
     failures: list[UpstreamFailure] = []
     retries = pctx.options.retries
     try:
@@ -179,7 +179,7 @@ async def _attempt(
     else:
         payload = orjson.dumps(body | bootstrap_fields(prefill, pctx.options.bootstrap_port, pctx.rng))
 
-        def open_one(target: Target) -> Awaitable[aiohttp.ClientResponse]:
+        def open_one(target: Target) -> Awaitable[Response]:
             return open_response(session, target, path, payload, request_id, timeout)
 
         try:

@@ -13,20 +13,19 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-
-from flexlb.proxy.upstream import Target, UpstreamFailure
+from flexlb.proxy.http1 import Response
+from flexlb.proxy.upstream import UPSTREAM_ERRORS, Target, UpstreamFailure
 
 log = logging.getLogger("flexlb.proxy")
 
-Opener = Callable[[Target], Awaitable[aiohttp.ClientResponse]]
+Opener = Callable[[Target], Awaitable[Response]]
 
 
 class PrefillRefused(Exception):
     """The prefill worker answered below 500 but not 2xx (the request is wrong for the engine): the client gets
     that answer; the decode worker, which would wait for KV that never comes, is abandoned."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: Response) -> None:
         super().__init__(f"prefill answered HTTP {response.status}")
         self.response = response
 
@@ -43,15 +42,13 @@ def bootstrap_fields(prefill: Target, port: int, rng: random.Random) -> dict[str
     return {"bootstrap_host": prefill.spec.ip, "bootstrap_port": port, "bootstrap_room": rng.getrandbits(63)}
 
 
-async def open_pair(
-    open_one: Opener, prefill: Target, decode: Target
-) -> tuple[aiohttp.ClientResponse, aiohttp.ClientResponse]:
+async def open_pair(open_one: Opener, prefill: Target, decode: Target) -> tuple[Response, Response]:
     """Send to both workers at once and return (prefill, decode) responses once both sent their headers.
 
     Raises UpstreamFailures naming the worker(s) that failed, or PrefillRefused; whatever else was opened is closed.
     """
 
-    async def open_prefill() -> aiohttp.ClientResponse:
+    async def open_prefill() -> Response:
         response = await open_one(prefill)
         if not 200 <= response.status < 300:
             raise PrefillRefused(response)
@@ -78,7 +75,7 @@ async def open_pair(
         raise
 
 
-def _close_opened(task: asyncio.Task[aiohttp.ClientResponse], keep: aiohttp.ClientResponse | None) -> None:
+def _close_opened(task: asyncio.Task[Response], keep: Response | None) -> None:
     """Close the response ``task`` opened, unless it is ``keep``: the worker sees the disconnect and cancels."""
     if task.cancelled():
         return
@@ -88,14 +85,12 @@ def _close_opened(task: asyncio.Task[aiohttp.ClientResponse], keep: aiohttp.Clie
         response.close()
 
 
-async def drain(
-    response: aiohttp.ClientResponse, target: Target, request_id: int, on_failure: Callable[[Target], None]
-) -> None:
+async def drain(response: Response, target: Target, request_id: int, on_failure: Callable[[Target], None]) -> None:
     """Read and discard the prefill worker's answer (its connection stays open until the prefill is done)."""
     try:
-        while await response.content.readany():
+        while await response.readany():
             pass
-    except (aiohttp.ClientError, OSError) as exc:
+    except UPSTREAM_ERRORS as exc:
         # Too late to fail the request: the decode side has its KV or fails by itself, and its answer is the client's.
         on_failure(target)
         log.warning("request %s: %s failed after its first byte: %r", request_id, target, exc)

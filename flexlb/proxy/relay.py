@@ -9,21 +9,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import aiohttp
 from aiohttp import hdrs, web
 
 from flexlb.proxy.errors import ClientGone, ProxyError, sse_error_event
-from flexlb.proxy.upstream import Target
+from flexlb.proxy.http1 import Response
+from flexlb.proxy.upstream import UPSTREAM_ERRORS, Target
 
 log = logging.getLogger("flexlb.proxy")
 
-# Headers of the worker's answer the client gets; hop-by-hop ones (Transfer-Encoding, Connection) are the server's.
-PASSED_HEADERS = (hdrs.CONTENT_TYPE, hdrs.CONTENT_ENCODING, hdrs.CACHE_CONTROL)
+# Headers of the worker's answer the client gets, as (the worker's lower-case name, the name sent); hop-by-hop ones
+# (Transfer-Encoding, Connection) are the server's.
+PASSED_HEADERS = tuple(
+    (str(name).lower(), name) for name in (hdrs.CONTENT_TYPE, hdrs.CONTENT_ENCODING, hdrs.CACHE_CONTROL)
+)
 
 
 async def relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     target: Target,
     *,
     stream: bool,
@@ -31,12 +34,13 @@ async def relay(
     on_mid_stream_failure: Callable[[Target], None],
 ) -> web.StreamResponse:
     """Send ``upstream`` to the client: streamed when the client asked for a stream and the worker said 2xx."""
-    headers = {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
+    received = upstream.headers
+    headers = {name: received[key] for key, name in PASSED_HEADERS if key in received}
     headers["X-Request-Id"] = str(request_id)
     if not (stream and 200 <= upstream.status < 300):
         try:
             body = await upstream.read()
-        except (aiohttp.ClientError, OSError) as exc:
+        except UPSTREAM_ERRORS as exc:
             on_mid_stream_failure(target)
             log.warning("request %s: %s failed while sending its answer: %r", request_id, target, exc)
             message = f"{target} failed while sending its answer: {exc!r}"
@@ -52,8 +56,8 @@ async def relay(
     tail = b"\n\n"  # the end of the last chunk sent: an error event must start on an event boundary
     while True:
         try:
-            chunk = await upstream.content.readany()
-        except (aiohttp.ClientError, OSError) as exc:
+            chunk = await upstream.readany()
+        except UPSTREAM_ERRORS as exc:
             on_mid_stream_failure(target)
             log.warning("request %s: %s failed mid-stream: %r", request_id, target, exc)
             if upstream.content_type == "text/event-stream":

@@ -14,7 +14,7 @@ from flexlb.proxy.context import PROXY, ProxyContext, ProxyOptions
 from flexlb.proxy.handler import handler_for
 from flexlb.proxy.metrics import ProxyMetrics
 from flexlb.proxy.parse import Route
-from flexlb.proxy.upstream import make_session
+from flexlb.proxy.upstream import make_client
 from flexlb.settings import FlexlbConfig
 
 MODELS_PATH = "/v1/models"
@@ -42,7 +42,7 @@ def setup_proxy(app: web.Application, config: FlexlbConfig) -> None:
 
 async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
     pctx = app[PROXY]
-    pctx.session = make_session(pctx.options.connect_timeout_s)
+    pctx.session = make_client(pctx.options.connect_timeout_s)
     yield
     await pctx.releases.wait()  # none left by now: the scheduler's finish_releases waited for them
     await pctx.session.close()
