@@ -30,7 +30,7 @@ from flexlb.proxy.errors import ClientGone, ProxyError, error_response, from_sch
 from flexlb.proxy.http1 import Response
 from flexlb.proxy.parse import ProxiedRequest, Route, parse_request
 from flexlb.proxy.pd import PrefillRefused, UpstreamFailures, bootstrap_fields, drain, open_pair
-from flexlb.proxy.plan import fleet_block_size, forward_body, plan
+from flexlb.proxy.plan import forward_body, plan
 from flexlb.proxy.relay import relay
 from flexlb.proxy.upstream import Target, UpstreamFailure, open_response
 from flexlb.scheduler import Scheduler
@@ -109,7 +109,7 @@ async def _serve(
 ) -> web.StreamResponse:
     router = pctx.router
     body = forward_body(parsed, request_id, pctx.options.served_model_name)
-    keys = tuple(block_cache_keys(parsed.tokens, fleet_block_size(router.scheduler.last_snapshot)))
+    keys = tuple(block_cache_keys(parsed.tokens, router.scheduler.view.block_size()))
     failures: list[UpstreamFailure] = []
     retries = pctx.options.retries
     try:
