@@ -28,11 +28,19 @@ local function pending_of(worker_key)
   return (p[1] or '0') .. ' ' .. (p[2] or '0')
 end
 
+-- Add to a worker's pending load (the caller knows the worker exists) and return the new "count tokens".
+local function add_pending(worker_key, count, tokens)
+  local c = redis.call('HINCRBY', worker_key, 'pending_count', string.format('%d', count))
+  local t = redis.call('HINCRBY', worker_key, 'pending_tokens', string.format('%d', tokens))
+  return c .. ' ' .. t
+end
+
 -- Drop the reservations of one worker whose expiry has passed and give their load back.
--- A router that crashed never releases; this is what returns its capacity. Returns how many were dropped.
+-- A router that crashed never releases; this is what returns its capacity. Returns how many were dropped and
+-- their tokens.
 local function expire_reservations(worker_key, resv_key, tokens_key, now)
   local overdue = redis.call('ZRANGEBYSCORE', resv_key, '-inf', now)
-  if #overdue == 0 then return 0 end
+  if #overdue == 0 then return 0, 0 end
   local freed = 0
   for _, rid in ipairs(overdue) do
     freed = freed + (tonumber(redis.call('HGET', tokens_key, rid)) or 0)
@@ -43,7 +51,7 @@ local function expire_reservations(worker_key, resv_key, tokens_key, now)
     hincr(worker_key, 'pending_count', -#overdue)
     hincr(worker_key, 'pending_tokens', -freed)
   end
-  return #overdue
+  return #overdue, freed
 end
 
 -- Remove a worker from the inverted block index (block hash -> workers) and drop its own block set.

@@ -45,7 +45,7 @@ for i = first_rid, #ARGV do
 end
 hincr(wk, 'pending_count', -dropped)
 hincr(wk, 'pending_tokens', -freed)
-local pending = redis.call('HMGET', wk, 'pending_count', 'pending_tokens')
+local pending = redis.call('HMGET', wk, 'pending_count', 'pending_tokens')  -- after the expiry and the drops
 fields[#fields + 1] = 'status_version'
 fields[#fields + 1] = version
 fields[#fields + 1] = 'pending_count'

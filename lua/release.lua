@@ -23,10 +23,8 @@ for i = 1, (#KEYS - 3) / 3 do
     local tokens = tonumber(redis.call('HGET', tk, rid)) or 0
     redis.call('HDEL', tk, rid)
     if redis.call('EXISTS', wk) == 1 then
-      hincr(wk, 'pending_count', -1)
-      hincr(wk, 'pending_tokens', -tokens)
       changes[#changes + 1] = wid
-      changes[#changes + 1] = pending_of(wk)
+      changes[#changes + 1] = add_pending(wk, -1, -tokens)
     end
     released = released + 1
     freed_workers[#freed_workers + 1] = wid

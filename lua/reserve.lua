@@ -17,7 +17,7 @@
 -- @include _lib.lua
 
 local CHECKED = {'alive', 'max_concurrency', 'running', 'waiting', 'pending_count', 'kv_total', 'kv_used',
-                 'pending_tokens'}
+                 'pending_tokens', 'role'}
 local rid = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local now = now_ms()
@@ -25,17 +25,20 @@ local n = (#KEYS - 3) / 3
 
 local function num(v) return tonumber(v) or 0 end
 
-local expired = {}
+local seen, expired = {}, {}
 for i = 1, n do
   local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
   local tokens = tonumber(ARGV[2 + 2 * i])
-  if redis.call('EXISTS', wk) == 0 then return {0, i, 'gone', 'worker is not registered', {}} end
-  if expire_reservations(wk, rk, tk, now) > 0 then
+  local s = redis.call('HMGET', wk, unpack(CHECKED))
+  if not s[9] then return {0, i, 'gone', 'worker is not registered', {}} end
+  local dropped, freed = expire_reservations(wk, rk, tk, now)
+  if dropped > 0 then  -- the values read before the expiry, as they are after it
+    s[5], s[8] = tostring(num(s[5]) - dropped), tostring(num(s[8]) - freed)
     expired[#expired + 1] = ARGV[1 + 2 * i]
-    expired[#expired + 1] = pending_of(wk)
+    expired[#expired + 1] = s[5] .. ' ' .. s[8]
   end
+  seen[i] = s
   if redis.call('ZSCORE', rk, rid) == false then
-    local s = redis.call('HMGET', wk, unpack(CHECKED))
     local refusal, detail
     local limit, load = num(s[2]), num(s[3]) + num(s[4]) + num(s[5])
     local kv_total, kv_taken = num(s[6]), num(s[7]) + num(s[8])
@@ -58,13 +61,14 @@ local out, changes = {1, now}, {}
 for i = 1, n do
   local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
   local wid, tokens = ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
+  local pending
   if redis.call('ZADD', rk, expiry, rid) == 1 then
     redis.call('HSET', tk, rid, tokens)
-    hincr(wk, 'pending_count', 1)
-    hincr(wk, 'pending_tokens', tokens)
     redis.call('HSET', KEYS[1], wid, tokens)
+    pending = add_pending(wk, 1, tokens)
+  else  -- already held: its expiry moved, its load is counted
+    pending = (seen[i][5] or '0') .. ' ' .. (seen[i][8] or '0')
   end
-  local pending = pending_of(wk)
   out[#out + 1] = pending
   changes[#changes + 1] = wid
   changes[#changes + 1] = pending

@@ -127,25 +127,29 @@ async def release(request: web.Request) -> web.Response:
 
 
 async def schedule_snapshot(request: web.Request) -> web.Response:
-    """The fleet as this router sees it: every worker's status and pending load, plus this router's own state."""
+    """The fleet as this router sees it: its fleet view (every worker's status and pending load, as the change
+    stream brought them), plus this router's own state. ``?source=redis`` reads every worker from Redis instead."""
     ctx = request.app[CONTEXT]
     sched = ctx.scheduler
     body: dict[str, Any] = {
         "service_id": ctx.service_id,
         "redis_up": sched.redis_up,
         "view_age_ms": sched.view_age_ms,
-        "view_workers": len(sched.view),
         "view_resyncs": sched.view_sync.resyncs,
         "view_entries": sched.view_sync.entries,
         "strategies": {r.value: s.value for r, s in sched.options.strategies.items()},
         "local_reservations": {str(rid): picks for rid, picks in sched.local_reservations().items()},
     }
-    try:
-        views = await ctx.store.list_workers()
-        body["source"] = "redis"
-    except REDIS_UNAVAILABLE as exc:
-        views = list(sched.view.all())
-        body["source"] = f"fleet view (Redis unreachable: {exc})"
+    views = None
+    if request.query.get("source") == "redis":
+        try:
+            views = await ctx.store.list_workers()
+            body["source"] = "redis"
+        except REDIS_UNAVAILABLE as exc:
+            body["source"] = f"fleet view (Redis unreachable: {exc})"
+    if views is None:
+        views = sorted(sched.view.all(), key=lambda v: v.worker_id)
+        body.setdefault("source", "view")
     body["workers"] = [worker_json(v) for v in views]
     return json_response(body)
 

@@ -19,7 +19,9 @@ from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import Scripts
 
 LOOKUP_CHUNK = 128  # blocks per lookup call: 8k tokens of 64-token blocks, so long prompts build few keys at once
-_CHECKED = ("alive", "max_concurrency", "running", "waiting", "pending_count", "kv_total", "kv_used", "pending_tokens")
+_CHECKED = (
+    "alive", "max_concurrency", "running", "waiting", "pending_count", "kv_total", "kv_used", "pending_tokens", "role",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

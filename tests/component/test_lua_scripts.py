@@ -250,3 +250,13 @@ async def test_release_request_frees_every_reservation_whatever_the_hint(store: 
         assert raw_pending(await worker_state(store, spec.worker_id)) == (0, 0)
     assert await store.redis.exists(store.keys.request(21)) == 0
     assert await store.release_request(21, likely) == 0
+
+
+async def test_a_zero_token_reservation_is_released_like_any_other(store: FleetStore) -> None:
+    """seq_len 0, or a prompt fully cached on the worker, reserves 0 tokens: Lua must not send HINCRBY '-0'."""
+    await register_fleet(store)
+    assert (await store.reserve(31, [(P1.worker_id, 0), (D1.worker_id, 0)], 60_000)).ok
+    assert raw_pending(await worker_state(store, P1.worker_id)) == (1, 0)
+    assert await store.release(31) == 2
+    assert raw_pending(await worker_state(store, P1.worker_id)) == (0, 0)
+    assert raw_pending(await worker_state(store, D1.worker_id)) == (0, 0)
