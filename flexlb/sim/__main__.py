@@ -1,5 +1,6 @@
 """``python -m flexlb.sim``: run one simulated worker, HTTP on ``--port`` and the status gRPC on ``--grpc-port``
-(default ``--port`` + 1). Every EngineConfig field is an option (``--kv-blocks``).
+(default ``--port`` + 1), or ``--count N`` of them in one process (``flexlb.sim.fleet``). Every EngineConfig field is
+an option (``--kv-blocks``).
 
 The options are defined here once; ``flexlb sim-worker`` reuses them (``add_sim_worker_options``, ``run``).
 """
@@ -34,6 +35,13 @@ def add_sim_worker_options(parser: argparse.ArgumentParser, *, required: bool = 
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=None if required else 8000, required=required, help="HTTP port")
     parser.add_argument("--grpc-port", type=int, help="status gRPC port (default: --port + 1)")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=1,
+        help="serve this many workers of the same options in one process: worker i on HTTP --port + 2*i and "
+        "status gRPC on that + 1 (default 1)",
+    )
     parser.add_argument("--model", default="flexlb-sim", help="served model name")
     parser.add_argument(
         "--load-format",
@@ -63,6 +71,13 @@ def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
     """
     try:
         config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+        count = getattr(args, "count", 1)
+        if count < 1:
+            raise ValueError(f"--count must be at least 1, got {count}")
+        if count > 1 and args.grpc_port is not None:
+            raise ValueError("--grpc-port applies to one worker; with --count each worker's is its HTTP port + 1")
+        if count > 1 and not 0 < args.port <= 65536 - 2 * count:
+            raise ValueError(f"--port {args.port} with --count {count}: ports must stay below 65536")
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -77,6 +92,7 @@ def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
 
 async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
     # Imported here: the HTTP and gRPC stacks are not needed by the other `flexlb` commands that import this module.
+    from flexlb.sim.fleet import run_sim_fleet
     from flexlb.sim.http_api import run_sim_worker
 
     # Both signals only ask for a stop, so a second one cannot interrupt the shutdown half-way.
@@ -84,6 +100,10 @@ async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    count = getattr(args, "count", 1)
+    if count > 1:
+        await run_sim_fleet(config, args.host, args.port, count, args.model, load_format=args.load_format, stop=stop)
+        return
     await run_sim_worker(
         config, args.host, args.port, args.model, grpc_port=args.grpc_port, load_format=args.load_format, stop=stop
     )

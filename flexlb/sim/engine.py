@@ -207,6 +207,10 @@ class SimEngine:
 
     async def start(self) -> None:
         """Start the iteration loop (idempotent)."""
+        self.start_now()
+
+    def start_now(self) -> None:
+        """``start()`` from synchronous code running on the event loop (a fleet starts its engines lazily)."""
         if self._stopped:
             raise EngineStopped("engine was stopped")
         if self._task is None:
@@ -322,13 +326,37 @@ class SimEngine:
         """Tokens a new request can get: free blocks plus cached blocks no running request pins."""
         return (self.cache.free_blocks + self.cache.evictable_blocks) * self.config.block_size
 
+    @property
+    def idle(self) -> bool:
+        """No request running or waiting: the status depends on nothing but counters."""
+        return not self._running and not self._waiting
+
+    def idle_status_key(self, latest_finished_version: int) -> tuple[object, ...] | None:
+        """What an idle engine's status (but its ``status_version``) depends on, or None when not idle: equal keys,
+        equal statuses, so a reply can be reused with a new version (``next_status_version``)."""
+        if self._running or self._waiting:
+            return None
+        return (
+            latest_finished_version if latest_finished_version <= self._finished_version else -1,
+            self._finished_version,
+            self.available_kv_tokens,
+            self._counters.iterations,
+            self._last_step_ms,
+            self.alive,
+        )
+
+    def next_status_version(self) -> int:
+        """A new status version, as ``status()`` takes one."""
+        self._status_version = max(self._status_version + 1, self.epoch_ms())
+        return self._status_version
+
     def status(self, latest_finished_version: int = -1) -> EngineStatus:
         """The worker status (``GetWorkerStatus``); finished tasks are those after ``latest_finished_version``."""
         now = self.now_ms()
         tasks = [self._task_info(r, now) for r in self._running.values()]
         tasks += [self._task_info(r, now) for r in self._waiting.values()]
         # Epoch-based, so a restarted worker's reports are not taken for stale ones; +1 keeps it strictly growing.
-        self._status_version = max(self._status_version + 1, self.epoch_ms())
+        self.next_status_version()
         return EngineStatus(
             role=f"RoleType.{self.config.role.value}",
             available_concurrency=max(0, self.config.max_concurrency - len(self._running)),

@@ -55,6 +55,13 @@ class SimContext:
 
 
 SIM = web.AppKey("sim", SimContext)
+REQUEST_SIM = "flexlb.sim.context"  # request key: set by a fleet app, whose workers share one app
+
+
+def sim_context(request: web.Request) -> SimContext:
+    """The worker a request is for: the app's only one, or the one a fleet app resolved from the local port."""
+    ctx = request.get(REQUEST_SIM)
+    return ctx if ctx is not None else request.app[SIM]
 
 
 def create_sim_app(
@@ -65,10 +72,20 @@ def create_sim_app(
     if load_format not in p.LOAD_FORMATS:
         raise ValueError(f"load_format: one of {', '.join(p.LOAD_FORMATS)}, not {load_format!r}")
     app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    app[SIM] = new_sim_context(engine, model_name, load_format)
+    app.cleanup_ctx.append(_engine_lifecycle)
+    add_sim_routes(app)
+    return app
+
+
+def new_sim_context(engine: SimEngine, model_name: str, load_format: str) -> SimContext:
     registry = sim_registry(engine, model_name)
     engine_id = f"flexlb-sim-{uuid.uuid4()}"
-    app[SIM] = SimContext(engine, model_name, registry, int(time.time()), load_format, engine_id)
-    app.cleanup_ctx.append(_engine_lifecycle)
+    return SimContext(engine, model_name, registry, int(time.time()), load_format, engine_id)
+
+
+def add_sim_routes(app: web.Application) -> None:
+    """Every endpoint of a simulated worker; handlers find their worker with ``sim_context``."""
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/generate", generate)
@@ -84,7 +101,6 @@ def create_sim_app(
         app.router.add_get(path, model_info)
     app.router.add_get("/get_load", get_load)
     app.router.add_get("/metrics", metrics)
-    return app
 
 
 def default_grpc_port(http_port: int) -> int:
@@ -176,7 +192,7 @@ async def _read_object(request: web.Request) -> dict[str, Any]:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     params = p.parse_completion_request(await _read_object(request), ctx.model_name)
     req = _submit(ctx.engine, params)
     rid, model, created = f"cmpl-{req.request_id}", ctx.model_name, int(time.time())
@@ -197,7 +213,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     params = p.parse_chat_request(await _read_object(request), ctx.model_name)
     req = _submit(ctx.engine, params)
     rid, model, created = f"chatcmpl-{req.request_id}", ctx.model_name, int(time.time())
@@ -221,7 +237,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def generate(request: web.Request) -> web.StreamResponse:
     """SGLang's native API; streamed events carry the text so far."""
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     params = p.parse_generate_request(await _read_object(request))
     req = _submit(ctx.engine, params)
     rid = str(req.request_id)
@@ -255,7 +271,7 @@ def _handover(request: web.Request, req: EngineRequest) -> dict[str, Any] | None
 
     A DECODE worker needs nothing from them: its engine takes every prompt's KV as transferred (no prefill compute),
     so the ``kv_transfer_params`` a decode request carries are accepted and otherwise ignored."""
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     if ctx.engine.config.role is not Role.PREFILL:
         return None
     host, port = _local_address(request)
@@ -275,14 +291,14 @@ def _local_address(request: web.Request) -> tuple[str, int]:
 
 async def tokenize_handler(request: web.Request) -> web.Response:
     """``POST /tokenize`` (vLLM and SGLang): the simulator's tokens for a prompt, a batch of prompts or messages."""
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     tok = p.parse_tokenize_request(await _read_object(request), ctx.model_name)
     return json_response(p.tokenize_body(tok, ctx.engine.config.total_kv_tokens))
 
 
 async def render_completion(request: web.Request) -> web.Response:
     """vLLM ``POST /v1/completions/render``: a list, one rendered request per prompt, as vLLM answers."""
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     body = await _read_object(request)
     rendered = p.parse_completion_render(body, ctx.model_name)
     kv = p.request_kv_transfer(body)
@@ -291,7 +307,7 @@ async def render_completion(request: web.Request) -> web.Response:
 
 async def render_chat(request: web.Request) -> web.Response:
     """vLLM ``POST /v1/chat/completions/render``: the chat request's prompt token ids, one object."""
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     body = await _read_object(request)
     params = p.parse_chat_request(body, ctx.model_name)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -301,7 +317,7 @@ async def render_chat(request: web.Request) -> web.Response:
 async def get_load(request: web.Request) -> web.Response:
     """``GET /get_load``: SGLang's per-rank list by default, vLLM router's ``{"load": n}`` with ``?format=vllm`` (or
     the worker's ``--load-format vllm``)."""
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     fmt = request.query.get("format", ctx.load_format)
     if fmt not in p.LOAD_FORMATS:
         raise p.ApiError(400, f"format: one of {', '.join(p.LOAD_FORMATS)}, not {fmt!r}", param="format")
@@ -368,7 +384,7 @@ _DISAGGREGATION_MODE = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.PDF
 
 
 async def health(request: web.Request) -> web.Response:
-    engine = request.app[SIM].engine
+    engine = sim_context(request).engine
     if not engine.alive:
         return json_response(p.error_body("the engine is not running", type_="server_error"), 503)
     return json_response({"status": "ok"})
@@ -376,7 +392,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def health_generate(request: web.Request) -> web.Response:
     """Healthy when a one-token generation completes (SGLang's deep health check)."""
-    engine = request.app[SIM].engine
+    engine = sim_context(request).engine
     try:
         req = engine.submit(tokenize("health check"), 1)
     except EngineError as exc:
@@ -391,7 +407,7 @@ async def health_generate(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     card = {
         "id": ctx.model_name,
         "object": "model",
@@ -404,7 +420,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def server_info(request: web.Request) -> web.Response:
     """SGLang-style server info: the engine's configuration and live state."""
-    ctx = request.app[SIM]
+    ctx = sim_context(request)
     engine, cfg = ctx.engine, ctx.engine.config
     config = {**dataclasses.asdict(cfg), "role": cfg.role.value}
     return json_response(
@@ -439,7 +455,7 @@ async def server_info(request: web.Request) -> web.Response:
 
 async def model_info(request: web.Request) -> web.Response:
     """SGLang's model info: ``model_path`` is the served name and there is no tokenizer path to fetch."""
-    name = request.app[SIM].model_name
+    name = sim_context(request).model_name
     return json_response(
         {
             "model_path": name,
@@ -455,5 +471,5 @@ async def model_info(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[SIM].registry)
+    body = generate_latest(sim_context(request).registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
