@@ -3,6 +3,11 @@
 One :class:`WorkerPoller` per worker runs status and cache calls one after the other, so a worker never has two of
 our calls in flight, each with a deadline. Every write is fenced by the term's epoch: when a newer master exists the
 write is refused (:class:`StaleEpoch`) and :class:`MasterDuties` stops all polling.
+
+Idle workers cost little: a worker whose status did not change since the last poll is polled less often, the
+interval doubling from ``status_interval_s`` up to ``idle_interval_s``; the first reply that shows a change (or a
+failed poll) brings it back to ``status_interval_s``. An unchanged status is not written to Redis, except once per
+``heartbeat_s`` so ``updated_ms`` shows the master still sees the worker.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import warnings
 from collections.abc import Callable
@@ -23,6 +29,7 @@ from flexlb.master.reconcile import (
     cache_diff,
     cache_poll_due,
     next_cache_interval,
+    quiet_reply,
     reconcile_status,
 )
 from flexlb.master.worker_client import WorkerStatusClient, WorkerUnreachable
@@ -40,14 +47,18 @@ ClientFactory = Callable[[WorkerSpec], WorkerStatusClient]
 @dataclass(frozen=True, slots=True)
 class PollOptions:
     status_interval_s: float = 0.02
+    # the longest interval between two polls of a worker whose status does not change: bounds how late the first
+    # change of an idle worker is seen (the freshness of `flexlb bench control`)
+    idle_interval_s: float = 0.06
     deadline_s: float = 0.1
     cache_min_interval_s: float = 0.05
     cache_max_interval_s: float = 3.0
     down_after_failures: int = 2
     worker_timeout_s: float = 3.0  # silent this long: forgotten (not alive, cache index and reservations dropped)
     task_timeout_s: float = 3.0  # a request id not reported this long is forgotten
-    heartbeat_s: float = 1.0  # an unchanged status is still written this often, so updated_ms shows it is fresh
+    heartbeat_s: float = 5.0  # an unchanged status is still written this often, so updated_ms shows it is fresh
     membership_interval_s: float = 0.5  # how often membership changes are looked for
+    redis_concurrency: int = 32  # Redis calls of all pollers in flight at once (each takes a pooled connection)
     hysteresis: Hysteresis = field(default_factory=Hysteresis)
 
     @classmethod
@@ -81,6 +92,7 @@ class WorkerPoller:
         options: PollOptions,
         metrics: MasterMetrics,
         clock: Clock = time.monotonic,
+        redis_gate: asyncio.Semaphore | None = None,
     ) -> None:
         self.spec = spec
         self.client = client
@@ -93,6 +105,16 @@ class WorkerPoller:
         self._unwritten_ids: set[int] = set()  # handled ids whose write failed: passed again with the next one
         self._started = clock()
         self._redis_failing = False
+        self.interval_s = options.status_interval_s  # until the next status poll: grows while nothing changes
+        # shared by the pollers of a term: 1,250 workers changing at once must not open 1,250 Redis connections
+        self._gate = redis_gate or asyncio.Semaphore(max(1, options.redis_concurrency))
+        role = spec.role.value
+        self._status_ok = metrics.polls.labels(rpc="status", result="ok")
+        self._status_failed = metrics.polls.labels(rpc="status", result="failed")
+        self._cache_ok = metrics.polls.labels(rpc="cache", result="ok")
+        self._cache_failed = metrics.polls.labels(rpc="cache", result="failed")
+        self._alive_gauge = metrics.worker_alive.labels(worker=spec.worker_id, role=role)
+        self._alive_shown: int | None = None
 
     @property
     def name(self) -> str:
@@ -100,16 +122,21 @@ class WorkerPoller:
 
     async def run(self) -> None:
         """Poll until cancelled; raises StaleEpoch when a newer master exists."""
+        clock, sleep = self.clock, asyncio.sleep
+        # a fleet registered at once would otherwise be polled in lockstep bursts
+        await sleep(random.uniform(0.0, self.options.status_interval_s))
         while True:
-            started = self.clock()
+            started = clock()
             await self.poll_once()
-            await asyncio.sleep(max(0.0, self.options.status_interval_s - (self.clock() - started)))
+            await sleep(max(0.0, self.interval_s - (clock() - started)))
 
-    async def poll_once(self) -> None:
-        """One status poll, and a cache poll when it is due."""
+    async def poll_once(self) -> bool:
+        """One status poll, and a cache poll when it is due. Returns whether the worker's status changed;
+        ``interval_s`` is set accordingly."""
+        busy: bool | None = True
         try:
-            polled = await self._poll_status()
-            if polled and cache_poll_due(self.track, self.clock(), self.options.cache_min_interval_s):
+            busy = await self._poll_status()
+            if busy is not None and cache_poll_due(self.track, self.clock(), self.options.cache_min_interval_s):
                 await self._poll_cache()
             if self._redis_failing:
                 self._redis_failing = False
@@ -119,16 +146,28 @@ class WorkerPoller:
                 self._redis_failing = True
                 log.warning("%s: cannot write its status to Redis: %r", self.name, exc)
             self.track.written = None
+        options = self.options
+        if busy:  # changed: follow it closely
+            self.interval_s = options.status_interval_s
+        else:  # unchanged, or failed (a dead or overloaded worker gains nothing from faster polls)
+            self.interval_s = min(options.idle_interval_s, max(self.interval_s, options.status_interval_s) * 2)
+        return bool(busy)
 
-    async def _poll_status(self) -> bool:
+    async def _poll_status(self) -> bool | None:
+        """Poll and write the status: True when it changed, False when not, None when the poll failed."""
         track, now = self.track, self.clock()
         try:
             status = await self.client.get_worker_status(track.finished_version, self.options.deadline_s)
         except WorkerUnreachable as exc:
-            self.metrics.polls.labels(rpc="status", result="failed").inc()
+            self._status_failed.inc()
             await self._on_failure(exc, now)
+            return None
+        self._status_ok.inc()
+        if not track.failures and quiet_reply(track, status):
+            track.last_ok = now
+            if now - track.written_at >= self.options.heartbeat_s and track.written is not None:
+                await self._heartbeat(now)
             return False
-        self.metrics.polls.labels(rpc="status", result="ok").inc()
         if track.failures:
             log.info("%s answers again after %d failed polls", self.name, track.failures)
         track.failures, track.first_failure, track.last_ok = 0, None, now
@@ -142,24 +181,36 @@ class WorkerPoller:
             if update.lost_ids:
                 self.metrics.lost_tasks.inc(len(update.lost_ids))
                 log.info("%s: requests %s left without finishing (lost)", self.name, update.lost_ids[:10])
-            await self._write_status(update, now)
-        self.metrics.worker_alive.labels(worker=self.spec.worker_id, role=self.spec.role.value).set(
-            1 if status.alive else 0
-        )
-        return True
+        changed = update is not None and await self._write_status(update, now)
+        alive = 1 if status.alive else 0
+        if alive != self._alive_shown:
+            self._alive_gauge.set(alive)
+            self._alive_shown = alive
+        return changed
 
-    async def _write_status(self, update: StatusUpdate, now: float) -> None:
+    async def _heartbeat(self, now: float) -> None:
+        """Write the unchanged status again, so ``updated_ms`` shows the master still sees the worker."""
         track = self.track
-        ids = sorted(self._unwritten_ids.union(update.handled_ids))
-        fresh = now - track.written_at < self.options.heartbeat_s
-        if not ids and update.fields == track.written and fresh:
-            return
+        assert track.written is not None
+        async with self._gate:
+            await self.store.write_worker_status(self.epoch, self.spec.worker_id, track.written)
+        track.written_at = now
+
+    async def _write_status(self, update: StatusUpdate, now: float) -> bool:
+        """Write what changed (or a heartbeat); returns whether the status changed."""
+        track = self.track
+        ids = sorted(self._unwritten_ids.union(update.handled_ids)) if update.handled_ids or self._unwritten_ids else []
+        changed = bool(ids) or update.fields != track.written or bool(update.lost_ids)
+        if not changed and now - track.written_at < self.options.heartbeat_s:
+            return False
         self._unwritten_ids.update(ids)
-        written = await self.store.write_worker_status(self.epoch, self.spec.worker_id, update.fields, ids)
+        async with self._gate:
+            written = await self.store.write_worker_status(self.epoch, self.spec.worker_id, update.fields, ids)
         self._unwritten_ids.clear()
         track.written, track.written_at = update.fields, now
         if written is not None and written.dropped:
             self.metrics.reservations_handed_over.inc(written.dropped)
+        return changed
 
     async def _poll_cache(self) -> None:
         track = self.track
@@ -168,20 +219,22 @@ class WorkerPoller:
             version = -1 if track.cache_version is None else track.cache_version
             reply = await self.client.get_cache_status(version, True, self.options.deadline_s)
         except WorkerUnreachable as exc:
-            self.metrics.polls.labels(rpc="cache", result="failed").inc()
+            self._cache_failed.inc()
             log.debug("%s", exc)
             track.next_cache_at = self.clock() + self.options.cache_min_interval_s
             return
-        self.metrics.polls.labels(rpc="cache", result="ok").inc()
+        self._cache_ok.inc()
         if reply.block_size > 0:
             track.block_size = reply.block_size
         changed = False
         if reply.version != track.cache_version:
             if track.cache_keys is None:  # first look in this term: diff against what Redis holds
-                track.cache_keys = frozenset(await self.store.cache_blocks(self.spec.worker_id))
+                async with self._gate:
+                    track.cache_keys = frozenset(await self.store.cache_blocks(self.spec.worker_id))
             add, remove = cache_diff(track.cache_keys, reply.cache_keys.keys())
             if add or remove:
-                await self.store.apply_cache_diff(self.epoch, self.spec.worker_id, add, remove)
+                async with self._gate:
+                    await self.store.apply_cache_diff(self.epoch, self.spec.worker_id, add, remove)
                 changed = True
             track.cache_keys = frozenset(reply.cache_keys.keys())
             track.cache_version = reply.version
@@ -196,12 +249,15 @@ class WorkerPoller:
             track.first_failure = now
         if track.failures >= self.options.down_after_failures and not track.marked_down:
             log.warning("%s marked not alive after %d failed polls: %s", self.name, track.failures, exc)
-            await self.store.write_worker_status(self.epoch, self.spec.worker_id, {"alive": "0"})
+            async with self._gate:
+                await self.store.write_worker_status(self.epoch, self.spec.worker_id, {"alive": "0"})
             track.marked_down, track.written = True, None
-            self.metrics.worker_alive.labels(worker=self.spec.worker_id, role=self.spec.role.value).set(0)
+            self._alive_gauge.set(0)
+            self._alive_shown = 0
         silent_since = track.last_ok if track.last_ok is not None else self._started
         if not track.forgotten and now - silent_since >= self.options.worker_timeout_s:
-            released = await self.store.forget_worker(self.epoch, self.spec.worker_id)
+            async with self._gate:
+                released = await self.store.forget_worker(self.epoch, self.spec.worker_id)
             log.warning(
                 "%s silent for %.1fs: forgot its cache index and released %s reservations",
                 self.name, now - silent_since, released,
@@ -232,6 +288,7 @@ class MasterDuties:
         self.clock = clock
         self.pollers: dict[str, tuple[WorkerPoller, asyncio.Task[None]]] = {}
         self._stale = asyncio.Event()
+        self._redis_gate: asyncio.Semaphore | None = None  # made on the loop that runs the duties
 
     async def run(self, epoch: int) -> None:
         """The duties of the term ``epoch``: until cancelled, or until a newer master shows up."""
@@ -265,9 +322,12 @@ class MasterDuties:
             await self._stop(wid)
         for wid, spec in specs.items():
             if wid not in self.pollers:
+                if self._redis_gate is None:
+                    self._redis_gate = asyncio.Semaphore(max(1, self.options.redis_concurrency))
                 poller = WorkerPoller(
-                    spec, self.client_factory(spec), self.store, epoch, self.options, self.metrics, self.clock
-                )
+                    spec, self.client_factory(spec), self.store, epoch, self.options, self.metrics, self.clock,
+                    self._redis_gate,
+                )  # fmt: skip
                 task = asyncio.create_task(self._run_poller(poller), name=f"poll {wid}")
                 self.pollers[wid] = (poller, task)
                 log.info("polling %s at %s", poller.name, poller.client.address)

@@ -59,6 +59,7 @@ class WorkerTrack:
     # the engine's cache changes only when it runs a step: a moved iterate_count makes a cache poll due at once
     iterations: int = -1  # iterate_count of the last status
     iterations_at_cache_poll: int = -1
+    quiet_key: tuple[object, ...] | None = None  # what the last reply of an idle worker said (see quiet_reply)
 
     @property
     def available(self) -> bool:
@@ -66,6 +67,7 @@ class WorkerTrack:
 
     def restart(self) -> None:
         """The worker restarted (or was forgotten): nothing it reported before applies."""
+        self.quiet_key = None
         self.status_version = -1
         self.finished_version = 0
         self.seen.clear()
@@ -99,6 +101,28 @@ def queued_prefill_tokens(status: WorkerStatusPB) -> int:
     )
 
 
+def _quiet_key(status: WorkerStatusPB) -> tuple[object, ...] | None:
+    """Everything of an idle reply (no task running, waiting or newly finished) that ``reconcile_status`` reads,
+    or None for a reply with tasks."""
+    if status.running_task_info or status.finished_task_list:
+        return None
+    return (
+        status.alive, status.running_query_len, status.waiting_query_len, status.available_kv_cache,
+        status.total_kv_cache, status.step_latency_ms, status.iterate_count, status.latest_finished_version,
+    )  # fmt: skip
+
+
+def quiet_reply(track: WorkerTrack, status: WorkerStatusPB) -> bool:
+    """True for a newer reply of an idle worker that says exactly what its previous one said: nothing to reconcile
+    or write (its version is taken). The cheap path of polling an idle fleet; anything else goes through
+    ``reconcile_status``, which arms it again."""
+    key = track.quiet_key
+    if key is None or status.status_version <= track.status_version or _quiet_key(status) != key:
+        return False
+    track.status_version = status.status_version
+    return True
+
+
 def reconcile_status(
     track: WorkerTrack,
     status: WorkerStatusPB,
@@ -116,6 +140,7 @@ def reconcile_status(
     track.status_version = status.status_version
     track.finished_version = status.latest_finished_version
     track.iterations = status.iterate_count
+    track.quiet_key = _quiet_key(status)
 
     live = frozenset(t.request_id for t in status.running_task_info)
     finished = {t.request_id for t in status.finished_task_list}
