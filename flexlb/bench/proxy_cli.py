@@ -49,6 +49,11 @@ def add_proxy_parser(bsub: argparse._SubParsersAction) -> None:
     )
     for name, option in ENGINE_OPTIONS:
         p.add_argument(option, dest=name, type=non_negative_float, help="the worker's (default: sim-worker's)")
+    p.add_argument(
+        "--profile-router",
+        metavar="PATH",
+        help="sample the router with py-spy (on PATH) during the proxy phases: raw stacks to PATH, CPU by part",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed, help="prompt seed (default 1)")
     p.add_argument("--out", help="JSON result file (default bench-results/proxy-<timestamp>.json)")
     p.add_argument("--startup-timeout", type=positive_float, default=60.0, help="seconds (default 60)")
@@ -75,6 +80,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         stream=args.stream,
         strategy=args.strategy,
         max_concurrency=args.max_concurrency,
+        profile_router=args.profile_router,
         **{name: getattr(args, name) for name, _ in ENGINE_OPTIONS},
     )
     interrupts = Interrupts()

@@ -35,6 +35,47 @@ ENGINE_OPTIONS = (
 )
 
 
+# The parts of the router's work a py-spy sample is counted in (--profile-router): the first part with a frame of
+# its stack in one of these files or functions. A coroutine resumed from the event loop shows the frames it was
+# awaiting in, so the time of an await is counted in the part that awaited.
+PROFILE_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("master polling (this router is the master)", ("flexlb/master/", "grpc/")),
+    ("release (Redis)", ("Scheduler._release ", "Scheduler.release ", "flexlb/proxy/releases.py")),
+    ("tokenize + block keys", ("flexlb/blocks.py",)),
+    ("scheduling (decision, Redis client)", ("flexlb/scheduler.py", "flexlb/queueing.py", "flexlb/routing/",
+                                              "flexlb/state/", "redis/")),
+    ("parse (JSON, validation)", ("flexlb/proxy/parse.py",)),
+    ("relay (streamed chunks)", ("flexlb/proxy/relay.py",)),
+    ("upstream client", ("flexlb/proxy/http1.py", "flexlb/proxy/upstream.py", "flexlb/proxy/pd.py")),
+    ("proxy handler", ("flexlb/proxy/", "flexlb/http/")),
+    ("aiohttp server", ("aiohttp/",)),
+)  # fmt: skip
+OTHER_PART = "other"
+# A sample whose innermost Python frame is the event loop's run call: uvloop's own work (polling, socket reads and
+# writes it does itself, callbacks in C), whichever part it serves.
+LOOP_PART = "event loop (uvloop: polling, socket I/O)"
+LOOP_FRAME = "run_app (aiohttp/web.py"
+
+
+def profile_parts(collapsed: str) -> tuple[int, dict[str, int]]:
+    """Samples and samples per part (LOOP_PART, PROFILE_PARTS, else OTHER_PART) of py-spy's raw output
+    ("frame;frame;... n" per line), most first."""
+    counts = dict.fromkeys([LOOP_PART] + [name for name, _ in PROFILE_PARTS] + [OTHER_PART], 0)
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        if stack.rpartition(";")[2].startswith(LOOP_FRAME):
+            part = LOOP_PART
+        else:
+            part = next((name for name, marks in PROFILE_PARTS if any(m in stack for m in marks)), OTHER_PART)
+        counts[part] += int(n)
+    return total, dict(sorted(((k, v) for k, v in counts.items() if v), key=lambda kv: -kv[1]))
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyBenchParams:
     requests: int = 200  # per phase
@@ -52,6 +93,7 @@ class ProxyBenchParams:
     prefill_overhead_ms: float | None = None
     decode_step_ms_base: float | None = None
     decode_step_ms_per_seq: float | None = None
+    profile_router: str | None = None  # py-spy's raw samples of the router during the proxy phases go here
 
     def __post_init__(self) -> None:
         for name in ("requests", "rounds", "concurrency", "prompt_tokens", "max_tokens", "max_concurrency"):
@@ -172,6 +214,17 @@ def render(result: dict[str, Any]) -> str:
     if cpu["proxy"] is not None:
         idle = "" if cpu["direct"] is None else f" (direct phases: {cpu['direct']:.0f} us, its polling alone)"
         lines.append(f"router process CPU per proxied request: {cpu['proxy']:.0f} us{idle}")
+    profile = result.get("router_profile")
+    if profile and profile["samples"]:
+        lines += [
+            "",
+            f"router CPU by part (py-spy, {profile['samples']} samples of the proxy phases, which ran slower):",
+        ]
+        for part, n in profile["parts"].items():
+            share = n / profile["samples"]
+            per_request = "" if cpu["proxy"] is None else f"  ~{share * cpu['proxy']:.0f} us per request"
+            lines.append(f"  {100 * share:5.1f}%  {part}{per_request}")
+        lines.append(f"raw samples: {profile['path']}")
     return "\n".join(lines) + "\n"
 
 

@@ -10,8 +10,13 @@ import asyncio
 import dataclasses
 import os
 import platform
+import shutil
+import signal
+import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,7 +29,7 @@ from flexlb.bench.workloads import RequestSpec
 from flexlb.demo.interrupts import Interrupts
 from flexlb.demo.load import LoadOutcome, LoadProgress, closed_loop
 from flexlb.demo.params import WorkerOptions
-from flexlb.demo.stack import Stack
+from flexlb.demo.stack import Stack, StackError
 from flexlb.demo.terminal import Terminal
 from flexlb.domain import Role
 
@@ -39,6 +44,49 @@ class BenchWorkerOptions(WorkerOptions):
 
     def argv(self) -> list[str]:
         return [*WorkerOptions.argv(self), *self.engine]
+
+
+class RouterProfiler:
+    """py-spy recording the router process while a proxy phase runs; the phases' samples add up in ``path``."""
+
+    def __init__(self, pid: int, path: Path, rate: int = 250) -> None:
+        binary = shutil.which("py-spy")
+        if binary is None:
+            raise StackError("--profile-router needs py-spy on PATH (pip install py-spy)")
+        self.binary, self.pid, self.path, self.rate = binary, pid, path, rate
+        self.samples: Counter[str] = Counter()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        part = self.path.with_name(self.path.name + ".part")
+        command = [self.binary, "record", "--pid", str(self.pid), "--rate", str(self.rate), "--nonblocking"]
+        command += ["--format", "raw", "--output", str(part)]
+        self._proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise StackError("py-spy did not stop within 30 s") from None
+        part = self.path.with_name(self.path.name + ".part")
+        if not part.exists():
+            raise StackError(f"py-spy wrote no samples: {err.decode(errors='replace').strip()[-500:]}")
+        for line in part.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if n.isdigit():
+                self.samples[stack] += int(n)
+        part.unlink()
+        self.path.write_text("".join(f"{stack} {n}\n" for stack, n in self.samples.items()))
+
+    def result(self) -> dict[str, Any]:
+        samples, parts = po.profile_parts(self.path.read_text() if self.path.exists() else "")
+        return {"path": str(self.path), "samples": samples, "parts": parts}
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -170,6 +218,10 @@ def run_proxy_bench(
     (worker,), (router,) = service.workers, service.routers
     targets = {"direct": worker.url, "proxy": router.url}
     term.line(f"worker {worker.url} (pid {worker.child.pid}), router {router.url} (pid {router.child.pid})")
+    profiler = None
+    if params.profile_router:
+        profiler = RouterProfiler(router.child.pid, Path(params.profile_router).resolve())
+        profiler.path.unlink(missing_ok=True)
     phases: list[dict[str, Any]] = []
     interrupted = False
     for index, (round_, mode) in enumerate(po.phase_plan(params.rounds)):
@@ -180,9 +232,16 @@ def run_proxy_bench(
                 f"round {round_} {mode:<6} {p.done:>5}/{p.total} done  {p.errors} errors  {elapsed_s:5.1f} s"
             )
 
+        profiling = profiler is not None and mode == "proxy"
+        if profiling:
+            profiler.start()
         cpu_before = cpu_seconds(router.child.pid)
-        outcome = asyncio.run(_phase(targets[mode], params, index, interrupts, progress))
-        cpu_after = cpu_seconds(router.child.pid)
+        try:
+            outcome = asyncio.run(_phase(targets[mode], params, index, interrupts, progress))
+        finally:
+            cpu_after = cpu_seconds(router.child.pid)
+            if profiling:
+                profiler.stop()
         term.line()
         ok = [r for r in outcome.records if r.ok]
         phases.append(
@@ -203,7 +262,8 @@ def run_proxy_bench(
             interrupted = True
             break
     modes = {mode: po.combine(phases, mode) for mode in po.MODES}
-    return {
+    extra = {"router_profile": profiler.result()} if profiler is not None else {}
+    return extra | {
         "benchmark": "proxy",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": dataclasses.asdict(params) | {"worker_options": options[Role.PDFUSION].argv()},

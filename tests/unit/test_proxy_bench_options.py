@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from flexlb.bench.proxy_overhead import ProxyBenchParams, added, combine, render
+from flexlb.bench.proxy_overhead import LOOP_PART, OTHER_PART, ProxyBenchParams, added, combine, profile_parts, render
 from flexlb.bench.proxy_run import BenchWorkerOptions, cpu_seconds
 from flexlb.cli import build_parser
 
@@ -75,3 +75,49 @@ def test_cpu_seconds_of_this_process() -> None:
     sum(i * i for i in range(200_000))  # some CPU work
     second = cpu_seconds(os.getpid())
     assert second is not None and second >= first >= 0
+
+
+LOOP = "main (flexlb/cli.py:1);run_app (aiohttp/web.py:502)"
+HANDLER = f"{LOOP};proxy_request (flexlb/proxy/handler.py:65)"
+RAW = "\n".join(
+    [
+        f"{LOOP} 10",
+        f"{HANDLER};_serve (flexlb/proxy/handler.py:120);Scheduler.schedule (flexlb/scheduler.py:90) 6",
+        f"{LOOP};Scheduler._release (flexlb/scheduler.py:163);Scripts.call (flexlb/state/scripts.py:54) 3",
+        f"{LOOP};_Connection.data_received (flexlb/proxy/http1.py:330) 2",
+        f"{LOOP};RequestHandler.data_received (aiohttp/web_protocol.py:446) 4",
+        f"{HANDLER};parse_request (flexlb/proxy/parse.py:56);tokenize (flexlb/blocks.py:30) 1",
+        "Thread.run (threading.py:982) 1",
+        "not a sample line",
+    ]
+)
+
+
+def test_profile_samples_are_counted_in_the_part_they_serve() -> None:
+    total, parts = profile_parts(RAW)
+    assert total == 27
+    assert parts == {
+        LOOP_PART: 10,
+        "scheduling (decision, Redis client)": 6,
+        "aiohttp server": 4,
+        "release (Redis)": 3,
+        "upstream client": 2,
+        "tokenize + block keys": 1,
+        OTHER_PART: 1,
+    }
+    assert next(iter(parts)) == LOOP_PART  # most first
+
+    phases = [_phase("direct", [1.0], 1.0, 0.0), _phase("proxy", [2.0], 1.0, 0.001)]
+    modes = {m: combine(phases, m) for m in ("direct", "proxy")}
+    profile = {"path": "/tmp/p.txt", "samples": total, "parts": parts}
+    config = dataclasses.asdict(ProxyBenchParams())
+    text = render(
+        {
+            "config": config,
+            "modes": modes,
+            "added": {**added(modes["direct"], modes["proxy"])},
+            "router_profile": profile,
+        }
+    )
+    assert "router CPU by part (py-spy, 27 samples of the proxy phases" in text
+    assert "scheduling (decision, Redis client)  ~222 us per request" in text  # 6/27 of 1000 us
