@@ -2,8 +2,9 @@
 
 The reservation is released however the request ends (answered, failed, client gone): the ``finally`` around
 everything after scheduling starts the release without waiting for it (``flexlb.proxy.releases``), so the answer
-does not wait for Redis. A worker that fails before its first byte is released at once, and waited for, before the
-request is scheduled again without it (the new reservation has the same request id), ``retries`` times at most.
+does not wait for Redis; a request the scheduler refused holds nothing and costs no release. A worker that fails
+before its first byte is released at once, and waited for, before the request is scheduled again without it (the
+new reservation has the same request id), ``retries`` times at most.
 
 A client that disconnects cancels its handler (the router's server runs with ``handler_cancellation``, see
 ``flexlb serve``): the cancellation unwinds through the ``finally`` blocks, which close the upstream connection (the
@@ -112,6 +113,7 @@ async def _serve(
     keys = tuple(block_cache_keys(parsed.tokens, router.scheduler.view.block_size()))
     failures: list[UpstreamFailure] = []
     retries = pctx.options.retries
+    held = False  # a reservation may be held: from the start of a schedule until its refusal or release
     try:
         for attempt in range(retries + 1):
             # seq_len is the prompt: it is what the TTFT estimate computes, and the reservation lives only until
@@ -125,13 +127,16 @@ async def _serve(
             # Queue mode (enableQueueing) holds a first attempt that finds no capacity, as /rtp_llm/schedule does;
             # a retry does not queue: with its failed workers excluded it could wait for capacity that never comes.
             via = router.queue if attempt == 0 and router.queue is not None else router.scheduler
+            held = True  # also when cancelled meanwhile: the reservation may have been made
             result = await via.schedule(schedule_request)
-            if not result.success:
+            if not result.success:  # a refusal reserves nothing (all roles or none)
+                held = False
                 raise _no_worker(from_schedule(result), failures)
             try:
                 return await _attempt(request, pctx, parsed, body, request_id, result.choices, streamed)
             except UpstreamFailures as exc:
                 await _release(router.scheduler, request_id)
+                held = False
                 failures += exc.failures
                 again = attempt < retries
                 then = f"scheduling again without it (retry {attempt + 1} of {retries})" if again else "no retries left"
@@ -148,7 +153,8 @@ async def _serve(
         raise _no_worker(None, failures)
     finally:
         # The answer is complete (or the client gone): the release must not hold it up, but it always runs.
-        pctx.releases.start(router.scheduler, request_id)
+        if held:
+            pctx.releases.start(router.scheduler, request_id)
 
 
 async def _attempt(

@@ -7,6 +7,7 @@ of a stand-in worker, so the test sees the answer arrive while the release is st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from flexlb.domain import Choice, Role, ScheduleRequest, ScheduleResult, WorkerSpec, WorkerStatus, WorkerView
+from flexlb.domain import Choice, ErrorCode, Role, ScheduleRequest, ScheduleResult, WorkerSpec, WorkerStatus, WorkerView
 from flexlb.http.routes import CONTEXT
 from flexlb.proxy import setup_proxy
 from flexlb.proxy.context import PROXY
@@ -33,6 +34,10 @@ class GatedScheduler:
 
     def __init__(self, worker: WorkerSpec) -> None:
         self.worker = worker
+        self.refuse = False  # answer schedules with NO_PDFUSION_WORKER
+        self.schedule_gate = asyncio.Event()  # schedules wait here once cleared
+        self.schedule_gate.set()
+        self.scheduling = asyncio.Event()
         self.gate = asyncio.Event()
         self.releasing: list[int] = []  # releases started
         self.released: list[int] = []  # releases finished
@@ -41,6 +46,10 @@ class GatedScheduler:
         self.view = SimpleNamespace(block_size=lambda: 64)
 
     async def schedule(self, request: ScheduleRequest) -> ScheduleResult:
+        self.scheduling.set()
+        await self.schedule_gate.wait()
+        if self.refuse:
+            return ScheduleResult(success=False, code=ErrorCode.NO_PDFUSION_WORKER, message="no worker")
         choice = Choice(WorkerView(self.worker, WorkerStatus()))
         return ScheduleResult(success=True, choices={Role.PDFUSION: choice})
 
@@ -139,6 +148,37 @@ async def test_a_client_that_goes_away_still_gets_its_release(
         await scheduler.started.wait()
         await app[PROXY].releases.wait()
     assert scheduler.released == [request_id]
+
+
+async def test_a_refused_request_holds_nothing_and_costs_no_release(
+    proxy: tuple[str, GatedScheduler, web.Application],
+) -> None:
+    url, scheduler, app = proxy
+    scheduler.refuse = True
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/completions", json=BODY) as resp:
+            error = await resp.json()
+    assert resp.status == 503 and error["error"]["code"] == "no_pdfusion_worker"
+    assert scheduler.releasing == [] and len(app[PROXY].releases) == 0
+
+
+async def test_a_client_gone_while_its_schedule_runs_gets_its_release(
+    proxy: tuple[str, GatedScheduler, web.Application],
+) -> None:
+    url, scheduler, app = proxy
+    scheduler.gate.set()
+    scheduler.schedule_gate.clear()
+    async with aiohttp.ClientSession() as http:
+        sent = asyncio.create_task(http.post(f"{url}/v1/completions", json=BODY))
+        async with asyncio.timeout(GUARD_S):
+            await scheduler.scheduling.wait()
+        sent.cancel()  # the client goes away while the scheduler may be reserving
+        with contextlib.suppress(asyncio.CancelledError):
+            await sent
+    async with asyncio.timeout(GUARD_S):
+        await scheduler.started.wait()
+        await app[PROXY].releases.wait()
+    assert len(scheduler.released) == 1
 
 
 class _Failing:
