@@ -573,7 +573,9 @@ class LiteChannel:
                 self._connecting = asyncio.ensure_future(self._connect())
             connecting = self._connecting
             try:
-                protocol = await asyncio.shield(connecting)
+                protocol = await asyncio.wait_for(asyncio.shield(connecting), timeout_s)
+            except TimeoutError:
+                raise RpcFailed(DEADLINE_EXCEEDED, "deadline exceeded while connecting") from None
             finally:
                 if self._connecting is connecting and connecting.done():
                     self._connecting = None

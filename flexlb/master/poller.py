@@ -49,7 +49,7 @@ class PollOptions:
     status_interval_s: float = 0.02
     # the longest interval between two polls of a worker whose status does not change: bounds how late the first
     # change of an idle worker is seen (the freshness of `flexlb bench control`)
-    idle_interval_s: float = 0.06
+    idle_interval_s: float = 0.1
     deadline_s: float = 0.1
     cache_min_interval_s: float = 0.05
     cache_max_interval_s: float = 3.0
