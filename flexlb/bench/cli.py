@@ -109,6 +109,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_run_parser(bsub)
     add_compare_parser(bsub)
     add_proxy_parser(bsub)
+    from flexlb.bench.control_cli import add_control_parser
+
+    add_control_parser(bsub)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -124,6 +127,10 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_compare(args)
     if args.bench_cmd == "proxy":
         return cmd_proxy(args)
+    if args.bench_cmd == "control":
+        from flexlb.bench.control_cli import cmd_control
+
+        return cmd_control(args, settings)
     raise NotImplementedError(args.bench_cmd)
 
 
