@@ -54,12 +54,22 @@ local function expire_reservations(worker_key, resv_key, tokens_key, now)
   return #overdue, freed
 end
 
+-- Only these roles' blocks are in the inverted index: only their cache hits matter to a decision.
+local INDEXED_ROLES = {PREFILL = true, PDFUSION = true}
+
+-- Add every block a worker holds to the inverted index (its role became one that is indexed).
+local function index_blocks(cache_key, block_prefix, wid)
+  local blocks = redis.call('SMEMBERS', cache_key)
+  for _, block in ipairs(blocks) do redis.call('SADD', block_prefix .. block, wid) end
+  return #blocks
+end
+
 -- Remove a worker from the inverted block index (block hash -> workers) and drop its own block set.
 -- block_prefix is the block keys' common prefix ("flexlb:{svc}:blk:"): the keys are named from the worker's set.
-local function unindex_blocks(cache_key, block_prefix, wid)
+local function unindex_blocks(cache_key, block_prefix, wid, keep_set)
   local blocks = redis.call('SMEMBERS', cache_key)
   for _, block in ipairs(blocks) do redis.call('SREM', block_prefix .. block, wid) end
-  redis.call('DEL', cache_key)
+  if not keep_set then redis.call('DEL', cache_key) end
   return #blocks
 end
 

@@ -1,30 +1,52 @@
--- lookup: which workers hold a prefix of a request's blocks, and how long a prefix each (the inverted index).
--- KEYS             the block keys ("flexlb:{svc}:blk:<hash>") of one chunk of the request, in prompt order
--- ARGV             workers that held every block of the previous chunks (none for the first chunk)
+-- lookup: which workers hold a prefix of a request's blocks, and how long a prefix each.
+-- KEYS             the block keys ("flexlb:{svc}:blk:<hash>", the inverted index) of one chunk of the request, in
+--                  prompt order
+-- ARGV[1]          the prefix of the workers' own block sets ("flexlb:{svc}:cache:"; the same hash slot as KEYS)
+-- ARGV[2]          FOLLOW: at most this many workers are followed from the first block
+-- ARGV[3]          N, the number of blocks in the chunk
+-- ARGV[4..3+N]     the chunk's block hashes, in KEYS order
+-- ARGV[4+N..]      workers that held every block of the previous chunks (none for the first chunk)
 -- Returns {{workers holding every block of this chunk}, {worker, blocks held in this chunk, ...}} for the others.
--- Guarantees: a strict prefix match per worker: a worker's first missing block ends its match; the walk stops at
--- the first block no remaining worker holds, so the work grows with the matched prefix, not with the fleet.
+-- Guarantees: a strict prefix match per worker: its first missing block ends its match. The inverted index names
+-- the candidates (holders of the first block), each candidate's own set is asked once for the whole chunk, so the
+-- work is bounded by FOLLOW calls whatever the fleet: when more than FOLLOW workers hold the first block (a popular
+-- system prompt), a random FOLLOW of them are followed plus up to FOLLOW holders of the deepest block held at all
+-- (found by bisection), so the workers with the longest match are not lost in the sample.
+local cache_prefix, follow, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local alive = {}
-if #ARGV == 0 then
-  alive = redis.call('SMEMBERS', KEYS[1])
-else
-  for i = 1, #ARGV do alive[i] = ARGV[i] end
-end
-local first = #ARGV == 0 and 2 or 1
-local dropped = {}
-if #alive == 0 then return {{}, dropped} end
-for i = first, #KEYS do
-  local held = redis.call('SMISMEMBER', KEYS[i], unpack(alive))
-  local still = {}
-  for j = 1, #alive do
-    if held[j] == 1 then
-      still[#still + 1] = alive[j]
-    else
-      dropped[#dropped + 1] = alive[j]
-      dropped[#dropped + 1] = i - 1
+local first_chunk = #ARGV == 3 + n
+if first_chunk then
+  local holders = redis.call('SCARD', KEYS[1])
+  if holders <= follow then
+    alive = redis.call('SMEMBERS', KEYS[1])
+  else
+    alive = redis.call('SRANDMEMBER', KEYS[1], follow)
+    local lo, hi = 1, #KEYS
+    while lo < hi do
+      local mid = math.ceil((lo + hi) / 2)
+      if redis.call('EXISTS', KEYS[mid]) == 1 then lo = mid else hi = mid - 1 end
+    end
+    if lo > 1 then
+      local chosen = {}
+      for _, w in ipairs(alive) do chosen[w] = true end
+      for _, w in ipairs(redis.call('SRANDMEMBER', KEYS[lo], follow)) do
+        if not chosen[w] then alive[#alive + 1] = w end
+      end
     end
   end
-  alive = still
-  if #alive == 0 then break end
+else
+  for i = 4 + n, #ARGV do alive[#alive + 1] = ARGV[i] end
 end
-return {alive, dropped}
+local whole, dropped = {}, {}
+for _, w in ipairs(alive) do
+  local held = redis.call('SMISMEMBER', cache_prefix .. w, unpack(ARGV, 4, 3 + n))
+  local m = 0
+  while m < n and held[m + 1] == 1 do m = m + 1 end
+  if m == n then
+    whole[#whole + 1] = w
+  elseif m > 0 or not first_chunk then  -- a worker from the earlier chunks matched those whole
+    dropped[#dropped + 1] = w
+    dropped[#dropped + 1] = m
+  end
+end
+return {whole, dropped}

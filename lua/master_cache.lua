@@ -10,8 +10,9 @@
 -- ARGV[5+A..]      keys to remove
 -- Returns {1, SCARD after}, {0, 'gone'} when the worker was removed, or {0, 'stale epoch N, current M'}; on
 -- refusal nothing is written.
--- Guarantees: the whole diff lands at once (adds, then removes) or not at all, in the worker's set and in the
--- inverted index (block -> workers holding it) alike; a removed worker's set is not re-created.
+-- Guarantees: the whole diff lands at once (adds, then removes) or not at all, in the worker's set and, for a
+-- prefill-type worker, in the inverted index (block -> workers holding it); a removed worker's set is not
+-- re-created.
 -- @include _lib.lua
 
 local ok, current = check_epoch(KEYS[1], ARGV[1])
@@ -19,11 +20,12 @@ if not ok then return {0, 'stale epoch ' .. ARGV[1] .. ', current ' .. (current 
 if redis.call('EXISTS', KEYS[2]) == 0 then return {0, 'gone'} end
 
 local wid, block_prefix = ARGV[2], ARGV[3]
+local indexed = INDEXED_ROLES[redis.call('HGET', KEYS[2], 'role') or ''] or false
 local last_add = 4 + tonumber(ARGV[4])
 for i = 5, last_add do
-  if redis.call('SADD', KEYS[3], ARGV[i]) == 1 then redis.call('SADD', block_prefix .. ARGV[i], wid) end
+  if redis.call('SADD', KEYS[3], ARGV[i]) == 1 and indexed then redis.call('SADD', block_prefix .. ARGV[i], wid) end
 end
 for i = last_add + 1, #ARGV do
-  if redis.call('SREM', KEYS[3], ARGV[i]) == 1 then redis.call('SREM', block_prefix .. ARGV[i], wid) end
+  if redis.call('SREM', KEYS[3], ARGV[i]) == 1 and indexed then redis.call('SREM', block_prefix .. ARGV[i], wid) end
 end
 return {1, redis.call('SCARD', KEYS[3])}

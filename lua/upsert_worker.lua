@@ -3,23 +3,30 @@
 -- KEYS[2..5]       role sets of PREFILL, DECODE, PDFUSION, VIT
 -- KEYS[6]          the worker's status hash
 -- KEYS[7], KEYS[8] the change stream and its entry counter
+-- KEYS[9]          the worker's cache block set
 -- ARGV[1]          worker id
 -- ARGV[2]          role (one of the four), or '' to keep the current one
 -- ARGV[3]          '1' to create when missing, '0' to refuse an unknown worker
--- ARGV[4..]        field, value pairs to set
+-- ARGV[4]          prefix of the inverted index's block keys ("flexlb:{svc}:blk:"; same hash slot as KEYS)
+-- ARGV[5..]        field, value pairs to set
 -- Returns {1, members_changed} or {0, reason}.
 -- Guarantees: a worker is in exactly one role set; the members version moves whenever membership does;
 -- status_version grows by one and updated_ms is server time on every write; an 'a' stream entry carries the
--- fields written with the role, status_version and the pending load.
+-- fields written with the role, status_version and the pending load; a worker whose role changes between a
+-- prefill-type one and another enters or leaves the inverted index with the blocks it holds.
 -- @include _lib.lua
 
 local ROLES = {'PREFILL', 'DECODE', 'PDFUSION', 'VIT'}
 local wid, role, create = ARGV[1], ARGV[2], ARGV[3] == '1'
 local exists = redis.call('EXISTS', KEYS[6]) == 1
 if not exists and not create then return {0, 'unknown worker ' .. wid} end
+local old_role = redis.call('HGET', KEYS[6], 'role')
 if role == '' then
-  role = redis.call('HGET', KEYS[6], 'role')
+  role = old_role
   if not role then return {0, 'worker ' .. wid .. ' has no role; give one'} end
+end
+if (INDEXED_ROLES[old_role or ''] or false) ~= (INDEXED_ROLES[role] or false) then
+  if INDEXED_ROLES[role] then index_blocks(KEYS[9], ARGV[4], wid) else unindex_blocks(KEYS[9], ARGV[4], wid, true) end
 end
 local changed = 0
 for i, name in ipairs(ROLES) do
@@ -30,7 +37,7 @@ for i, name in ipairs(ROLES) do
   end
 end
 local fields = {'role', role, 'updated_ms', now_ms()}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[6], unpack(fields))
 local version = redis.call('HINCRBY', KEYS[6], 'status_version', 1)
 if not exists then

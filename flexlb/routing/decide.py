@@ -56,6 +56,11 @@ BY_KV_USED = "kv_used"  # KV in use plus pending tokens: WEIGHTED_CACHE's weight
 BY_KV_FREE = "kv_free_desc"
 BY_RATE = "rate_desc"
 SAMPLE_TRIES = 64
+# SHORTEST_TTFT: once no unseen worker can beat the best, at most this many workers of the near-tie band are
+# collected for the recency tie-break (a full scan takes them all; this keeps the work bounded in a large, even fleet)
+TIE_CANDIDATES = 16
+# WEIGHTED_CACHE: workers whose weight is below this fraction of the largest are left out of the pruned draw
+NEGLIGIBLE_WEIGHT = 1e-6
 
 
 def queue_ms(view: WorkerView, model: TtftModel) -> float:
@@ -196,14 +201,17 @@ class _Scan:
             return None
         # no worker outside the cache holders beats its queue time plus the whole prompt at the best rate
         floor = model.overhead_ms + max(seq_len, 1) / -fastest[0]
+        collected = 0
         for q, view in self.fleet.ordered(role, BY_QUEUE):
-            if q + floor > best * (1 + tie):
+            bound = q + floor  # no worker from here on estimates below this
+            if bound > best * (1 + tie) or (bound > best and collected >= TIE_CANDIDATES):
                 break
             if view.worker_id in found or (seen := self.as_seen(view, role)) is None:
                 continue
             estimate = estimate_ttft_ms(seen, seq_len, model)
             found[view.worker_id] = (estimate, seen)
             best = min(best, estimate)
+            collected += 1
         equal = [(e, v) for e, v in found.values() if e <= best * (1 + tie)]
         if not equal:
             return None
@@ -243,6 +251,19 @@ class _Scan:
         weighted = strategy is StrategyName.WEIGHTED_CACHE
         decay = self.params.weighted_cache_decay
         least_used = next(self.fleet.ordered(role, BY_KV_USED), (0.0, None))[0]
+        if weighted and decay > 0:
+            # the weight falls fast with KV in use: when few workers carry all but a negligible part of it, draw
+            # among those exactly instead of hoping uniform draws hit them
+            horizon = least_used - math.log(NEGLIGIBLE_WEIGHT) / decay
+            head = []
+            for used, view in self.fleet.ordered(role, BY_KV_USED):
+                if used > horizon or len(head) > SAMPLE_TRIES:
+                    break
+                head.append(view)
+            if len(head) <= SAMPLE_TRIES:
+                seen = [v for v in (self.as_seen(h, role) for h in head) if v is not None]
+                if seen:
+                    return _full_sample(strategy, role, seen, self.request, self.memory, self.params)
         for _ in range(SAMPLE_TRIES):
             view = self.fleet.get(rng.choice(ids))
             if view is None or (seen := self.as_seen(view, role)) is None:

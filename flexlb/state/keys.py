@@ -80,8 +80,13 @@ class ServiceKeys:
     def reservation_tokens(self, worker_id: str) -> str:
         return f"{self.prefix}:resv_tokens:{worker_id}"
 
+    @property
+    def cache_prefix(self) -> str:
+        """Prefix of the workers' own block sets: ``<cache_prefix><worker id>``."""
+        return f"{self.prefix}:cache:"
+
     def cache_blocks(self, worker_id: str) -> str:
-        return f"{self.prefix}:cache:{worker_id}"
+        return f"{self.cache_prefix}{worker_id}"
 
     def request(self, request_id: int) -> str:
         return f"{self.prefix}:req:{request_id}"

@@ -19,6 +19,7 @@ from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import Scripts
 
 LOOKUP_CHUNK = 128  # blocks per lookup call: 8k tokens of 64-token blocks, so long prompts build few keys at once
+LOOKUP_FOLLOW = 16  # workers a lookup follows at most (lua/lookup.lua): bounded work with popular prefixes
 _CHECKED = (
     "alive", "max_concurrency", "running", "waiting", "pending_count", "kv_total", "kv_used", "pending_tokens", "role",
 )  # fmt: skip
@@ -71,14 +72,17 @@ class FleetStore:
 
     # ---- the decision path ----
 
-    async def lookup_prefix(self, block_keys: Sequence[int]) -> dict[str, int]:
-        """Workers holding a prefix of ``block_keys`` (in prompt order) -> blocks of that prefix: one call per
-        LOOKUP_CHUNK blocks, and only while some worker still matches."""
+    async def lookup_prefix(self, block_keys: Sequence[int], follow: int = LOOKUP_FOLLOW) -> dict[str, int]:
+        """Prefill-type workers holding a prefix of ``block_keys`` (in prompt order) -> blocks of that prefix: one
+        call per LOOKUP_CHUNK blocks, and only while some worker still matches. With more than ``follow`` holders
+        of the first block, a sample of them and the deepest holders (lua/lookup.lua)."""
         hits: dict[str, int] = {}
         alive: list[str] = []
+        block = self.keys.block
         for offset in range(0, len(block_keys), LOOKUP_CHUNK):
             chunk = block_keys[offset : offset + LOOKUP_CHUNK]
-            alive, dropped = await self.scripts.call("lookup", [self.keys.block(k) for k in chunk], alive)
+            args = [self.keys.cache_prefix, follow, len(chunk), *chunk, *alive]
+            alive, dropped = await self.scripts.call("lookup", [block(k) for k in chunk], args)
             for i in range(0, len(dropped), 2):
                 hits[dropped[i]] = offset + int(dropped[i + 1])
             if not alive:
@@ -145,8 +149,9 @@ class FleetStore:
             *self.keys.role_sets(),
             self.keys.worker(worker_id),
             *self.keys.change_keys(),
+            self.keys.cache_blocks(worker_id),
         ]
-        args = [worker_id, role, "1" if create else "0"]
+        args = [worker_id, role, "1" if create else "0", self.keys.block_prefix]
         for name, value in fields.items():
             args += [name, value]
         reply = await self.scripts.call("upsert_worker", keys, args)
@@ -185,7 +190,7 @@ class FleetStore:
         """Replace the set of block hashes a worker holds, in its set and the inverted index (operators and tests;
         the poller applies diffs)."""
         args = [worker_id, self.keys.block_prefix, *block_keys]
-        await self.scripts.call("cache_set", [self.keys.cache_blocks(worker_id)], args)
+        await self.scripts.call("cache_set", [self.keys.worker(worker_id), self.keys.cache_blocks(worker_id)], args)
 
     async def block_holders(self, block_key: int) -> set[str]:
         """The workers the inverted index lists as holding one block."""

@@ -170,12 +170,32 @@ async def test_lookup_gives_each_worker_its_own_prefix(store: FleetStore) -> Non
     await register_fleet(store)
     await store.set_cache_blocks(P1.worker_id, [1, 2, 3, 4])
     await store.set_cache_blocks(P2.worker_id, [1, 2])
-    await store.set_cache_blocks(D1.worker_id, [1, 2, 3, 9])
-    assert await store.lookup_prefix([1, 2, 3, 4, 5]) == {P1.worker_id: 4, P2.worker_id: 2, D1.worker_id: 3}
+    await store.set_cache_blocks(D1.worker_id, [1, 2, 3, 9])  # decode's cache hits do not matter: not indexed
+    assert await store.lookup_prefix([1, 2, 3, 4, 5]) == {P1.worker_id: 4, P2.worker_id: 2}
     # replacing a worker's blocks replaces them in the inverted index too
     await store.set_cache_blocks(P1.worker_id, [7])
-    assert await store.block_holders(1) == {P2.worker_id, D1.worker_id}
+    assert await store.block_holders(1) == {P2.worker_id}
+    assert await store.lookup_prefix([1, 2, 3, 4, 5]) == {P2.worker_id: 2}
+    # a worker changing role enters or leaves the index with what it holds
+    await store.register_worker(WorkerSpec(D1.ip, D1.http_port, Role.PDFUSION), WorkerStatus())
     assert await store.lookup_prefix([1, 2, 3, 4, 5]) == {P2.worker_id: 2, D1.worker_id: 3}
+    await store.register_worker(WorkerSpec(P2.ip, P2.http_port, Role.DECODE), WorkerStatus())
+    assert await store.lookup_prefix([1, 2, 3, 4, 5]) == {D1.worker_id: 3}
+    assert await store.cache_blocks(P2.worker_id) == {1, 2}  # its own set stays
+
+
+async def test_lookup_work_is_bounded_when_many_workers_hold_the_prefix(store: FleetStore) -> None:
+    """A popular prefix on 100 workers: a lookup follows a sample of them, and never misses the one holding the
+    longest match."""
+    many = [WorkerSpec(f"10.9.{i // 200}.{i % 200}", 8000, Role.PREFILL) for i in range(100)]
+    for spec in many:
+        await store.register_worker(spec, WorkerStatus())
+        await store.set_cache_blocks(spec.worker_id, [1, 2, 3])
+    await store.set_cache_blocks(many[57].worker_id, [1, 2, 3, 4, 5, 6])
+    hits = await store.lookup_prefix([1, 2, 3, 4, 5, 6, 7], follow=8)
+    assert hits[many[57].worker_id] == 6
+    assert 8 <= len(hits) <= 9 and all(h == 3 for w, h in hits.items() if w != many[57].worker_id)
+    assert len(await store.lookup_prefix([1, 2, 3, 4, 5, 6, 7], follow=200)) == 100  # under the bound: exact
 
 
 async def test_update_of_unknown_worker_is_refused_and_creates_nothing(store: FleetStore) -> None:
@@ -223,6 +243,11 @@ async def test_every_script_call_touches_one_cluster_slot(store: FleetStore) -> 
     assert {name for name, _ in seen} == set(SCRIPT_NAMES) - own_tests
     for name, keys in seen:
         assert len({key_slot(k.encode()) for k in keys}) == 1, (name, keys)
+    # keys the scripts name from a prefix (a worker's blocks in the inverted index, a candidate's own block set)
+    # are in the same slot as every declared key
+    home = key_slot(store.keys.worker("w").encode())
+    for prefix in (store.keys.block_prefix, store.keys.cache_prefix):
+        assert key_slot(f"{prefix}12345".encode()) == home
 
 
 def test_script_sources_have_their_includes_expanded_and_a_header() -> None:
