@@ -22,12 +22,13 @@ from flexlb.grpc_api import GrpcScheduleApi
 from flexlb.http.admin import setup_admin_routes
 from flexlb.http.drain import InFlightRequests
 from flexlb.http.middleware import json_errors
-from flexlb.http.routes import CONTEXT, MASTER, RouterContext, setup_master_routes, setup_routes
+from flexlb.http.routes import CONTEXT, MASTER, setup_master_routes, setup_routes
 from flexlb.master.service import MasterService, default_holder
 from flexlb.metrics import MasterMetrics, SchedulerMetrics, exposition_registry
 from flexlb.proxy import setup_proxy
 from flexlb.queueing import QueueMetrics, QueueOptions, RequestQueue
 from flexlb.routing import ChoiceMemory, StrategyName, StrategyParams, TtftModel
+from flexlb.schedule_api import RouterContext
 from flexlb.scheduler import Scheduler, SchedulerOptions
 from flexlb.settings import FlexlbConfig, Settings
 from flexlb.state.connection import use_hiredis_packing

@@ -25,7 +25,6 @@ from flexlb.grpc_api.convert import (
     schedule_response_pb,
     status_code_for,
 )
-from flexlb.http.routes import RouterContext, check_model, run_schedule
 from flexlb.http.wire import BadRequest, parse_request_id, schedule_body
 from flexlb.proto.flexlb_schedule_pb2 import (
     ReleaseRequestPB,
@@ -34,6 +33,7 @@ from flexlb.proto.flexlb_schedule_pb2 import (
     ScheduleResponsePB,
 )
 from flexlb.proto.flexlb_schedule_pb2_grpc import FlexlbSchedulerServicer
+from flexlb.schedule_api import RouterContext, check_model, run_schedule
 
 log = logging.getLogger("flexlb.grpc_api")
 

@@ -4,58 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from flexlb.domain import ErrorCode, ScheduleRequest, ScheduleResult
 from flexlb.http.wire import (
     BadRequest,
     error_body,
     http_status_for,
     parse_json_object,
     parse_request_id,
-    parse_schedule_request,
     schedule_body,
 )
 from flexlb.master.election import current_master
-from flexlb.metrics import SchedulerMetrics
-from flexlb.scheduler import Scheduler
+from flexlb.schedule_api import RouterContext, check_model, run_schedule
 from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.store import FleetStore
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from flexlb.master.service import MasterService
-    from flexlb.queueing import RequestQueue
-
 log = logging.getLogger("flexlb.http")
-
-# Names a request may carry for this service besides its id: older RTP-LLM clients send "engine_service".
-GENERIC_MODEL_NAMES = frozenset({"engine_service"})
-
-
-@dataclass(slots=True)
-class RouterContext:
-    """Everything the handlers use, built once by create_app."""
-
-    scheduler: Scheduler
-    store: FleetStore
-    metrics: SchedulerMetrics
-    service_id: str
-    master_host: str  # this router's ip:port, reported as real_master_host (any router can schedule)
-    model_names: frozenset[str] = frozenset()
-    master: MasterService | None = None  # this process's master election, when it contends
-    queue: RequestQueue = None  # type: ignore[assignment]  # set by create_app (queue mode, or a pass-through)
-    metrics_registry: CollectorRegistry | None = None  # what /metrics serves; None = metrics.registry
-    ready: bool = False  # reached Redis once (scripts loaded): until then /health answers 503 "starting"
-
 
 CONTEXT = web.AppKey("context", RouterContext)
 MASTER = web.AppKey("master", "MasterService")  # in `flexlb master`, which has no router context
@@ -71,36 +42,6 @@ def bad_request(exc: BadRequest, ctx: RouterContext) -> web.Response:
 
 async def read_object(request: web.Request) -> dict[str, Any]:
     return parse_json_object(await request.read())
-
-
-def check_model(ctx: RouterContext, model: str | None) -> None:
-    if model is None or model == ctx.service_id or model in ctx.model_names or model in GENERIC_MODEL_NAMES:
-        return
-    raise BadRequest(
-        f"unknown model {model!r}: this router serves {ctx.service_id!r}",
-        status=404,
-        code=ErrorCode.UNKNOWN_MODEL,
-    )
-
-
-async def run_schedule(
-    ctx: RouterContext, body: Awaitable[dict[str, Any]], via: str = ""
-) -> tuple[ScheduleRequest, ScheduleResult]:
-    """The schedule API's work, whatever the transport: validate ``body``, schedule through the queue, count and
-    log. Raises BadRequest (counted too) for a request the client got wrong."""
-    started = time.perf_counter()
-    try:
-        req = parse_schedule_request(await body)
-        check_model(ctx, req.model)
-    except BadRequest as exc:
-        ctx.metrics.schedules.labels(code=str(int(exc.code))).inc()
-        raise
-    result = await ctx.queue.schedule(req)
-    ctx.metrics.schedules.labels(code=str(int(result.code))).inc()
-    ctx.metrics.schedule_latency.observe(time.perf_counter() - started)
-    if not result.success:
-        log.info("request %s%s: %s (%s)", req.request_id, via, result.code.name, result.message)
-    return req, result
 
 
 async def schedule(request: web.Request) -> web.Response:

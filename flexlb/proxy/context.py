@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from flexlb.http.routes import RouterContext
 from flexlb.proxy.http1 import UpstreamPool
 from flexlb.proxy.metrics import ProxyMetrics
-from flexlb.proxy.releases import Releases
+from flexlb.schedule_api import RouterContext
 from flexlb.settings import FlexlbConfig
 
 
@@ -43,7 +42,6 @@ class ProxyContext:
     rng: random.Random  # request ids and bootstrap rooms
     created: int  # epoch seconds: the model's "created" in /v1/models
     session: UpstreamPool | None = None  # the one client to the workers, open while the app runs
-    releases: Releases = field(default_factory=Releases)  # started, not awaited: the answer does not wait
 
     @property
     def model_name(self) -> str:

@@ -1,8 +1,9 @@
 """One proxied request: validate, schedule, forward to the chosen worker(s), relay the answer, release.
 
 The reservation is released however the request ends (answered, failed, client gone): the ``finally`` around
-everything after scheduling starts the release without waiting for it (``flexlb.proxy.releases``), so the answer
-does not wait for Redis; a request the scheduler refused holds nothing and costs no release. A worker that fails
+everything after scheduling, once the answer was sent whole (an answer not streamed is sent by the handler itself, not
+after it returns), so the answer does not wait for Redis while the release still belongs to the request (a router's
+shutdown drain waits for it); a request the scheduler refused holds nothing and costs no release. A worker that fails
 before its first byte is released at once, and waited for, before the request is scheduled again without it (the
 new reservation has the same request id), ``retries`` times at most.
 
@@ -24,7 +25,6 @@ from aiohttp import web
 
 from flexlb.blocks import block_cache_keys
 from flexlb.domain import Choice, Role, ScheduleRequest
-from flexlb.http.routes import check_model
 from flexlb.http.wire import BadRequest
 from flexlb.proxy.context import PROXY, ProxyContext
 from flexlb.proxy.errors import ClientGone, ProxyError, error_response, from_schedule
@@ -34,6 +34,7 @@ from flexlb.proxy.pd import PrefillRefused, UpstreamFailures, bootstrap_fields, 
 from flexlb.proxy.plan import forward_body, plan
 from flexlb.proxy.relay import relay
 from flexlb.proxy.upstream import Target, UpstreamFailure, open_response
+from flexlb.schedule_api import check_model
 from flexlb.scheduler import Scheduler
 
 log = logging.getLogger("flexlb.proxy")
@@ -152,9 +153,10 @@ async def _serve(
                     )
         raise _no_worker(None, failures)
     finally:
-        # The answer is complete (or the client gone): the release must not hold it up, but it always runs.
+        # The answer was sent whole (or the client is gone), so the release does not hold it up; the handler waits for
+        # it all the same, so a router's shutdown drain covers it.
         if held:
-            pctx.releases.start(router.scheduler, request_id)
+            await _release_after(router.scheduler, request_id)
 
 
 async def _attempt(
@@ -203,8 +205,13 @@ async def _attempt(
             request_id=request_id,
             on_mid_stream_failure=on_late_failure,
         )
-        if response.prepared:  # a stream, sent whole; an answer not streamed is sent after the handler returns
-            streamed.status = response.status
+        if not response.prepared:  # an answer not streamed: sent now, so the release after it does not hold it up
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionResetError:
+                raise ClientGone from None
+        streamed.status = response.status
         return response
     finally:
         upstream.close()  # a no-op once the answer was read whole; otherwise the worker sees the disconnect
@@ -233,3 +240,11 @@ def _count_failure(pctx: ProxyContext, target: Target, reason: str, *, retried: 
 async def _release(scheduler: Scheduler, request_id: int) -> None:
     # Shielded: a client disconnect or shutdown cancelling the handler must not leave the reservation to its TTL.
     await asyncio.shield(scheduler.release(request_id))
+
+
+async def _release_after(scheduler: Scheduler, request_id: int) -> None:
+    """The release once the answer is out: its failure is logged, not answered (the client has its answer)."""
+    try:
+        await _release(scheduler, request_id)
+    except Exception:
+        log.exception("release of request %s failed; its reservation expires by its TTL", request_id)
