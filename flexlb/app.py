@@ -23,6 +23,7 @@ from flexlb.http.admin import setup_admin_routes
 from flexlb.http.drain import InFlightRequests
 from flexlb.http.middleware import json_errors
 from flexlb.http.routes import CONTEXT, MASTER, setup_master_routes, setup_routes
+from flexlb.master.election import current_master
 from flexlb.master.service import MasterService, default_holder
 from flexlb.metrics import MasterMetrics, SchedulerMetrics, exposition_registry
 from flexlb.proxy import setup_proxy
@@ -173,7 +174,7 @@ def create_master_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         started = await _start_with_redis(settings, store)
         master.start()
-        background = asyncio.create_task(_maintain(settings, store, None, started=started))
+        background = asyncio.create_task(_maintain(settings, store, None, master, started=started))
         yield
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -238,7 +239,7 @@ def _router_lifecycle(
             ctx.ready = True
 
         background = asyncio.create_task(
-            _maintain(settings, store, ctx.scheduler, started=ctx.ready, on_started=on_started)
+            _maintain(settings, store, ctx.scheduler, master, started=ctx.ready, on_started=on_started)
         )
         yield
         # The server has drained or cancelled every handler by now (shutdownTimeoutMs); queue and master stopped at
@@ -257,17 +258,27 @@ def _router_lifecycle(
     return lifecycle
 
 
+async def _sweeps(store: FleetStore, master: MasterService | None) -> bool:
+    """Whether this process sweeps overdue reservations now: the master does; a router only while there is none."""
+    if master is not None and master.election.is_master:
+        return True
+    holder, _ = await current_master(store.redis, store.keys)
+    return holder is None
+
+
 async def _maintain(
     settings: Settings,
     store: FleetStore,
     scheduler: Scheduler | None,
+    master: MasterService | None,
     *,
     started: bool,
     on_started: Callable[[], None] | None = None,
 ) -> None:
     """Background duties of every process: finish the start-up once Redis answers (``started`` false), keep the
-    static workers registered, write the releases Redis missed while it was down (routers), and expire reservations
-    of workers no request reserves (reservations expire the others)."""
+    static workers registered, write the releases Redis missed while it was down (routers), and, in the master (or
+    in every process while no one holds the master lock), expire reservations of workers no request reserves
+    (reservations expire the others): the fleet's load on idle workers comes back after a router crashed."""
     interval = min(max(settings.flexlb.reservation_ttl_ms / 4000, 0.1), 1.0)
     while True:
         await asyncio.sleep(interval)
@@ -283,7 +294,8 @@ async def _maintain(
             # a router knows the fleet from its view; only `flexlb master` reads every worker (once per interval)
             views = list(scheduler.view.all()) if scheduler is not None else await store.list_workers()
             await register_static_workers(store, settings.service.endpoints, [v.worker_id for v in views])
-            await store.sweep([v.worker_id for v in views if v.pending_count])
+            if await _sweeps(store, master):
+                await store.sweep([v.worker_id for v in views if v.pending_count])
         except REDIS_UNAVAILABLE:
             pass  # the scheduler reports the outage; these duties resume with Redis
         except Exception:
