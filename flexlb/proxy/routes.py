@@ -44,7 +44,6 @@ async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
     pctx = app[PROXY]
     pctx.session = make_client(pctx.options.connect_timeout_s)
     yield
-    await pctx.releases.wait()  # none left by now: the scheduler's finish_releases waited for them
     await pctx.session.close()
 
 

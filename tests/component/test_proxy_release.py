@@ -1,5 +1,5 @@
-"""The proxy's release of a request's reservation: started when the answer is complete, never awaited by it, and
-always run to its end (also for a client that went away), with its failures logged.
+"""The proxy's release of a request's reservation: once the answer was sent whole, so the answer never waits for it,
+and always run to its end (also for a client that went away, or cancelled mid-schedule), with its failures logged.
 
 The proxy runs in-process on a stand-in router (a scheduler whose release waits at a gate the test opens) in front
 of a stand-in worker, so the test sees the answer arrive while the release is still held."""
@@ -22,8 +22,6 @@ from prometheus_client import CollectorRegistry
 from flexlb.domain import Choice, ErrorCode, Role, ScheduleRequest, ScheduleResult, WorkerSpec, WorkerStatus, WorkerView
 from flexlb.http.routes import CONTEXT
 from flexlb.proxy import setup_proxy
-from flexlb.proxy.context import PROXY
-from flexlb.proxy.releases import Releases
 from flexlb.settings import FlexlbConfig
 
 GUARD_S = 10.0  # a failure guard only: what is awaited here happens at once when the code is right
@@ -42,6 +40,8 @@ class GatedScheduler:
         self.releasing: list[int] = []  # releases started
         self.released: list[int] = []  # releases finished
         self.started = asyncio.Event()
+        self.done = asyncio.Event()  # a release finished
+        self.fail = False  # releases raise
         self.last_snapshot = None  # the block size: the default
         self.view = SimpleNamespace(block_size=lambda: 64)
 
@@ -57,7 +57,10 @@ class GatedScheduler:
         self.releasing.append(request_id)
         self.started.set()
         await self.gate.wait()
+        if self.fail:
+            raise RuntimeError(f"release {request_id} exploded")
         self.released.append(request_id)
+        self.done.set()
         return 1
 
 
@@ -87,7 +90,7 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
 
 
 @pytest.fixture
-async def proxy() -> AsyncIterator[tuple[str, GatedScheduler, web.Application]]:
+async def proxy() -> AsyncIterator[tuple[str, GatedScheduler]]:
     worker_runner, worker_port = await _serve(await _worker_app())
     scheduler = GatedScheduler(WorkerSpec("127.0.0.1", worker_port, Role.PDFUSION))
     app = web.Application()
@@ -101,7 +104,7 @@ async def proxy() -> AsyncIterator[tuple[str, GatedScheduler, web.Application]]:
     setup_proxy(app, FlexlbConfig())
     runner, port = await _serve(app)
     try:
-        yield f"http://127.0.0.1:{port}", scheduler, app
+        yield f"http://127.0.0.1:{port}", scheduler
     finally:
         scheduler.gate.set()  # let any release still held end
         await runner.cleanup()
@@ -112,10 +115,8 @@ BODY = {"prompt": "one two three", "max_tokens": 1}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-async def test_the_answer_does_not_wait_for_the_release(
-    proxy: tuple[str, GatedScheduler, web.Application], stream: bool
-) -> None:
-    url, scheduler, app = proxy
+async def test_the_answer_does_not_wait_for_the_release(proxy: tuple[str, GatedScheduler], stream: bool) -> None:
+    url, scheduler = proxy
     async with aiohttp.ClientSession() as http:
         try:
             async with asyncio.timeout(GUARD_S):
@@ -127,45 +128,43 @@ async def test_the_answer_does_not_wait_for_the_release(
     request_id = int(resp.headers["X-Request-Id"])
     # The answer is out, its release started and is still held at the gate.
     assert scheduler.releasing == [request_id] and scheduler.released == []
-    assert len(app[PROXY].releases) == 1
 
     scheduler.gate.set()
     async with asyncio.timeout(GUARD_S):
-        await app[PROXY].releases.wait()
+        await scheduler.done.wait()
     assert scheduler.released == [request_id]
 
 
 async def test_a_client_that_goes_away_still_gets_its_release(
-    proxy: tuple[str, GatedScheduler, web.Application],
+    proxy: tuple[str, GatedScheduler],
 ) -> None:
-    url, scheduler, app = proxy
+    url, scheduler = proxy
     scheduler.gate.set()
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{url}/v1/completions", json=BODY | {"stream": True}) as resp:
             request_id = int(resp.headers["X-Request-Id"])
             resp.close()  # gone before reading the stream
     async with asyncio.timeout(GUARD_S):
-        await scheduler.started.wait()
-        await app[PROXY].releases.wait()
+        await scheduler.done.wait()
     assert scheduler.released == [request_id]
 
 
 async def test_a_refused_request_holds_nothing_and_costs_no_release(
-    proxy: tuple[str, GatedScheduler, web.Application],
+    proxy: tuple[str, GatedScheduler],
 ) -> None:
-    url, scheduler, app = proxy
+    url, scheduler = proxy
     scheduler.refuse = True
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{url}/v1/completions", json=BODY) as resp:
             error = await resp.json()
     assert resp.status == 503 and error["error"]["code"] == "no_pdfusion_worker"
-    assert scheduler.releasing == [] and len(app[PROXY].releases) == 0
+    assert scheduler.releasing == []
 
 
 async def test_a_client_gone_while_its_schedule_runs_gets_its_release(
-    proxy: tuple[str, GatedScheduler, web.Application],
+    proxy: tuple[str, GatedScheduler],
 ) -> None:
-    url, scheduler, app = proxy
+    url, scheduler = proxy
     scheduler.gate.set()
     scheduler.schedule_gate.clear()
     async with aiohttp.ClientSession() as http:
@@ -176,31 +175,28 @@ async def test_a_client_gone_while_its_schedule_runs_gets_its_release(
         with contextlib.suppress(asyncio.CancelledError):
             await sent
     async with asyncio.timeout(GUARD_S):
-        await scheduler.started.wait()
-        await app[PROXY].releases.wait()
+        await scheduler.done.wait()
     assert len(scheduler.released) == 1
 
 
-class _Failing:
-    async def release(self, request_id: int) -> int:
-        raise RuntimeError(f"release {request_id} exploded")
-
-
-async def test_a_failed_release_is_logged_and_its_exception_retrieved(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failed_release_is_logged_and_the_answer_stands(
+    proxy: tuple[str, GatedScheduler], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, scheduler = proxy
+    scheduler.gate.set()
+    scheduler.fail = True
     loop = asyncio.get_running_loop()
     unretrieved: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
     try:
-        releases = Releases()
         with caplog.at_level(logging.ERROR, logger="flexlb.proxy"):
-            releases.start(_Failing(), 7)
-            assert len(releases) == 1  # started, not awaited, and held
-            await releases.wait()
-        assert len(releases) == 0
-        assert [r.getMessage() for r in caplog.records] == [
-            "release of request 7 failed; its reservation expires by its TTL"
-        ]
-        assert "exploded" in caplog.text
+            async with aiohttp.ClientSession() as http:
+                for _ in range(2):  # the second on the same connection: the router still serves it
+                    async with http.post(f"{url}/v1/completions", json=BODY) as resp:
+                        assert resp.status == 200 and b"hi" in await resp.read()
+        failed = [r for r in caplog.records if r.getMessage().startswith("release of request")]
+        assert len(failed) == 2 and all("expires by its TTL" in r.getMessage() for r in failed)
+        assert "exploded" in caplog.text and len(scheduler.releasing) == 2
         gc.collect()  # an exception never retrieved is reported when its task is collected
         assert unretrieved == []
     finally:
