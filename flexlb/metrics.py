@@ -45,12 +45,12 @@ class SchedulerMetrics:
         )
         self.schedules_degraded = Counter(
             "flexlb_degraded_schedules_total",
-            "Requests scheduled from the local snapshot while Redis was unreachable.",
+            "Requests scheduled from the fleet view while Redis was unreachable.",
             registry=registry,
         )
         self.schedules_unavailable = Counter(
             "flexlb_state_unavailable_total",
-            "Requests refused because Redis was unreachable and the local snapshot too old.",
+            "Requests refused because Redis was unreachable and the fleet view too old.",
             registry=registry,
         )
         self.redis_errors = Counter("flexlb_redis_errors_total", "Failed Redis calls.", registry=registry)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from flexlb.domain import NO_WORKER_CODE, ROLE_ORDER, ErrorCode, Role, ScheduleRequest, ScheduleResult
 from flexlb.metrics import SchedulerMetrics
 from flexlb.routing import ChoiceMemory, DecisionOptions, StrategyName, StrategyParams, decide, order_keys
+from flexlb.routing.decide import orders_per_role
 from flexlb.routing.strategies import PREFILL_ROLES
 from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.store import FleetStore
@@ -73,7 +74,7 @@ class Scheduler:
         self.metrics = metrics
         self._clock = clock
         self._decision = options.decision
-        self.view = FleetView(order_keys(options.params))
+        self.view = FleetView(order_keys(options.params), orders_per_role(options.strategies))
         self.view_sync = ViewSync(store, self.view, clock=clock, on_change=on_view_change)
         self._redis_down_since: float | None = None
         self._next_probe_at = 0.0

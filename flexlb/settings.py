@@ -179,7 +179,7 @@ class FlexlbConfig:
     )
     degraded_max_staleness_ms: int = _opt(
         10_000,
-        "How long a router keeps scheduling from its last snapshot while Redis is unreachable, in ms.",
+        "How long a router keeps scheduling from its fleet view while Redis is unreachable, in ms.",
         origin="flexlb",
         low=0,
     )

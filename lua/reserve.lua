@@ -30,7 +30,10 @@ for i = 1, n do
   local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
   local tokens = tonumber(ARGV[2 + 2 * i])
   local s = redis.call('HMGET', wk, unpack(CHECKED))
-  if not s[9] then return {0, i, 'gone', 'worker is not registered', {}} end
+  if not s[9] then
+    if #expired > 0 then stream_add(KEYS[2], KEYS[3], 'p', expired) end
+    return {0, i, 'gone', 'worker is not registered', {}}
+  end
   local dropped, freed = expire_reservations(wk, rk, tk, now)
   if dropped > 0 then  -- the values read before the expiry, as they are after it
     s[5], s[8] = tostring(num(s[5]) - dropped), tostring(num(s[8]) - freed)

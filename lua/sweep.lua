@@ -1,5 +1,5 @@
--- sweep: expire the overdue reservations of some workers (the master's periodic clean-up, for workers nobody
--- schedules on, whose reservations no reserve call expires).
+-- sweep: expire the overdue reservations of some workers (the master's periodic clean-up, or any process's while
+-- no one holds the master lock, for workers nobody schedules on, whose reservations no reserve call expires).
 -- KEYS[1], KEYS[2] the change stream and its entry counter
 -- KEYS[3..]        3 keys per worker: status hash, reservations zset, reservation tokens hash
 -- ARGV             worker id per KEYS triple

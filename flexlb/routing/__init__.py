@@ -1,4 +1,4 @@
-"""Routing decisions: pure functions over snapshots of workers (no I/O)."""
+"""Routing decisions: pure functions over the fleet view (no I/O)."""
 
 from flexlb.routing.decide import DecisionOptions, decide, order_keys, why_none
 from flexlb.routing.eligibility import eligible, is_eligible

@@ -8,10 +8,10 @@ Roles with more than ``prune_above`` workers are not scored in full: each strate
 can win, found from orderings the view keeps (see ORDERS), so the work grows with the few best workers and the
 request's cache holders, not with the fleet:
 
-- SHORTEST_TTFT: the cache holders, then the others by ascending queue time, until even the fastest worker's
-  estimate of the next one (its queue time plus the whole prompt at the role's best prefill rate) is outside the
-  near-tie band of the best so far. The pick is the least recently chosen of the workers within ``tie_ratio`` of the
-  best: the same best as a full scan, and a pick the full scan's near-tie rule counts as equal to it.
+- SHORTEST_TTFT: the cache holders, then the others by ascending queue time and by descending prefill rate at once
+  (a threshold algorithm), until no worker not seen yet can be within the near-tie band of the best so far. The pick
+  is the least recently chosen of the workers within ``tie_ratio`` of the best (at most TIE_CANDIDATES of them beyond
+  the best): the same best as a full scan, and a pick the full scan's near-tie rule counts as equal to it.
 - LOWEST_CONCURRENCY, LEAST_KV_USED: by ascending load / KV in use, until the key passes the best; exactly the
   full scan's pick.
 - RANDOM, WEIGHTED_CACHE: rejection sampling from uniform draws of the role's workers (a draw is kept when eligible,
@@ -83,6 +83,22 @@ def order_keys(params: StrategyParams) -> dict[str, Callable[[WorkerView], float
     }
 
 
+# The orderings each strategy's pruned scan reads.
+STRATEGY_ORDERS: dict[StrategyName, tuple[str, ...]] = {
+    StrategyName.SHORTEST_TTFT: (BY_QUEUE, BY_RATE),
+    StrategyName.LOWEST_CONCURRENCY: (BY_LOAD,),
+    StrategyName.LEAST_KV_USED: (BY_KV_FREE,),
+    StrategyName.WEIGHTED_CACHE: (BY_KV_USED,),
+    StrategyName.RANDOM: (),
+    StrategyName.ROUND_ROBIN: (),
+}
+
+
+def orders_per_role(strategies: Mapping[Role, StrategyName]) -> dict[Role, tuple[str, ...]]:
+    """The orderings a fleet view must keep for each role, given the roles' strategies."""
+    return {role: STRATEGY_ORDERS[name] for role, name in strategies.items()}
+
+
 class Fleet(Protocol):
     """What a decision reads: flexlb.state.view.FleetView."""
 
@@ -91,6 +107,8 @@ class Fleet(Protocol):
     def ids(self, role: Role) -> list[str]: ...
     def count(self, role: Role) -> int: ...
     def ordered(self, role: Role, order: str) -> Iterator[tuple[float, WorkerView]]: ...
+    def count_up_to(self, role: Role, order: str, key: float) -> int: ...
+    def nth(self, role: Role, order: str, index: int) -> WorkerView: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,17 +175,30 @@ class _Scan:
         self.request, self.fleet, self.memory, self.params = request, fleet, memory, params
         self.hits, self.local_load = hits, local_load
         self.group = ""
+        self._excluded = request.exclude_workers
 
     def as_seen(self, view: WorkerView, role: Role) -> WorkerView | None:
-        """The worker with the request's cache hit and this router's own load, if it may take the request."""
-        if view.worker_id in self.request.exclude_workers or (self.group and view.spec.group != self.group):
+        """The worker with the request's cache hit and this router's own load, if it may take the request
+        (flexlb.routing.eligibility's rule; this runs for every worker a decision looks at)."""
+        spec = view.spec
+        wid = spec.worker_id
+        if (self._excluded and wid in self._excluded) or (self.group and spec.group != self.group):
             return None
-        hit = self.hits.get(view.worker_id, 0) if role in PREFILL_ROLES else 0
-        extra = self.local_load.get(view.worker_id)
+        status = view.status
+        if not (status.alive and status.available) or spec.role is not role:
+            return None
+        hit = self.hits.get(wid, 0) if self.hits and role in PREFILL_ROLES else 0
+        extra = self.local_load.get(wid) if self.local_load else None
         if hit or extra:
             count, tokens = extra or (0, 0)
-            view = WorkerView(view.spec, view.status, view.pending_count + count, view.pending_tokens + tokens, hit)
-        return view if is_eligible(view, role, self.request.seq_len) else None
+            view = WorkerView(spec, status, view.pending_count + count, view.pending_tokens + tokens, hit)
+            return view if is_eligible(view, role, self.request.seq_len) else None
+        if spec.max_concurrency and status.running + status.waiting + view.pending_count >= spec.max_concurrency:
+            return None
+        # no hit: the reservation holds the whole prompt (routing/ttft.py reserve_tokens)
+        if status.kv_total > 0 and status.kv_total - status.kv_used - view.pending_tokens < self.request.seq_len:
+            return None
+        return view
 
     def all_eligible(self, role: Role) -> list[WorkerView]:
         seen = (self.as_seen(v, role) for v in self.fleet.workers(role))
@@ -196,22 +227,24 @@ class _Scan:
             if view is not None and view.spec.role is role and (seen := self.as_seen(view, role)) is not None:
                 found[wid] = (estimate_ttft_ms(seen, seq_len, model), seen)
         best = min((e for e, _ in found.values()), default=math.inf)
-        fastest = next(self.fleet.ordered(role, BY_RATE), None)
-        if fastest is None:
-            return None
-        # no worker outside the cache holders beats its queue time plus the whole prompt at the best rate
-        floor = model.overhead_ms + max(seq_len, 1) / -fastest[0]
+        # Without a cache hit a worker estimates queue_ms + overhead + prompt / rate: walk the workers by queue time
+        # and by rate at once (Fagin's threshold algorithm). No worker not seen yet beats the queue time reached in
+        # the one walk plus the prompt at the rate reached in the other, so the walk stops once that bound is past
+        # the near-tie band (or past the best, with enough of the band collected for the tie-break).
+        prompt = max(seq_len, 1)
+        by_queue, by_rate = self.fleet.ordered(role, BY_QUEUE), self.fleet.ordered(role, BY_RATE)
         collected = 0
-        for q, view in self.fleet.ordered(role, BY_QUEUE):
-            bound = q + floor  # no worker from here on estimates below this
+        for (q, by_q), (neg_rate, by_r) in zip(by_queue, by_rate, strict=False):
+            for view in (by_q, by_r):
+                if view.worker_id in found or (seen := self.as_seen(view, role)) is None:
+                    continue
+                estimate = estimate_ttft_ms(seen, seq_len, model)
+                found[view.worker_id] = (estimate, seen)
+                best = min(best, estimate)
+                collected += 1
+            bound = q + model.overhead_ms + prompt / -neg_rate
             if bound > best * (1 + tie) or (bound > best and collected >= TIE_CANDIDATES):
                 break
-            if view.worker_id in found or (seen := self.as_seen(view, role)) is None:
-                continue
-            estimate = estimate_ttft_ms(seen, seq_len, model)
-            found[view.worker_id] = (estimate, seen)
-            best = min(best, estimate)
-            collected += 1
         equal = [(e, v) for e, v in found.values() if e <= best * (1 + tie)]
         if not equal:
             return None
@@ -247,30 +280,27 @@ class _Scan:
         return None
 
     def _sample(self, strategy: StrategyName, role: Role) -> WorkerView | None:
-        ids, rng = self.fleet.ids(role), self.memory.rng
-        weighted = strategy is StrategyName.WEIGHTED_CACHE
-        decay = self.params.weighted_cache_decay
-        least_used = next(self.fleet.ordered(role, BY_KV_USED), (0.0, None))[0]
-        if weighted and decay > 0:
-            # the weight falls fast with KV in use: when few workers carry all but a negligible part of it, draw
-            # among those exactly instead of hoping uniform draws hit them
-            horizon = least_used - math.log(NEGLIGIBLE_WEIGHT) / decay
-            head = []
-            for used, view in self.fleet.ordered(role, BY_KV_USED):
-                if used > horizon or len(head) > SAMPLE_TRIES:
-                    break
-                head.append(view)
-            if len(head) <= SAMPLE_TRIES:
-                seen = [v for v in (self.as_seen(h, role) for h in head) if v is not None]
-                if seen:
-                    return _full_sample(strategy, role, seen, self.request, self.memory, self.params)
-        for _ in range(SAMPLE_TRIES):
-            view = self.fleet.get(rng.choice(ids))
-            if view is None or (seen := self.as_seen(view, role)) is None:
-                continue
-            used = seen.status.kv_used + seen.pending_tokens
-            if not weighted or rng.random() < math.exp(-decay * (used - least_used)):
-                return seen
+        """Rejection sampling: exact, as long as every proposal is drawn uniformly from a set holding every worker
+        with a weight that is not negligible. WEIGHTED_CACHE proposes from the workers whose KV in use is within
+        the horizon where the weight falls below NEGLIGIBLE_WEIGHT of the largest."""
+        rng = self.memory.rng
+        if strategy is StrategyName.WEIGHTED_CACHE:
+            decay = self.params.weighted_cache_decay
+            least_used = next(self.fleet.ordered(role, BY_KV_USED))[0]
+            horizon = least_used - math.log(NEGLIGIBLE_WEIGHT) / decay if decay > 0 else math.inf
+            size = self.fleet.count_up_to(role, BY_KV_USED, horizon)
+            for _ in range(SAMPLE_TRIES):
+                view = self.fleet.nth(role, BY_KV_USED, rng.randrange(size))
+                if (seen := self.as_seen(view, role)) is None:
+                    continue
+                if rng.random() < math.exp(-decay * (seen.status.kv_used + seen.pending_tokens - least_used)):
+                    return seen
+        else:
+            ids = self.fleet.ids(role)
+            for _ in range(SAMPLE_TRIES):
+                view = self.fleet.get(rng.choice(ids))
+                if view is not None and (seen := self.as_seen(view, role)) is not None:
+                    return seen
         return _full_sample(strategy, role, self.all_eligible(role), self.request, self.memory, self.params)
 
 

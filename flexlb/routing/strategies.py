@@ -1,4 +1,4 @@
-"""Load-balancing strategies: pure functions from a snapshot of candidate workers to one choice.
+"""Load-balancing strategies: pure functions from the candidate workers (as the fleet view sees them) to one choice.
 
 The only mutable input is a per-router ``ChoiceMemory`` (random source, round-robin counters, when each worker was
 last chosen), so a strategy's result depends only on its arguments. Candidates are sorted by ``worker_id`` before a
@@ -114,7 +114,7 @@ def choose_shortest_ttft(
 ) -> WorkerView:
     estimates = [estimate_ttft_ms(v, request.seq_len, params.ttft) for v in candidates]
     equal = near_best(estimates, params.tie_ratio, params.best_fraction)
-    # Least recently chosen first: a burst from one router, made before its reservations show up in the snapshot,
+    # Least recently chosen first: a burst from one router, made before its reservations show up in the view,
     # spreads over the equal workers; then the better estimate; then worker_id for determinism.
     best = min(equal, key=lambda i: (memory.recency(candidates[i]), estimates[i], candidates[i].worker_id))
     return candidates[best]

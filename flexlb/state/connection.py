@@ -1,7 +1,7 @@
 """A Redis connection that packs commands with hiredis (C) instead of redis-py's asyncio packer (Python).
 
 redis-py's asyncio ``Connection.pack_command`` encodes argument by argument in Python: about 0.5 ms for the
-~100-argument snapshot call on this project's reference machine, a third of a decision. hiredis, already installed
+~100-argument script call (the old per-request snapshot) on this project's reference machine. hiredis, already installed
 as redis-py's parser, packs the same bytes in C.
 """
 

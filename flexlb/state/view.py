@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from flexlb.domain import DEFAULT_BLOCK_SIZE, Role, WorkerView
@@ -56,18 +56,32 @@ class SortedWorkers:
     def __iter__(self) -> Iterator[tuple[float, str]]:
         return iter(self._entries)
 
+    def count_up_to(self, key: float) -> int:
+        return bisect.bisect_right(self._entries, (key, "\U0010ffff"))
+
+    def id_at(self, index: int) -> str:
+        return self._entries[index][1]
+
     def __len__(self) -> int:
         return len(self._entries)
 
 
 class FleetView:
-    def __init__(self, orders: Mapping[str, OrderKey] | None = None) -> None:
-        self._orders = dict(orders or {})
+    def __init__(
+        self, orders: Mapping[str, OrderKey] | None = None, per_role: Mapping[Role, Iterable[str]] | None = None
+    ) -> None:
+        """``orders``: the keys to keep workers sorted by; ``per_role``: which of them each role needs (default: all
+        of them for every role). Each kept ordering costs every update of a worker of that role a re-sort step."""
+        orders = dict(orders or {})
+        wanted = {r: set(orders) if per_role is None else set(per_role.get(r, ())) for r in ROLE_SET_ORDER}
+        self._orders: dict[Role, list[tuple[str, OrderKey]]] = {
+            r: [(name, orders[name]) for name in orders if name in wanted[r]] for r in ROLE_SET_ORDER
+        }
         self._raw: dict[str, dict[str, str]] = {}
         self._views: dict[str, WorkerView] = {}
         self._by_role: dict[Role, dict[str, WorkerView]] = {r: {} for r in ROLE_SET_ORDER}
         self._sorted: dict[tuple[Role, str], SortedWorkers] = {
-            (r, name): SortedWorkers() for r in ROLE_SET_ORDER for name in self._orders
+            (r, name): SortedWorkers() for r in ROLE_SET_ORDER for name, _ in self._orders[r]
         }
         self._ids: dict[Role, list[str]] = {r: [] for r in ROLE_SET_ORDER}  # sorted; changes with membership only
         self._decoder = WorkerDecoder()
@@ -102,6 +116,17 @@ class FleetView:
         """The role's workers by ascending ``order`` key, with the key."""
         views = self._views
         return ((key, views[wid]) for key, wid in self._sorted[(role, order)])
+
+    def has_order(self, role: Role, order: str) -> bool:
+        return (role, order) in self._sorted
+
+    def count_up_to(self, role: Role, order: str, key: float) -> int:
+        """How many of the role's workers have an ``order`` key of at most ``key``."""
+        return self._sorted[(role, order)].count_up_to(key)
+
+    def nth(self, role: Role, order: str, index: int) -> WorkerView:
+        """The role's worker at ``index`` in ``order`` (0 = smallest key)."""
+        return self._views[self._sorted[(role, order)].id_at(index)]
 
     def __len__(self) -> int:
         return len(self._views)
@@ -187,7 +212,7 @@ class FleetView:
         self._by_role[role][wid] = view
         if old is None or old.status.block_size != view.status.block_size:
             self._block_size = None
-        for name, key in self._orders.items():
+        for name, key in self._orders[role]:
             self._sorted[(role, name)].put(wid, key(view))
 
     def _remove(self, worker_id: str, *, keep_raw: bool = False) -> None:
@@ -203,5 +228,5 @@ class FleetView:
         if self._by_role[role].pop(view.worker_id, None) is not None:
             ids = self._ids[role]
             del ids[bisect.bisect_left(ids, view.worker_id)]
-        for name in self._orders:
+        for name, _ in self._orders[role]:
             self._sorted[(role, name)].drop(view.worker_id)
