@@ -571,6 +571,8 @@ class LiteChannel:
         if protocol is None or protocol.closed:
             if self._connecting is None:
                 self._connecting = asyncio.ensure_future(self._connect())
+                # a caller may stop waiting (deadline, cancellation) before it ends: its outcome is still read
+                self._connecting.add_done_callback(lambda f: f.cancelled() or f.exception())
             connecting = self._connecting
             try:
                 protocol = await asyncio.wait_for(asyncio.shield(connecting), timeout_s)

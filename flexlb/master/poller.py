@@ -309,8 +309,12 @@ class MasterDuties:
                 except Exception:
                     # e.g. a worker hash an operator wrote by hand with a bad value: keep polling the others
                     log.exception("master: cannot follow membership; polling the workers known so far")
+                # asyncio.timeout, not wait_for: on Python 3.11 a cancellation that lands as wait_for's timeout
+                # fires is turned into that TimeoutError and lost, and a busy loop (a thousand pollers) makes it
+                # likely: the term's duties then never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stale.wait(), self.options.membership_interval_s)
+                    async with asyncio.timeout(self.options.membership_interval_s):
+                        await self._stale.wait()
             log.warning("master duties stop: a newer master than epoch %d writes now", epoch)
         finally:
             self.metrics.is_master.set(0)
@@ -359,5 +363,10 @@ class MasterDuties:
             self.metrics.worker_alive.remove(worker_id, poller.spec.role.value)
 
     async def _stop_all(self) -> None:
+        # Cancel every poller first, then wait for all: one at a time, each wait would take a loop iteration that
+        # the others still running fill, which with a thousand workers is many seconds.
+        for _, task in self.pollers.values():
+            task.cancel()
+        await asyncio.gather(*(task for _, task in self.pollers.values()), return_exceptions=True)
         for wid in list(self.pollers):
             await self._stop(wid)
