@@ -73,6 +73,7 @@ def scheduler_options(config: FlexlbConfig, roles: tuple[Role, ...]) -> Schedule
         reservation_ttl_ms=config.reservation_ttl_ms,
         retries=config.schedule_retries,
         max_staleness_ms=config.degraded_max_staleness_ms,
+        view_block_ms=max(1, min(500, config.redis_timeout_ms // 2)),
     )
 
 

@@ -45,6 +45,7 @@ class SchedulerOptions:
     max_staleness_ms: int = 10_000
     probe_interval_s: float = 0.5
     prune_above: int = 32  # roles with more workers are pruned, not scored in full (flexlb.routing.decide)
+    view_block_ms: int = 500  # the fleet view's XREAD BLOCK; below the Redis client's socket timeout
 
     @property
     def decision(self) -> DecisionOptions:
@@ -65,8 +66,6 @@ class Scheduler:
         memory: ChoiceMemory,
         metrics: SchedulerMetrics,
         clock: Callable[[], float] = time.monotonic,
-        *,
-        on_view_change: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.options = options
@@ -75,7 +74,7 @@ class Scheduler:
         self._clock = clock
         self._decision = options.decision
         self.view = FleetView(order_keys(options.params), orders_per_role(options.strategies))
-        self.view_sync = ViewSync(store, self.view, clock=clock, on_change=on_view_change)
+        self.view_sync = ViewSync(store, self.view, block_ms=options.view_block_ms, clock=clock)
         self._redis_down_since: float | None = None
         self._next_probe_at = 0.0
         # Reservations made while Redis was down: only this process knows them, until released or expired.

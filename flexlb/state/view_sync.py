@@ -33,13 +33,11 @@ class ViewSync:
         *,
         block_ms: int = 500,
         clock: Callable[[], float] = time.monotonic,
-        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.view = view
         self.block_ms = block_ms
         self._clock = clock
-        self._on_change = on_change
         self._last_id = "0-0"
         self._last_seq = 0
         self.fresh_at: float | None = None  # when Redis last answered a read of the view
@@ -73,7 +71,6 @@ class ViewSync:
         self._last_id, self._last_seq = read.stream_id, read.seq
         self.fresh_at = self._clock()
         self.resyncs += 1
-        self._changed()
 
     async def catch_up(self, block_ms: int | None = None) -> int:
         """Apply the entries after the last one applied (waiting up to ``block_ms`` for one); a full read first if
@@ -113,13 +110,7 @@ class ViewSync:
             applied += 1
         self.fresh_at = self._clock()  # a blocking read that came back empty: nothing changed until now
         self.entries += applied
-        if applied:
-            self._changed()
         return applied
-
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change()
 
     async def _run(self) -> None:
         failing = False
