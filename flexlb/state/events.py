@@ -15,6 +15,7 @@ import logging
 from redis.asyncio import Redis
 
 from flexlb.state.keys import ServiceKeys
+from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.events")
 
@@ -35,9 +36,7 @@ class FleetEvents:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_until_done(self._task)
             self._task = None
 
     async def wait(self, timeout_s: float) -> bool:

@@ -17,8 +17,11 @@ import logging
 import time
 from collections.abc import Callable
 
+from redis.asyncio import Redis
+
 from flexlb.state.store import FleetStore
 from flexlb.state.view import FleetView, NeedsResync
+from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.view")
 
@@ -44,6 +47,7 @@ class ViewSync:
         self.resyncs = 0  # full reads since start (tests, /schedule_snapshot)
         self.entries = 0  # stream entries applied since start
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.connected = asyncio.Event()  # the tail is following the stream (set after its first read)
 
     @property
@@ -54,14 +58,14 @@ class ViewSync:
         return None if self.fresh_at is None else self._clock() - self.fresh_at
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="fleet view")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping = True  # the loop checks it too: a lost cancellation still ends it
+            await cancel_until_done(task)
         self.connected.clear()
 
     async def resync(self) -> None:
@@ -72,7 +76,7 @@ class ViewSync:
         self.fresh_at = self._clock()
         self.resyncs += 1
 
-    async def catch_up(self, block_ms: int | None = None) -> int:
+    async def catch_up(self, block_ms: int | None = None, client: Redis | None = None) -> int:
         """Apply the entries after the last one applied (waiting up to ``block_ms`` for one); a full read first if
         the view never had one. Returns how many entries were applied. Raises what Redis raises.
 
@@ -81,7 +85,7 @@ class ViewSync:
         try:
             if not self.view.synced:
                 await self.resync()
-            entries = await self.store.read_changes(self._last_id, block_ms=block_ms)
+            entries = await self.store.read_changes(self._last_id, block_ms=block_ms, client=client)
         except BaseException:
             self.view.synced = False  # Redis may come back empty: read everything then
             raise
@@ -114,15 +118,18 @@ class ViewSync:
 
     async def _run(self) -> None:
         failing = False
-        while True:
+        while not self._stopping:
+            # the blocking read on a connection of its own, dropped with it: a read cut short by a cancellation
+            # (stop, shutdown) never goes back to the pool with a reply still on its way
+            tail = self.store.redis.client()
             try:
                 await self.resync_if_needed(failing)
                 if failing:
                     log.warning("fleet view of %s: following the change stream again", self.store.keys.service)
                     failing = False
                 self.connected.set()
-                while True:
-                    await self.catch_up(self.block_ms)
+                while not self._stopping:
+                    await self.catch_up(self.block_ms, client=tail)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away or restarted: read everything again once it answers
@@ -137,10 +144,22 @@ class ViewSync:
                     )
                     failing = True
                 await asyncio.sleep(RECONNECT_DELAY_S)
+            finally:
+                await _drop(tail)
 
     async def resync_if_needed(self, force: bool) -> None:
         if force or not self.view.synced:
             await self.resync()
+
+
+async def _drop(client: Redis) -> None:
+    """Close a single-connection client's connection (not back to the pool), even while being cancelled."""
+    connection = client.connection
+    client.connection = None
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(connection.disconnect())
+        await client.connection_pool.release(connection)
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:
