@@ -19,7 +19,7 @@ from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import Scripts
 
 LOOKUP_CHUNK = 128  # blocks per lookup call: 8k tokens of 64-token blocks, so long prompts build few keys at once
-LOOKUP_FOLLOW = 16  # workers a lookup follows at most (lua/lookup.lua): bounded work with popular prefixes
+LOOKUP_FOLLOW = 8  # workers a lookup follows at most (lua/lookup.lua): bounded work with popular prefixes
 _CHECKED = (
     "alive", "max_concurrency", "running", "waiting", "pending_count", "kv_total", "kv_used", "pending_tokens", "role",
 )  # fmt: skip
