@@ -2,8 +2,9 @@
 
 Round trips per decision: a prefix lookup in the inverted index (prefill-type roles with block keys only; one more per
 LOOKUP_CHUNK blocks still matched), a reservation of every role one script call, a release one call (two when the
-caller does not know the request's workers). No call reads every worker but :meth:`read_fleet` (a router's view
-resync: at start, after a gap in the change stream, after Redis came back) and :meth:`list_workers` (operators).
+caller does not know the request's workers). No call on the decision path reads every worker: :meth:`read_fleet` does
+(a router's view resync: at start, after a gap in the change stream, after Redis came back), and :meth:`list_workers`
+(operators, and the master's duties: membership changes, its periodic maintenance).
 """
 
 from __future__ import annotations
