@@ -40,12 +40,12 @@ from flexlb.domain import (
 from flexlb.routing.eligibility import is_eligible
 from flexlb.routing.strategies import (
     PREFILL_ROLES,
-    STRATEGIES,
     ChoiceMemory,
     StrategyName,
     StrategyParams,
     choose,
     make_choice,
+    pick,
 )
 from flexlb.routing.ttft import TtftModel, estimate_ttft_ms, prefill_rate
 
@@ -301,21 +301,7 @@ class _Scan:
                 view = self.fleet.get(rng.choice(ids))
                 if view is not None and (seen := self.as_seen(view, role)) is not None:
                     return seen
-        return _full_sample(strategy, role, self.all_eligible(role), self.request, self.memory, self.params)
-
-
-def _full_sample(
-    strategy: StrategyName,
-    role: Role,
-    candidates: Sequence[WorkerView],
-    request: ScheduleRequest,
-    memory: ChoiceMemory,
-    params: StrategyParams,
-) -> WorkerView | None:
-    if not candidates:
-        return None
-    ordered = sorted(candidates, key=lambda v: v.worker_id)
-    return STRATEGIES[strategy](role, ordered, request, memory, params)
+        return pick(strategy, role, self.all_eligible(role), self.request, self.memory, self.params)
 
 
 def why_none(role: Role, registered: Sequence[WorkerView], group: str, excluded: frozenset[str] = frozenset()) -> str:

@@ -176,10 +176,23 @@ def choose(
     Records the pick in ``memory``. The estimate is filled for prefill-type roles only (it is the TTFT the request
     will see); the reservation size comes from ``reserve_tokens``.
     """
+    view = pick(name, role, candidates, request, memory, params)
+    return None if view is None else make_choice(role, view, request, memory, params)
+
+
+def pick(
+    name: StrategyName,
+    role: Role,
+    candidates: Sequence[WorkerView],
+    request: ScheduleRequest,
+    memory: ChoiceMemory,
+    params: StrategyParams,
+) -> WorkerView | None:
+    """The worker strategy ``name`` picks of ``candidates`` (in worker_id order, as every strategy expects), not yet
+    recorded in ``memory``; None when there are none."""
     if not candidates:
         return None
-    ordered = sorted(candidates, key=lambda v: v.worker_id)
-    return make_choice(role, STRATEGIES[name](role, ordered, request, memory, params), request, memory, params)
+    return STRATEGIES[name](role, sorted(candidates, key=lambda v: v.worker_id), request, memory, params)
 
 
 def make_choice(

@@ -220,11 +220,10 @@ class FleetStore:
         )
 
     async def read_changes(
-        self, after_id: str, *, block_ms: int | None = None, count: int = 2000, client: Redis | None = None
+        self, after_id: str, *, block_ms: int | None = None, count: int = 2000
     ) -> list[tuple[str, dict[str, str]]]:
-        """Stream entries after ``after_id`` (oldest first), waiting up to ``block_ms`` for one when given; on
-        ``client`` when given (a blocking read holds its connection)."""
-        reply = await (client or self.redis).xread({self.keys.changes: after_id}, count=count, block=block_ms)
+        """Stream entries after ``after_id`` (oldest first), waiting up to ``block_ms`` for one when given."""
+        reply = await self.redis.xread({self.keys.changes: after_id}, count=count, block=block_ms)
         if not reply:
             return []
         if isinstance(reply, dict):  # RESP3 clients answer a map

@@ -117,9 +117,6 @@ class FleetView:
         views = self._views
         return ((key, views[wid]) for key, wid in self._sorted[(role, order)])
 
-    def has_order(self, role: Role, order: str) -> bool:
-        return (role, order) in self._sorted
-
     def count_up_to(self, role: Role, order: str, key: float) -> int:
         """How many of the role's workers have an ``order`` key of at most ``key``."""
         return self._sorted[(role, order)].count_up_to(key)

@@ -12,12 +12,9 @@ it before a decision then, so a scheduler built without the tail (tests, tools) 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
-
-from redis.asyncio import Redis
 
 from flexlb.state.store import FleetStore
 from flexlb.state.view import FleetView, NeedsResync
@@ -76,7 +73,7 @@ class ViewSync:
         self.fresh_at = self._clock()
         self.resyncs += 1
 
-    async def catch_up(self, block_ms: int | None = None, client: Redis | None = None) -> int:
+    async def catch_up(self, block_ms: int | None = None) -> int:
         """Apply the entries after the last one applied (waiting up to ``block_ms`` for one); a full read first if
         the view never had one. Returns how many entries were applied. Raises what Redis raises.
 
@@ -85,7 +82,7 @@ class ViewSync:
         try:
             if not self.view.synced:
                 await self.resync()
-            entries = await self.store.read_changes(self._last_id, block_ms=block_ms, client=client)
+            entries = await self.store.read_changes(self._last_id, block_ms=block_ms)
         except BaseException:
             self.view.synced = False  # Redis may come back empty: read everything then
             raise
@@ -119,9 +116,6 @@ class ViewSync:
     async def _run(self) -> None:
         failing = False
         while not self._stopping:
-            # the blocking read on a connection of its own, dropped with it: a read cut short by a cancellation
-            # (stop, shutdown) never goes back to the pool with a reply still on its way
-            tail = self.store.redis.client()
             try:
                 await self.resync_if_needed(failing)
                 if failing:
@@ -129,7 +123,7 @@ class ViewSync:
                     failing = False
                 self.connected.set()
                 while not self._stopping:
-                    await self.catch_up(self.block_ms, client=tail)
+                    await self.catch_up(self.block_ms)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away or restarted: read everything again once it answers
@@ -144,22 +138,10 @@ class ViewSync:
                     )
                     failing = True
                 await asyncio.sleep(RECONNECT_DELAY_S)
-            finally:
-                await _drop(tail)
 
     async def resync_if_needed(self, force: bool) -> None:
         if force or not self.view.synced:
             await self.resync()
-
-
-async def _drop(client: Redis) -> None:
-    """Close a single-connection client's connection (not back to the pool), even while being cancelled."""
-    connection = client.connection
-    client.connection = None
-    if connection is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(connection.disconnect())
-        await client.connection_pool.release(connection)
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:
