@@ -35,6 +35,7 @@ from flexlb.settings import FlexlbConfig, Settings
 from flexlb.state.connection import use_hiredis_packing
 from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.events import FleetEvents
+from flexlb.state.pipelined import PipelinedRedis
 from flexlb.state.store import FleetStore
 
 log = logging.getLogger("flexlb.app")
@@ -55,6 +56,13 @@ def make_redis(url: str, timeout_ms: int) -> Redis:
     )
     use_hiredis_packing(client.connection_pool)
     return client
+
+
+def make_pipelined(url: str | None, timeout_ms: int) -> PipelinedRedis | None:
+    """The decision path's pipelined client for the URLs it speaks; None: scripts go through redis-py."""
+    if url is None or not PipelinedRedis.supports(url):
+        return None
+    return PipelinedRedis(url, timeout_s=timeout_ms / 1000)
 
 
 def scheduler_options(config: FlexlbConfig, roles: tuple[Role, ...]) -> SchedulerOptions:
@@ -95,10 +103,13 @@ def create_app(
 ) -> web.Application:
     """One router. ``redis`` and ``registry`` may be passed in (tests); otherwise built from settings."""
     config = settings.flexlb
+    # an injected client (tests) is used for everything; else the decision path's scripts share one pipelined
+    # connection (flexlb.state.pipelined) and everything else goes through redis-py
+    pipelined = None if redis is not None else make_pipelined(settings.redis_url, config.redis_timeout_ms)
     redis = _redis_for(settings, redis)
     registry = registry or CollectorRegistry()
     metrics = SchedulerMetrics(registry)
-    store = FleetStore(redis, settings.service.service_id)
+    store = FleetStore(redis, settings.service.service_id, pipelined)
     scheduler = Scheduler(
         store,
         scheduler_options(config, settings.service.roles),
@@ -149,7 +160,7 @@ def create_app(
     setup_admin_routes(app)
     setup_proxy(app, config)
     app.on_shutdown.append(_stop_taking_work(queue, master, in_flight, config.shutdown_timeout_ms))
-    app.cleanup_ctx.append(_router_lifecycle(settings, redis, store, master, events, queue))
+    app.cleanup_ctx.append(_router_lifecycle(settings, redis, pipelined, store, master, events, queue))
     if grpc_api is not None:  # serves once the router is up, stops before it goes
         app.cleanup_ctx.append(grpc_api.serve)
     return app
@@ -222,6 +233,7 @@ def _stop_taking_work(
 def _router_lifecycle(
     settings: Settings,
     redis: Redis,
+    pipelined: PipelinedRedis | None,
     store: FleetStore,
     master: MasterService | None,
     events: FleetEvents,
@@ -254,6 +266,8 @@ def _router_lifecycle(
         if master is not None:
             await master.stop()
         await ctx.scheduler.finish_releases()
+        if pipelined is not None:
+            await pipelined.aclose()
         await redis.aclose()
 
     return lifecycle

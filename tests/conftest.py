@@ -4,6 +4,7 @@ processes of the real commands (routers, `flexlb master`, simulated workers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 
 from flexlb.embedded_redis import EmbeddedRedis
 from flexlb.readiness import stop_process, wait_http_ready
+from flexlb.state.pipelined import PipelinedRedis
 from flexlb.state.store import FleetStore
 
 
@@ -62,13 +64,31 @@ async def any_redis(request: pytest.FixtureRequest, redis_server: EmbeddedRedis)
 
 
 @pytest.fixture
-async def store(any_redis: aioredis.Redis, service: str) -> FleetStore:
-    return FleetStore(any_redis, service)
+async def store(any_redis: aioredis.Redis, redis_server: EmbeddedRedis, service: str) -> AsyncIterator[FleetStore]:
+    """On the real server the scripts go through the pipelined client, as in a router; on fakeredis through
+    redis-py (as in the master)."""
+    async with _scripts_client(any_redis, redis_server) as pipelined:
+        yield FleetStore(any_redis, service, pipelined)
 
 
 @pytest.fixture
-async def real_store(real_redis: aioredis.Redis, service: str) -> FleetStore:
-    return FleetStore(real_redis, service)
+async def real_store(
+    real_redis: aioredis.Redis, redis_server: EmbeddedRedis, service: str
+) -> AsyncIterator[FleetStore]:
+    async with _scripts_client(real_redis, redis_server) as pipelined:
+        yield FleetStore(real_redis, service, pipelined)
+
+
+@contextlib.asynccontextmanager
+async def _scripts_client(client: aioredis.Redis, server: EmbeddedRedis) -> AsyncIterator[PipelinedRedis | None]:
+    if "Fake" in type(client).__name__:
+        yield None
+        return
+    pipelined = PipelinedRedis(server.url, timeout_s=10)
+    try:
+        yield pipelined
+    finally:
+        await pipelined.aclose()
 
 
 class ChildProcess:

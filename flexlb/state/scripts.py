@@ -1,4 +1,5 @@
-"""Loads the Lua scripts in lua/ once and calls them by SHA (redis-py's AsyncScript falls back to EVAL on NOSCRIPT)."""
+"""Loads the Lua scripts in lua/ once and calls them by SHA, loading a script again when Redis answers NOSCRIPT
+(restarted, or SCRIPT FLUSH): through redis-py's AsyncScript, or through the decision path's pipelined client."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+from flexlb.state.pipelined import PipelinedRedis
 
 SCRIPT_NAMES = (
     "lookup",
@@ -40,10 +44,11 @@ def script_source(name: str) -> str:
 
 
 class Scripts:
-    """One registered script per Lua file, bound to a client."""
+    """One registered script per Lua file, bound to a client; calls go through ``pipelined`` when given."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, pipelined: PipelinedRedis | None = None) -> None:
         self._redis = redis
+        self._pipelined = pipelined
         self._scripts: dict[str, AsyncScript] = {n: redis.register_script(script_source(n)) for n in SCRIPT_NAMES}
 
     async def preload(self) -> None:
@@ -52,4 +57,11 @@ class Scripts:
             await self._redis.script_load(script.script)
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._scripts[name](keys=keys, args=args)
+        script = self._scripts[name]
+        if self._pipelined is None:
+            return await script(keys=keys, args=args)
+        try:
+            return await self._pipelined.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._pipelined.execute("SCRIPT", "LOAD", script.script)
+            return await self._pipelined.execute("EVALSHA", script.sha, len(keys), *keys, *args)

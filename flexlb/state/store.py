@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from flexlb.domain import WorkerSpec, WorkerStatus, WorkerView
 from flexlb.state.codec import SCRIPT_OWNED, WorkerDecoder, parse_status_value, spec_fields, status_fields
 from flexlb.state.keys import ServiceKeys
+from flexlb.state.pipelined import PipelinedRedis
 from flexlb.state.scripts import Scripts
 
 LOOKUP_CHUNK = 128  # blocks per lookup call: 8k tokens of 64-token blocks, so long prompts build few keys at once
@@ -66,10 +67,11 @@ class StaleEpoch(Exception):
 
 
 class FleetStore:
-    def __init__(self, redis: Redis, service: str) -> None:
+    def __init__(self, redis: Redis, service: str, pipelined: PipelinedRedis | None = None) -> None:
+        """``pipelined``: the client the scripts go through (the decision path's); redis-py's ``redis`` otherwise."""
         self.redis = redis
         self.keys = ServiceKeys(service)
-        self.scripts = Scripts(redis)
+        self.scripts = Scripts(redis, pipelined)
 
     # ---- the decision path ----
 
