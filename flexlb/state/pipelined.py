@@ -110,9 +110,11 @@ class PipelinedRedis:
         self._connect_timeout_s = connect_timeout_s or timeout_s
         path = self._params.get("path")
         self._name = path or f"{self._params.get('host', 'localhost')}:{self._params.get('port', 6379)}"
+        self._url = url
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
         self._closed = False
+        self._siblings: list[PipelinedRedis] = []
 
     @classmethod
     def supports(cls, url: str) -> bool:
@@ -131,8 +133,16 @@ class PipelinedRedis:
         finally:
             timer.cancel()
 
+    def sibling(self) -> PipelinedRedis:
+        """A client of the same server on a connection of its own (for blocking reads), closed with this one."""
+        other = PipelinedRedis(self._url, timeout_s=self._timeout_s, connect_timeout_s=self._connect_timeout_s)
+        self._siblings.append(other)
+        return other
+
     async def aclose(self) -> None:
         self._closed = True
+        for other in self._siblings:
+            await other.aclose()
         if self._conn is not None:
             self._conn.close(ConnectionError(f"Redis {self._name}: client closed"))
             self._conn = None

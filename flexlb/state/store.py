@@ -72,6 +72,8 @@ class FleetStore:
         self.redis = redis
         self.keys = ServiceKeys(service)
         self.scripts = Scripts(redis, pipelined)
+        self._pipelined = pipelined
+        self._blocking = pipelined.sibling() if pipelined is not None else None  # the view's XREAD BLOCK
 
     # ---- the decision path ----
 
@@ -225,6 +227,12 @@ class FleetStore:
         self, after_id: str, *, block_ms: int | None = None, count: int = 2000
     ) -> list[tuple[str, dict[str, str]]]:
         """Stream entries after ``after_id`` (oldest first), waiting up to ``block_ms`` for one when given."""
+        if self._pipelined is not None and self._blocking is not None:
+            client, block = (self._pipelined, ()) if block_ms is None else (self._blocking, ("BLOCK", block_ms))
+            raw = await client.execute("XREAD", "COUNT", count, *block, "STREAMS", self.keys.changes, after_id)
+            if not raw:
+                return []
+            return [(entry_id, _pairs(values)) for entry_id, values in raw[0][1]]
         reply = await self.redis.xread({self.keys.changes: after_id}, count=count, block=block_ms)
         if not reply:
             return []
@@ -304,6 +312,12 @@ class FleetStore:
         args = [epoch, worker_id, self.keys.events, self.keys.block_prefix]
         reply = await self._fenced("master_forget", keys, args)
         return None if reply is None else int(reply[1])
+
+
+def _pairs(values: list[str]) -> dict[str, str]:
+    """A stream entry's flat [field, value, ...] as a dict."""
+    it = iter(values)
+    return dict(zip(it, it, strict=True))
 
 
 def parse_pending(value: str) -> tuple[int, int]:
