@@ -31,6 +31,30 @@ class Role(enum.StrEnum):
             raise ValueError(f"unknown role {value!r}; expected one of {', '.join(r.value for r in cls)}") from None
 
 
+class EngineKind(enum.StrEnum):
+    """How the master learns a worker's load and health: RTP-LLM's status gRPC (``rtp_llm``, also flexlb's simulator
+    in its default mode, ``sim``), or the engine's own HTTP API (``vllm``: Prometheus /metrics; ``sglang``: /metrics
+    or /get_load)."""
+
+    RTP_LLM = "rtp_llm"
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    SIM = "sim"
+
+    @classmethod
+    def parse(cls, value: str) -> EngineKind:
+        """Accept any case and ``-`` for ``_`` (``RTP-LLM``); raise ValueError naming the kinds otherwise."""
+        try:
+            return cls(value.strip().lower().replace("-", "_"))
+        except ValueError:
+            raise ValueError(f"unknown engine {value!r}; expected one of {', '.join(k.value for k in cls)}") from None
+
+    @property
+    def speaks_status_rpc(self) -> bool:
+        """Polled over RTP-LLM's GetWorkerStatus / GetCacheStatus (else over the engine's HTTP API)."""
+        return self in (EngineKind.RTP_LLM, EngineKind.SIM)
+
+
 # Order in which roles are chosen for one request (as the original): a later role is limited to the group of
 # the earlier choice.
 ROLE_ORDER: tuple[Role, ...] = (Role.PDFUSION, Role.DECODE, Role.PREFILL, Role.VIT)
@@ -95,6 +119,7 @@ class WorkerSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "worker_id", f"{self.ip}:{self.http_port}")
+    engine: EngineKind = EngineKind.RTP_LLM  # which API the master polls for load and health
 
     @property
     def effective_grpc_port(self) -> int:

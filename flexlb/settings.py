@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
-from flexlb.domain import Role, WorkerSpec
+from flexlb.domain import EngineKind, Role, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,39 @@ class FlexlbConfig:
         "",
         "Proxy: the model name GET /v1/models lists, accepted in requests besides the service id, and written as"
         " `model` into every request sent to a worker. Empty: the service id, and `model` is forwarded unchanged.",
+    # --- engines polled over HTTP (vLLM, SGLang), health checks, the proxy's circuit breaker
+    engine_metrics_interval_ms: int = _opt(
+        200,
+        "How often the master reads the load of a vLLM or SGLang worker (its /metrics, or SGLang's /get_load), in ms.",
+        origin="flexlb",
+        low=1,
+    )
+    health_check_interval_ms: int = _opt(
+        500,
+        "How often a worker's GET /health is checked: by the master for vLLM and SGLang workers, by the routers for"
+        " every worker while no master holds the lock, in ms.",
+        origin="flexlb",
+        low=1,
+    )
+    health_check_timeout_ms: int = _opt(
+        1000, "Timeout of one health check or load read over HTTP, in ms.", origin="flexlb", low=1
+    )
+    health_failure_threshold: int = _opt(
+        3, "Failed health checks in a row after which a worker is marked not alive.", origin="flexlb", low=1
+    )
+    health_success_threshold: int = _opt(
+        2, "Passed health checks in a row after which a worker marked not alive is alive again.", origin="flexlb", low=1
+    )
+    breaker_failure_threshold: int = _opt(
+        3,
+        "Proxy: failures in a row of one worker (connect error, reset, timeout, HTTP 5xx) that open its circuit"
+        " breaker: this router sends it nothing during breakerCooldownMs, then one probe request.",
+        origin="flexlb",
+        low=1,
+    )
+    breaker_cooldown_ms: int = _opt(
+        5000, "Proxy: how long an open circuit breaker keeps its worker out, in ms.", origin="flexlb", low=1
+    )
         origin="flexlb",
     )
     proxy_retries: int = _opt(
@@ -564,13 +597,14 @@ class StaticWorker:
         return f"{self.ip}:{self.http_port}"
 
     def to_spec(self) -> WorkerSpec:
-        return WorkerSpec(ip=self.ip, http_port=self.http_port, role=self.role, group=self.group)
+        return WorkerSpec(ip=self.ip, http_port=self.http_port, role=self.role, group=self.group, engine=self.engine)
 
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
     """The model service: its id (part of every Redis key) and its statically listed workers."""
 
+    engine: EngineKind = EngineKind.RTP_LLM
     service_id: str = "default"
     endpoints: tuple[StaticWorker, ...] = ()
 
@@ -645,7 +679,15 @@ def _endpoint(raw: object, where: str, role: Role, group: str) -> list[StaticWor
     if "address" not in raw:
         raise ConfigError(f"{where}.address: missing")
     addresses = _addresses(raw["address"], f"{where}.address")
-    return [StaticWorker(ip=host, http_port=port, role=role, group=group) for host, port in addresses]
+    engine = raw.get("engine", EngineKind.RTP_LLM.value)
+    try:
+        kind = EngineKind.parse(engine) if isinstance(engine, str) else None
+    except ValueError:
+        kind = None
+    if kind is None:
+        choices = ", ".join(f'"{k.value}"' for k in EngineKind)
+        raise ConfigError(f"{where}.engine: expected one of {choices}, got {_show(engine)}")
+    return [StaticWorker(ip=host, http_port=port, role=role, group=group, engine=kind) for host, port in addresses]
 
 
 def _endpoints_of(entry: dict[str, Any], where: str, group: str) -> list[tuple[StaticWorker, str]]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from flexlb.domain import DEFAULT_BLOCK_SIZE, Role, WorkerSpec, WorkerStatus, WorkerView
+from flexlb.domain import DEFAULT_BLOCK_SIZE, EngineKind, Role, WorkerSpec, WorkerStatus, WorkerView
 
 log = logging.getLogger("flexlb.state")
 
@@ -25,6 +25,7 @@ def spec_fields(spec: WorkerSpec) -> dict[str, str]:
         "grpc_port": str(spec.effective_grpc_port),
         "group": spec.group,
         "max_concurrency": str(spec.max_concurrency),
+        "engine": spec.engine.value,
     }
 
 
@@ -40,7 +41,7 @@ def status_fields(status: WorkerStatus) -> dict[str, str]:
 
 # The status hash fields a WorkerView is decoded from, in the order WorkerDecoder.view takes them.
 VIEW_FIELDS: tuple[str, ...] = (
-    "ip", "http_port", "grpc_port", "role", "group", "max_concurrency",  # identity: _IDENTITY fields
+    "ip", "http_port", "grpc_port", "role", "group", "max_concurrency", "engine",  # identity: _IDENTITY fields
     "alive", "available", "running", "waiting", "queued_tokens", "kv_used", "kv_total", "block_size", "step_latency_ms",
     "prefill_tokens_per_ms", "status_version", "updated_ms", "pending_count", "pending_tokens",
 )  # fmt: skip
@@ -72,7 +73,7 @@ class WorkerDecoder:
         cached = self._specs.get(worker_id)
         if cached is not None and cached[0] == identity:
             return cached[1]
-        ip, http_port, grpc_port, role, group, max_concurrency = identity
+        ip, http_port, grpc_port, role, group, max_concurrency, engine = identity
         default_ip, _, default_port = worker_id.rpartition(":")
         spec = WorkerSpec(
             ip=ip or default_ip,
@@ -81,6 +82,7 @@ class WorkerDecoder:
             grpc_port=_int(grpc_port),
             group=group or "",
             max_concurrency=_int(max_concurrency),
+            engine=EngineKind.parse(engine) if engine else EngineKind.RTP_LLM,  # missing: written before engines
         )
         self._specs[worker_id] = (identity, spec)
         return spec
