@@ -20,6 +20,7 @@ import uvloop
 
 from flexlb.domain import Role
 from flexlb.sim.engine import EngineConfig
+from flexlb.sim.metrics import SIM_DIALECTS
 from flexlb.sim.protocol import LOAD_FORMATS
 
 
@@ -48,6 +49,13 @@ def add_sim_worker_options(parser: argparse.ArgumentParser, *, required: bool = 
         choices=LOAD_FORMATS,
         default="sglang",
         help="GET /get_load's shape: SGLang's per-rank list, or vllm-router's {\"load\": n} (default sglang)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=SIM_DIALECTS,
+        default="rtp_llm",
+        help="the engine it passes for: rtp_llm serves RTP-LLM's status gRPC and flexlb_sim_* metrics; vllm and "
+        "sglang serve that engine's /metrics names and no status RPC, as the real engines (default rtp_llm)",
     )
     for f in dataclasses.fields(EngineConfig):
         option = f"--{f.name.replace('_', '-')}"
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
 
 async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
     # Imported here: the HTTP and gRPC stacks are not needed by the other `flexlb` commands that import this module.
+    from flexlb.sim.dialect import run_engine_worker
     from flexlb.sim.fleet import run_sim_fleet
     from flexlb.sim.http_api import run_sim_worker
 
@@ -101,8 +110,16 @@ async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     count = getattr(args, "count", 1)
+    dialect = getattr(args, "engine", "rtp_llm")
     if count > 1:
-        await run_sim_fleet(config, args.host, args.port, count, args.model, load_format=args.load_format, stop=stop)
+        await run_sim_fleet(
+            config, args.host, args.port, count, args.model, load_format=args.load_format, dialect=dialect, stop=stop
+        )
+        return
+    if dialect != "rtp_llm":
+        await run_engine_worker(
+            config, args.host, args.port, args.model, dialect=dialect, load_format=args.load_format, stop=stop
+        )
         return
     await run_sim_worker(
         config, args.host, args.port, args.model, grpc_port=args.grpc_port, load_format=args.load_format, stop=stop

@@ -20,6 +20,7 @@ from aiohttp.typedefs import Handler
 
 from flexlb.proto.flexlb_worker_pb2 import CacheVersionPB, StatusVersionPB, WorkerStatusPB
 from flexlb.sim import protocol as p
+from flexlb.sim.dialect import use_dialect
 from flexlb.sim.engine import EngineConfig, SimEngine
 from flexlb.sim.grpc_lite_server import start_lite_server
 from flexlb.sim.grpc_service import cache_status_pb, worker_status_pb
@@ -55,6 +56,7 @@ class FleetWorker:
             engine = SimEngine(fleet.config)
             engine.start_now()
             self._ctx = new_sim_context(engine, fleet.model_name, fleet.load_format)
+            use_dialect(self._ctx, fleet.dialect)
         return self._ctx
 
     @property
@@ -95,6 +97,7 @@ class SimFleet:
         model_name: str = "flexlb-sim",
         *,
         load_format: str = "sglang",
+        dialect: str = "rtp_llm",
     ) -> None:
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
@@ -106,6 +109,7 @@ class SimFleet:
         self.host = host
         self.model_name = model_name
         self.load_format = load_format
+        self.dialect = dialect  # rtp_llm: status gRPC on each HTTP port + 1; vllm, sglang: none, as those engines
         self.workers = [FleetWorker(self, h, g) for h, g in worker_ports(port, count)]
         self._by_http_port = {w.http_port: w for w in self.workers}
         self._servers: list[asyncio.Server] = []
@@ -135,7 +139,7 @@ class SimFleet:
         """Listen on every port (gRPC first: once a worker's HTTP answers, so do its status RPCs). Raises OSError
         when a port cannot be bound, after closing what was opened."""
         try:
-            for w in self.workers:
+            for w in self.workers if self.dialect == "rtp_llm" else ():
                 handlers = {"GetWorkerStatus": w.get_worker_status, "GetCacheStatus": w.get_cache_status}
                 try:
                     self._servers.append(await start_lite_server(self.host, w.grpc_port, handlers))
@@ -174,10 +178,11 @@ async def run_sim_fleet(
     model_name: str = "flexlb-sim",
     *,
     load_format: str = "sglang",
+    dialect: str = "rtp_llm",
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve ``count`` workers until ``stop`` is set or the task is cancelled."""
-    fleet = SimFleet(config, host, port, count, model_name, load_format=load_format)
+    fleet = SimFleet(config, host, port, count, model_name, load_format=load_format, dialect=dialect)
     await fleet.start()
     try:
         print(f"flexlb sim-worker: {count} workers ready on ports {port}..{port + 2 * count - 1}", flush=True)

@@ -1,0 +1,50 @@
+"""``flexlb sim-worker --engine vllm|sglang``: a simulated worker that passes for a vLLM or SGLang engine.
+
+It serves the same HTTP API as in RTP-LLM mode (``flexlb.sim.http_api``: generation, ``/health``, ``/tokenize``,
+``/get_load``, ``/get_server_info``), with that engine's metric names on ``/metrics`` (``flexlb.sim.metrics``), and
+no status gRPC at all, as the real engines: flexlb must learn its load and health over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from flexlb.sim.engine import EngineConfig, SimEngine
+from flexlb.sim.http_api import SIM, SimContext, create_sim_app
+from flexlb.sim.metrics import SIM_DIALECTS, dialect_registry
+
+log = logging.getLogger("flexlb.sim.dialect")
+
+
+def use_dialect(ctx: SimContext, dialect: str) -> None:
+    """Serve ``dialect``'s metric names on this worker's ``/metrics`` (``rtp_llm``: flexlb_sim_*)."""
+    ctx.registry = dialect_registry(ctx.engine, ctx.model_name, dialect)
+
+
+async def run_engine_worker(
+    config: EngineConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "flexlb-sim",
+    *,
+    dialect: str,
+    load_format: str = "sglang",
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve one worker passing for ``dialect`` (vllm or sglang) on HTTP ``port`` until ``stop`` is set."""
+    if dialect not in SIM_DIALECTS or dialect == "rtp_llm":
+        raise ValueError(f"engine: vllm or sglang, not {dialect!r} (rtp_llm workers: run_sim_worker)")
+    app = create_sim_app(SimEngine(config), model_name, load_format=load_format)
+    use_dialect(app[SIM], dialect)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()  # starts the engine
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("simulated %s worker passing for %s, %r on http://%s:%d", config.role.value, dialect, model_name,
+                 host, port)  # fmt: skip
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await runner.cleanup()
