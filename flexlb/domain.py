@@ -114,12 +114,12 @@ class WorkerSpec:
     group: str = ""
     # Admission limit: reservations + reported running/waiting tasks must stay at or below it. 0 = unlimited.
     max_concurrency: int = 0
+    engine: EngineKind = EngineKind.RTP_LLM  # which API the master polls for load and health
     # ``ip:http_port``, computed once: every decision reads it for every worker it looks at
     worker_id: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "worker_id", f"{self.ip}:{self.http_port}")
-    engine: EngineKind = EngineKind.RTP_LLM  # which API the master polls for load and health
 
     @property
     def effective_grpc_port(self) -> int:

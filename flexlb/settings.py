@@ -223,11 +223,6 @@ class FlexlbConfig:
         origin="flexlb",
         low=1,
     )
-    # --- proxy mode (OpenAI / SGLang routes on the router's port, flexlb.proxy)
-    served_model_name: str = _opt(
-        "",
-        "Proxy: the model name GET /v1/models lists, accepted in requests besides the service id, and written as"
-        " `model` into every request sent to a worker. Empty: the service id, and `model` is forwarded unchanged.",
     # --- engines polled over HTTP (vLLM, SGLang), health checks, the proxy's circuit breaker
     engine_metrics_interval_ms: int = _opt(
         200,
@@ -261,6 +256,11 @@ class FlexlbConfig:
     breaker_cooldown_ms: int = _opt(
         5000, "Proxy: how long an open circuit breaker keeps its worker out, in ms.", origin="flexlb", low=1
     )
+    # --- proxy mode (OpenAI / SGLang routes on the router's port, flexlb.proxy)
+    served_model_name: str = _opt(
+        "",
+        "Proxy: the model name GET /v1/models lists, accepted in requests besides the service id, and written as"
+        " `model` into every request sent to a worker. Empty: the service id, and `model` is forwarded unchanged.",
         origin="flexlb",
     )
     proxy_retries: int = _opt(
@@ -591,6 +591,7 @@ class StaticWorker:
     http_port: int
     role: Role
     group: str = ""
+    engine: EngineKind = EngineKind.RTP_LLM
 
     @property
     def worker_id(self) -> str:
@@ -604,7 +605,6 @@ class StaticWorker:
 class ServiceConfig:
     """The model service: its id (part of every Redis key) and its statically listed workers."""
 
-    engine: EngineKind = EngineKind.RTP_LLM
     service_id: str = "default"
     endpoints: tuple[StaticWorker, ...] = ()
 

@@ -45,7 +45,7 @@ VIEW_FIELDS: tuple[str, ...] = (
     "alive", "available", "running", "waiting", "queued_tokens", "kv_used", "kv_total", "block_size", "step_latency_ms",
     "prefill_tokens_per_ms", "status_version", "updated_ms", "pending_count", "pending_tokens",
 )  # fmt: skip
-_IDENTITY = 6
+_IDENTITY = 7
 
 
 def _int(v: str | None, default: int = 0) -> int:
