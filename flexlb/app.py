@@ -24,6 +24,8 @@ from flexlb.http.drain import InFlightRequests
 from flexlb.http.middleware import json_errors
 from flexlb.http.routes import CONTEXT, MASTER, setup_master_routes, setup_routes
 from flexlb.master.election import current_master
+from flexlb.master.health import HealthOptions, HttpGetter
+from flexlb.master.router_health import RouterHealthChecks
 from flexlb.master.service import MasterService, default_holder
 from flexlb.metrics import MasterMetrics, SchedulerMetrics, exposition_registry
 from flexlb.proxy import setup_proxy
@@ -138,8 +140,11 @@ def create_app(
         ),
     )
     master = None
+    health = None
     if config.contend_for_master:
         master = MasterService(redis, settings, MasterMetrics(registry), holder=default_holder("router"))
+    else:  # while no master runs, this router checks the workers' health (flexlb/master/router_health.py)
+        health = _router_health_checks(store, scheduler, config)
     in_flight = InFlightRequests()
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[in_flight.middleware, json_errors])
     app[CONTEXT] = RouterContext(
@@ -160,7 +165,7 @@ def create_app(
     setup_admin_routes(app)
     setup_proxy(app, config)
     app.on_shutdown.append(_stop_taking_work(queue, master, in_flight, config.shutdown_timeout_ms))
-    app.cleanup_ctx.append(_router_lifecycle(settings, redis, pipelined, store, master, events, queue))
+    app.cleanup_ctx.append(_router_lifecycle(settings, redis, pipelined, store, master, events, queue, health))
     if grpc_api is not None:  # serves once the router is up, stops before it goes
         app.cleanup_ctx.append(grpc_api.serve)
     return app
@@ -230,6 +235,15 @@ def _stop_taking_work(
     return on_shutdown
 
 
+def _router_health_checks(store: FleetStore, scheduler: Scheduler, config: FlexlbConfig) -> RouterHealthChecks:
+    async def master_held() -> bool:
+        holder, _ = await current_master(store.redis, store.keys)
+        return holder is not None
+
+    options = HealthOptions.from_config(config)
+    return RouterHealthChecks(store, scheduler.view.all, master_held, HttpGetter(options.timeout_s), options)
+
+
 def _router_lifecycle(
     settings: Settings,
     redis: Redis,
@@ -238,6 +252,7 @@ def _router_lifecycle(
     master: MasterService | None,
     events: FleetEvents,
     queue: RequestQueue,
+    health: RouterHealthChecks | None = None,
 ):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         ctx = app[CONTEXT]
@@ -254,7 +269,12 @@ def _router_lifecycle(
         background = asyncio.create_task(
             _maintain(settings, store, ctx.scheduler, master, started=ctx.ready, on_started=on_started)
         )
+        checks = asyncio.create_task(health.run(), name="health checks") if health is not None else None
         yield
+        if checks is not None:
+            checks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checks
         # The server has drained or cancelled every handler by now (shutdownTimeoutMs); queue and master stopped at
         # shutdown (both idempotent). Redis closes last: releases of cancelled handlers may still be writing.
         background.cancel()

@@ -21,7 +21,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flexlb.domain import WorkerSpec
+from flexlb.domain import WorkerSpec, WorkerView
+from flexlb.master.engine_load import dialect_for
+from flexlb.master.engine_poller import EnginePoller
+from flexlb.master.health import HealthOptions, HttpGetter
 from flexlb.master.reconcile import (
     Hysteresis,
     StatusUpdate,
@@ -60,6 +63,9 @@ class PollOptions:
     membership_interval_s: float = 0.5  # how often membership changes are looked for
     redis_concurrency: int = 32  # Redis calls of all pollers in flight at once (each takes a pooled connection)
     hysteresis: Hysteresis = field(default_factory=Hysteresis)
+    # vLLM and SGLang workers (EnginePoller): health checks and load reads over HTTP
+    health: HealthOptions = field(default_factory=HealthOptions)
+    engine_load_interval_s: float = 0.2
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PollOptions:
@@ -77,6 +83,8 @@ class PollOptions:
                 decode_kv_percent=c.decode_available_memory_threshold,
                 bias_percent=c.hysteresis_bias_percent,
             ),
+            health=HealthOptions.from_config(c),
+            engine_load_interval_s=c.engine_metrics_interval_ms / 1000,
         )
 
 
@@ -119,6 +127,14 @@ class WorkerPoller:
     @property
     def name(self) -> str:
         return f"{self.spec.role.value} worker {self.spec.worker_id}"
+
+    @property
+    def address(self) -> str:
+        return self.client.address
+
+    def reset(self) -> None:
+        """Fresh memory, after a bug restarted this poller."""
+        self.track = WorkerTrack()
 
     async def run(self) -> None:
         """Poll until cancelled; raises StaleEpoch when a newer master exists."""
@@ -286,7 +302,8 @@ class MasterDuties:
         self.metrics = metrics
         self.client_factory = client_factory
         self.clock = clock
-        self.pollers: dict[str, tuple[WorkerPoller, asyncio.Task[None]]] = {}
+        self.pollers: dict[str, tuple[WorkerPoller | EnginePoller, asyncio.Task[None]]] = {}
+        self._http: HttpGetter | None = None  # of the HTTP-polled workers: made on the loop that runs the duties
         self._stale = asyncio.Event()
         self._redis_gate: asyncio.Semaphore | None = None  # made on the loop that runs the duties
 
@@ -321,22 +338,35 @@ class MasterDuties:
             await self._stop_all()
 
     async def _follow_membership(self, epoch: int) -> None:
-        specs = {v.worker_id: v.spec for v in await self.store.list_workers()}
-        for wid in [wid for wid, (poller, _) in self.pollers.items() if specs.get(wid) != poller.spec]:
+        views = {v.worker_id: v for v in await self.store.list_workers()}
+        moved = [wid for wid, (poller, _) in self.pollers.items() if wid not in views or views[wid].spec != poller.spec]
+        for wid in moved:
             await self._stop(wid)
-        for wid, spec in specs.items():
+        for wid, view in views.items():
             if wid not in self.pollers:
                 if self._redis_gate is None:
                     self._redis_gate = asyncio.Semaphore(max(1, self.options.redis_concurrency))
-                poller = WorkerPoller(
-                    spec, self.client_factory(spec), self.store, epoch, self.options, self.metrics, self.clock,
-                    self._redis_gate,
-                )  # fmt: skip
+                poller = self._poller(view, epoch, self._redis_gate)
                 task = asyncio.create_task(self._run_poller(poller), name=f"poll {wid}")
                 self.pollers[wid] = (poller, task)
-                log.info("polling %s at %s", poller.name, poller.client.address)
+                log.info("polling %s at %s", poller.name, poller.address)
 
-    async def _run_poller(self, poller: WorkerPoller) -> None:
+    def _poller(self, view: WorkerView, epoch: int, gate: asyncio.Semaphore) -> WorkerPoller | EnginePoller:
+        """The engine kind's poller: RTP-LLM's status gRPC, or the engine's HTTP API (vLLM, SGLang)."""
+        spec, o = view.spec, self.options
+        if spec.engine.speaks_status_rpc:
+            client = self.client_factory(spec)
+            return WorkerPoller(spec, client, self.store, epoch, o, self.metrics, self.clock, gate)
+        if self._http is None:
+            self._http = HttpGetter(o.health.timeout_s)
+        return EnginePoller(
+            spec, dialect_for(spec.engine), self._http, self.store, epoch, health=o.health,
+            load_interval_s=o.engine_load_interval_s, heartbeat_s=o.heartbeat_s, worker_timeout_s=o.worker_timeout_s,
+            hysteresis=o.hysteresis, metrics=self.metrics, initially_up=view.status.alive, clock=self.clock,
+            redis_gate=gate,
+        )  # fmt: skip
+
+    async def _run_poller(self, poller: WorkerPoller | EnginePoller) -> None:
         while True:
             try:
                 await poller.run()
@@ -347,7 +377,7 @@ class MasterDuties:
             except Exception:
                 # a bug must not silently stop the polling of one worker: log it and start over with fresh memory
                 log.exception("%s: poller failed; restarting it", poller.name)
-                poller.track = WorkerTrack()
+                poller.reset()
                 await asyncio.sleep(self.options.membership_interval_s)
 
     async def _stop(self, worker_id: str) -> None:
@@ -370,3 +400,6 @@ class MasterDuties:
         await asyncio.gather(*(task for _, task in self.pollers.values()), return_exceptions=True)
         for wid in list(self.pollers):
             await self._stop(wid)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None

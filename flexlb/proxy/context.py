@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from flexlb.proxy.breaker import Breakers
 from flexlb.proxy.http1 import UpstreamPool
 from flexlb.proxy.metrics import ProxyMetrics
 from flexlb.schedule_api import RouterContext
@@ -41,6 +42,7 @@ class ProxyContext:
     metrics: ProxyMetrics
     rng: random.Random  # request ids and bootstrap rooms
     created: int  # epoch seconds: the model's "created" in /v1/models
+    breakers: Breakers | None = None  # per-worker circuit breakers (flexlb/proxy/breaker.py); None: none
     session: UpstreamPool | None = None  # the one client to the workers, open while the app runs
 
     @property

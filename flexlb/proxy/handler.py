@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -113,32 +113,43 @@ async def _serve(
     body = forward_body(parsed, request_id, pctx.options.served_model_name)
     keys = tuple(block_cache_keys(parsed.tokens, router.scheduler.view.block_size()))
     failures: list[UpstreamFailure] = []
+    breakers = pctx.breakers
     retries = pctx.options.retries
     held = False  # a reservation may be held: from the start of a schedule until its refusal or release
     try:
         for attempt in range(retries + 1):
             # seq_len is the prompt: it is what the TTFT estimate computes, and the reservation lives only until
             # the worker reports the request (then its own KV counts carry the growing output).
+            failed = frozenset(f.target.worker_id for f in failures)
+            tripped = breakers.excluded() - failed if breakers is not None else frozenset()
             schedule_request = ScheduleRequest(
                 request_id=request_id,
                 seq_len=len(parsed.tokens),
                 block_cache_keys=keys,
-                exclude_workers=frozenset(f.target.worker_id for f in failures),
+                exclude_workers=failed | tripped,
             )
             # Queue mode (enableQueueing) holds a first attempt that finds no capacity, as /rtp_llm/schedule does;
             # a retry does not queue: with its failed workers excluded it could wait for capacity that never comes.
             via = router.queue if attempt == 0 and router.queue is not None else router.scheduler
             held = True  # also when cancelled meanwhile: the reservation may have been made
             result = await via.schedule(schedule_request)
+            if not result.success and tripped:
+                # open breakers left no worker: rather one of theirs than none (a breaker never refuses alone)
+                result = await router.scheduler.schedule(replace(schedule_request, exclude_workers=failed))
             if not result.success:  # a refusal reserves nothing (all roles or none)
                 held = False
                 raise _no_worker(from_schedule(result), failures)
+            chosen = [c.worker.worker_id for c in result.choices.values()]
+            if breakers is not None:
+                breakers.sending(chosen)
             try:
-                return await _attempt(request, pctx, parsed, body, request_id, result.choices, streamed)
+                response = await _attempt(request, pctx, parsed, body, request_id, result.choices, streamed)
             except UpstreamFailures as exc:
                 await _release(router.scheduler, request_id)
                 held = False
                 failures += exc.failures
+                for failure in exc.failures if breakers is not None else ():
+                    breakers.failed(failure.target.worker_id, str(failure.target))
                 again = attempt < retries
                 then = f"scheduling again without it (retry {attempt + 1} of {retries})" if again else "no retries left"
                 for failure in exc.failures:
@@ -151,6 +162,10 @@ async def _serve(
                         failure.detail,
                         then,
                     )
+            else:
+                for wid in chosen if breakers is not None else ():
+                    breakers.answered(wid, f"worker {wid}")
+                return response
         raise _no_worker(None, failures)
     finally:
         # The answer was sent whole (or the client is gone), so the release does not hold it up; the handler waits for

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from flexlb.http.routes import CONTEXT
+from flexlb.proxy.breaker import Breakers
 from flexlb.proxy.context import PROXY, ProxyContext, ProxyOptions
 from flexlb.proxy.handler import handler_for
 from flexlb.proxy.metrics import ProxyMetrics
@@ -34,6 +35,7 @@ def setup_proxy(app: web.Application, config: FlexlbConfig) -> None:
         rng=random.Random(),  # seeded from os.urandom: routers draw independent ids
         created=int(time.time()),
     )
+    app[PROXY].breakers = Breakers(config.breaker_failure_threshold, config.breaker_cooldown_ms / 1000)
     for route in Route:
         app.router.add_post(route.value, handler_for(route))
     app.router.add_get(MODELS_PATH, list_models)
