@@ -97,6 +97,7 @@ def _redis_for(settings: Settings, redis: Redis | None) -> Redis:
 
 def create_app(
     settings: Settings,
+        status_max_age_ms=config.worker_status_max_age_ms,
     *,
     redis: Redis | None = None,
     registry: CollectorRegistry | None = None,

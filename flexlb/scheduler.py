@@ -45,11 +45,12 @@ class SchedulerOptions:
     max_staleness_ms: int = 10_000
     probe_interval_s: float = 0.5
     prune_above: int = 32  # roles with more workers are pruned, not scored in full (flexlb.routing.decide)
+    status_max_age_ms: int = 0  # workers whose last status write is older are not chosen; 0: no bound
     view_block_ms: int = 500  # the fleet view's XREAD BLOCK; below the Redis client's socket timeout
 
     @property
     def decision(self) -> DecisionOptions:
-        return DecisionOptions(self.strategies, self.params, self.roles, self.prune_above)
+        return DecisionOptions(self.strategies, self.params, self.roles, self.prune_above, self.status_max_age_ms)
 
 
 @dataclass(slots=True)
@@ -247,6 +248,7 @@ class Scheduler:
             hits=hits,
             local_load=self._local_load(),
             service=self.store.keys.service,
+            redis_now_ms=self.view.redis_now_ms(self._clock()),
         )
 
     # ---- degraded (local) path ----

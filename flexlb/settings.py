@@ -183,6 +183,13 @@ class FlexlbConfig:
         origin="flexlb",
         low=0,
     )
+    worker_status_max_age_ms: int = _opt(
+        15_000,
+        "A worker whose last status write (a master's poll or heartbeat, every 5 s at least; a registration) is"
+        " older than this is not chosen, in ms; 0 = no bound (statuses that nothing refreshes).",
+        origin="flexlb",
+        low=0,
+    )
     redis_timeout_ms: int = _opt(1000, "Timeout of one Redis call, in ms.", origin="flexlb", low=1)
     http_host: str = _opt("0.0.0.0", "Address the HTTP server listens on.", origin="flexlb")
     http_port: int = _opt(

@@ -53,6 +53,8 @@ TARGET_ROUTER_CPU_USEC_PER_DECISION = 150.0
 BLOCK_SIZE = 64  # tokens per KV block the bench workers report; block keys cover seq_len // BLOCK_SIZE blocks
 SPLIT_PROC = 255  # request-id slot of the parent's schedule-only / release-only phases
 JSON_HEADERS = {"Content-Type": "application/json"}
+# the statuses are written once and have no engine behind them (Stack._router_env)
+BENCH_ROUTER_CONFIG = {"contendForMaster": False, "workerStatusMaxAgeMs": 0, "healthCheckIntervalMs": 3_600_000}
 
 
 class BenchError(RuntimeError):
@@ -276,15 +278,16 @@ class Stack:
         for role, key in ((Role.PREFILL, "prefill_endpoint"), (Role.DECODE, "decode_endpoint")):
             if by_role.get(role):
                 config[key] = {"address": by_role[role], "type": "SpecifiedIpPortList"}
-        # The registered workers are statuses the benchmark writes, with no engine behind them: a router that
-        # became master would poll them, find nothing and mark them down. The user's own options still apply.
+        # The registered workers are statuses the benchmark writes once, with no engine behind them: a router that
+        # became master would poll them, find nothing and mark them down, and the statuses are never refreshed (no
+        # freshness bound, no health checks). The user's own options still apply.
         flexlb_config = orjson.loads(os.environ.get("FLEXLB_CONFIG") or "{}")
         return {
             **os.environ,
             "REDIS_URL": self.redis_url,
             "FLEXLB_SERVICE_ID": self.service,
             "MODEL_SERVICE_CONFIG": orjson.dumps(config).decode(),
-            "FLEXLB_CONFIG": orjson.dumps({"contendForMaster": False, **flexlb_config}).decode(),
+            "FLEXLB_CONFIG": orjson.dumps({**BENCH_ROUTER_CONFIG, **flexlb_config}).decode(),
         }
 
     def _start_router(self) -> None:

@@ -117,6 +117,7 @@ class DecisionOptions:
     params: StrategyParams = field(default_factory=StrategyParams)
     roles: tuple[Role, ...] = ()  # roles every request needs; () = the roles that have registered workers
     prune_above: int = 32  # roles with more workers than this are pruned, not scanned in full
+    status_max_age_ms: int = 0  # a worker whose last status write is older is not chosen; 0: no bound
 
 
 def decide(
@@ -128,11 +129,13 @@ def decide(
     hits: Mapping[str, int] | None = None,
     local_load: Mapping[str, tuple[int, int]] | None = None,
     service: str = "",
+    redis_now_ms: int | None = None,
 ) -> ScheduleResult:
     """One worker per role for ``request``, or a refusal naming the role and why none could take it.
 
     ``hits``: worker id -> cached prefix of the request's blocks, in blocks (the inverted index's lookup).
     ``local_load``: worker id -> (count, tokens) of reservations only this router knows, added to the pending load.
+    ``redis_now_ms``: Redis' clock now (workers' ``updated_ms`` are on it), for ``options.status_max_age_ms``.
     Records the picks in ``memory`` (recency, round-robin counters); nothing else changes.
     """
     roles = options.roles or tuple(r for r in ROLE_ORDER if fleet.count(r))
@@ -142,7 +145,10 @@ def decide(
             code=ErrorCode.NO_AVAILABLE_WORKER,
             message=f"NO_AVAILABLE_WORKER: no workers registered for service {service!r}",
         )
-    scan = _Scan(request, fleet, memory, options.params, hits or {}, local_load or {})
+    fresh_after_ms = 0
+    if options.status_max_age_ms and redis_now_ms is not None:
+        fresh_after_ms = redis_now_ms - options.status_max_age_ms
+    scan = _Scan(request, fleet, memory, options.params, hits or {}, local_load or {}, fresh_after_ms)
     choices: dict[Role, Choice] = {}
     for role in (r for r in ROLE_ORDER if r in roles):
         strategy = options.strategies[role]
@@ -153,7 +159,7 @@ def decide(
             choice = None if view is None else make_choice(role, view, request, memory, options.params)
         if choice is None:
             code = NO_WORKER_CODE[role]
-            why = why_none(role, fleet.workers(role), scan.group, request.exclude_workers)
+            why = why_none(role, fleet.workers(role), scan.group, request.exclude_workers, fresh_after_ms)
             return ScheduleResult(success=False, code=code, message=f"{code.name}: {why}")
         choices[role] = choice
         scan.group = scan.group or choice.worker.spec.group
@@ -171,9 +177,11 @@ class _Scan:
         params: StrategyParams,
         hits: Mapping[str, int],
         local_load: Mapping[str, tuple[int, int]],
+        fresh_after_ms: int = 0,
     ) -> None:
         self.request, self.fleet, self.memory, self.params = request, fleet, memory, params
         self.hits, self.local_load = hits, local_load
+        self.fresh_after_ms = fresh_after_ms
         self.group = ""
         self._excluded = request.exclude_workers
 
@@ -185,7 +193,7 @@ class _Scan:
         if (self._excluded and wid in self._excluded) or (self.group and spec.group != self.group):
             return None
         status = view.status
-        if not (status.alive and status.available) or spec.role is not role:
+        if not (status.alive and status.available) or spec.role is not role or status.updated_ms < self.fresh_after_ms:
             return None
         hit = self.hits.get(wid, 0) if self.hits and role in PREFILL_ROLES else 0
         extra = self.local_load.get(wid) if self.local_load else None
@@ -304,7 +312,13 @@ class _Scan:
         return pick(strategy, role, self.all_eligible(role), self.request, self.memory, self.params)
 
 
-def why_none(role: Role, registered: Sequence[WorkerView], group: str, excluded: frozenset[str] = frozenset()) -> str:
+def why_none(
+    role: Role,
+    registered: Sequence[WorkerView],
+    group: str,
+    excluded: frozenset[str] = frozenset(),
+    fresh_after_ms: int = 0,
+) -> str:
     """A message naming why no worker of the role could take the request."""
     where = f" in group {group!r}" if group else ""
     if not registered:
@@ -312,6 +326,14 @@ def why_none(role: Role, registered: Sequence[WorkerView], group: str, excluded:
     alive = [v for v in registered if v.status.alive]
     if not alive:
         return f"none of {len(registered)} {role.value} workers is alive"
+    fresh = [v for v in alive if v.status.updated_ms >= fresh_after_ms]
+    if not fresh:
+        oldest = (fresh_after_ms - max(v.status.updated_ms for v in alive)) / 1000
+        return (
+            f"the status of all {len(alive)} alive {role.value} workers is too old (the newest is {oldest:.1f}s "
+            "past workerStatusMaxAgeMs): is a master polling them?"
+        )
+    alive = fresh
     available = [v for v in alive if v.status.available]
     if not available:
         return f"all {len(alive)} alive {role.value} workers are unavailable (too many waiting tasks or KV too full)"

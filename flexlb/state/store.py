@@ -47,6 +47,7 @@ class FleetRead:
     hashes: dict[str, dict[str, str]]
     stream_id: str
     seq: int
+    redis_ms: int = 0  # Redis' clock at the read (the workers' updated_ms are on it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,11 +208,12 @@ class FleetStore:
         """Every registered worker's status hash, with the stream position to follow changes from (two round
         trips: membership and position in one transaction, then the hashes)."""
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.time()
             pipe.get(self.keys.changes_seq)
             pipe.xrevrange(self.keys.changes, count=1)
             for key in self.keys.role_sets():
                 pipe.smembers(key)
-            seq, last, *members = await pipe.execute()
+            (seconds, micros), seq, last, *members = await pipe.execute()
         ids = sorted({wid for m in members for wid in m})
         async with self.redis.pipeline(transaction=False) as pipe:
             for wid in ids:
@@ -221,6 +223,7 @@ class FleetStore:
             hashes={wid: h for wid, h in zip(ids, hashes, strict=True) if h},
             stream_id=last[0][0] if last else "0-0",
             seq=int(seq or 0),
+            redis_ms=int(seconds) * 1000 + int(micros) // 1000,
         )
 
     async def read_changes(

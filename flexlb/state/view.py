@@ -87,6 +87,16 @@ class FleetView:
         self._decoder = WorkerDecoder()
         self._block_size: int | None = None
         self.synced = False  # holds a full read (replace_all) and what followed it
+        self._redis_clock_offset_ms: float | None = None  # Redis' clock (workers' updated_ms) minus ours
+
+    def observe_redis_clock(self, redis_ms: float, local_s: float) -> None:
+        """Redis' clock read ``redis_ms`` at our monotonic ``local_s`` (a stream entry's id, a TIME)."""
+        self._redis_clock_offset_ms = redis_ms - local_s * 1000
+
+    def redis_now_ms(self, local_s: float) -> int | None:
+        """Redis' clock now, from the last observation; None before any."""
+        offset = self._redis_clock_offset_ms
+        return None if offset is None else int(local_s * 1000 + offset)
 
     # ---- reading ----
 

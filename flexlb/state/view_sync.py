@@ -71,6 +71,7 @@ class ViewSync:
         self.view.replace_all(read.hashes)
         self._last_id, self._last_seq = read.stream_id, read.seq
         self.fresh_at = self._clock()
+        self.view.observe_redis_clock(read.redis_ms, self.fresh_at)
         self.resyncs += 1
 
     async def catch_up(self, block_ms: int | None = None) -> int:
@@ -110,6 +111,8 @@ class ViewSync:
             self._last_id, self._last_seq = entry_id, seq
             applied += 1
         self.fresh_at = self._clock()  # a blocking read that came back empty: nothing changed until now
+        if applied:  # an entry's id is Redis' clock when it was written, a moment ago
+            self.view.observe_redis_clock(_stream_id(self._last_id)[0], self.fresh_at)
         self.entries += applied
         return applied
 

@@ -191,3 +191,28 @@ def test_no_worker_refusal_names_the_role() -> None:
     )
     assert not result.success and result.code == ErrorCode.NO_DECODE_WORKER
     assert "no DECODE worker registered" in result.message
+
+
+def test_a_worker_whose_last_status_is_too_old_is_not_chosen() -> None:
+    """Issue 10: with no master polling, a killed worker's status still says alive; past the bound it is out."""
+    rng = random.Random(3)
+    hashes = {}
+    for i in range(40):
+        h = worker_hash(i, Role.PREFILL, rng)
+        h |= {"alive": "1", "available": "1", "max_concurrency": "0", "kv_total": "0"}
+        h["updated_ms"] = str(100_000 if i == 7 else 10_000)  # only worker 7 was polled in the last 5 s
+        hashes[f"{h['ip']}:8000"] = h
+    fleet = fleet_of(hashes)
+    request = ScheduleRequest(request_id=1, seq_len=100)
+    for strategy in StrategyName:
+        for prune_above in (0, 64):  # the pruned walks and the full scan
+            opts = dataclasses.replace(options(strategy, Role.PREFILL, prune_above), status_max_age_ms=5_000)
+            memory = ChoiceMemory(rng=random.Random(1))
+            result = decide(request, fleet, opts, memory, redis_now_ms=101_000)
+            assert result.success, (strategy, result.message)
+            assert result.choices[Role.PREFILL].worker.worker_id == "10.1.0.7:8000", strategy
+            stale = decide(request, fleet, opts, memory, redis_now_ms=200_000)
+            assert not stale.success and stale.code == ErrorCode.NO_PREFILL_WORKER
+            assert "status of all 40 alive PREFILL workers is too old" in stale.message
+            unbounded = dataclasses.replace(opts, status_max_age_ms=0)
+            assert decide(request, fleet, unbounded, memory, redis_now_ms=200_000).success
