@@ -64,7 +64,7 @@ class TaskInfoPB(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., prefix_length: _Optional[int] = ..., input_length: _Optional[int] = ..., waiting_time_ms: _Optional[int] = ..., iterate_count: _Optional[int] = ..., end_time_ms: _Optional[int] = ..., dp_rank: _Optional[int] = ..., is_waiting: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatusPB(_message.Message):
-    __slots__ = ("role", "available_concurrency", "running_task_info", "finished_task_list", "waiting_query_len", "running_query_len", "step_latency_ms", "iterate_count", "dp_size", "tp_size", "status_version", "alive", "precision", "latest_finished_version", "dp_rank", "available_kv_cache", "total_kv_cache")
+    __slots__ = ("role", "available_concurrency", "running_task_info", "finished_task_list", "waiting_query_len", "running_query_len", "step_latency_ms", "iterate_count", "dp_size", "tp_size", "status_version", "alive", "precision", "latest_finished_version", "dp_rank", "available_kv_cache", "total_kv_cache", "http_port")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TASK_INFO_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class WorkerStatusPB(_message.Message):
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    HTTP_PORT_FIELD_NUMBER: _ClassVar[int]
     role: str
     available_concurrency: int
     running_task_info: _containers.RepeatedCompositeFieldContainer[TaskInfoPB]
@@ -99,4 +100,5 @@ class WorkerStatusPB(_message.Message):
     dp_rank: int
     available_kv_cache: int
     total_kv_cache: int
-    def __init__(self, role: _Optional[str] = ..., available_concurrency: _Optional[int] = ..., running_task_info: _Optional[_Iterable[_Union[TaskInfoPB, _Mapping]]] = ..., finished_task_list: _Optional[_Iterable[_Union[TaskInfoPB, _Mapping]]] = ..., waiting_query_len: _Optional[int] = ..., running_query_len: _Optional[int] = ..., step_latency_ms: _Optional[float] = ..., iterate_count: _Optional[int] = ..., dp_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., status_version: _Optional[int] = ..., alive: _Optional[bool] = ..., precision: _Optional[str] = ..., latest_finished_version: _Optional[int] = ..., dp_rank: _Optional[int] = ..., available_kv_cache: _Optional[int] = ..., total_kv_cache: _Optional[int] = ...) -> None: ...
+    http_port: int
+    def __init__(self, role: _Optional[str] = ..., available_concurrency: _Optional[int] = ..., running_task_info: _Optional[_Iterable[_Union[TaskInfoPB, _Mapping]]] = ..., finished_task_list: _Optional[_Iterable[_Union[TaskInfoPB, _Mapping]]] = ..., waiting_query_len: _Optional[int] = ..., running_query_len: _Optional[int] = ..., step_latency_ms: _Optional[float] = ..., iterate_count: _Optional[int] = ..., dp_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., status_version: _Optional[int] = ..., alive: _Optional[bool] = ..., precision: _Optional[str] = ..., latest_finished_version: _Optional[int] = ..., dp_rank: _Optional[int] = ..., available_kv_cache: _Optional[int] = ..., total_kv_cache: _Optional[int] = ..., http_port: _Optional[int] = ...) -> None: ...

@@ -45,6 +45,11 @@ def add_sim_worker_options(parser: argparse.ArgumentParser, *, required: bool = 
     )
     parser.add_argument("--model", default="flexlb-sim", help="served model name")
     parser.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer <key>' on every route but /health and /metrics, as an engine started"
+        " with --api-key (one worker only; default: none)",
+    )
+    parser.add_argument(
         "--load-format",
         choices=LOAD_FORMATS,
         default="sglang",
@@ -82,6 +87,8 @@ def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
         count = getattr(args, "count", 1)
         if count < 1:
             raise ValueError(f"--count must be at least 1, got {count}")
+        if count > 1 and getattr(args, "api_key", None):
+            raise ValueError("--api-key applies to one worker; not with --count")
         if count > 1 and args.grpc_port is not None:
             raise ValueError("--grpc-port applies to one worker; with --count each worker's is its HTTP port + 1")
         if count > 1 and not 0 < args.port <= 65536 - 2 * count:
@@ -122,7 +129,14 @@ async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
         )
         return
     await run_sim_worker(
-        config, args.host, args.port, args.model, grpc_port=args.grpc_port, load_format=args.load_format, stop=stop
+        config,
+        args.host,
+        args.port,
+        args.model,
+        grpc_port=args.grpc_port,
+        load_format=args.load_format,
+        stop=stop,
+        api_key=getattr(args, "api_key", None),
     )
 
 

@@ -71,7 +71,7 @@ class FleetWorker:
             reply = self._idle_reply
             reply.status_version = engine.next_status_version()
             return reply.SerializeToString()
-        reply = worker_status_pb(engine.status(version))
+        reply = worker_status_pb(engine.status(version), self.http_port)
         self._idle_key, self._idle_reply = key, reply if key is not None else None
         return reply.SerializeToString()
 

@@ -46,9 +46,11 @@ def task_info_pb(task: TaskInfo) -> TaskInfoPB:
     return TaskInfoPB(**_fields(task))
 
 
-def worker_status_pb(status: EngineStatus) -> WorkerStatusPB:
-    """``WorkerStatusPB`` with every field of ``status`` (a field the protobuf lacks raises ValueError)."""
+def worker_status_pb(status: EngineStatus, http_port: int = 0) -> WorkerStatusPB:
+    """``WorkerStatusPB`` with every field of ``status`` (a field the protobuf lacks raises ValueError), and the
+    worker's HTTP port (flexlb's identity field: a registration naming another HTTP port is refused)."""
     fields = _fields(status)
+    fields["http_port"] = http_port
     fields["running_task_info"] = [task_info_pb(t) for t in status.running_task_info]
     fields["finished_task_list"] = [task_info_pb(t) for t in status.finished_task_list]
     # int32 on the wire (as RTP-LLM): saturate rather than fail every later status call of a long-running worker.
@@ -64,11 +66,12 @@ def cache_status_pb(cache: CacheStatus) -> CacheStatusPB:
 class SimStatusService(RpcServiceServicer):
     """Answers the master's status polls from the engine's live state."""
 
-    def __init__(self, engine: SimEngine) -> None:
+    def __init__(self, engine: SimEngine, http_port: int = 0) -> None:
         self.engine = engine
+        self.http_port = http_port
 
     async def GetWorkerStatus(self, request: StatusVersionPB, context: grpc.aio.ServicerContext) -> WorkerStatusPB:
-        return worker_status_pb(self.engine.status(request.latest_finished_version))
+        return worker_status_pb(self.engine.status(request.latest_finished_version), self.http_port)
 
     async def GetCacheStatus(self, request: CacheVersionPB, context: grpc.aio.ServicerContext) -> CacheStatusPB:
         cache = self.engine.cache_status(request.latest_cache_version, request.need_cache_keys)
@@ -82,13 +85,14 @@ def _bind_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-async def start_grpc_server(engine: SimEngine, host: str, port: int) -> grpc.aio.Server:
-    """Serve ``engine``'s status RPCs on ``host:port`` (insecure, like RTP-LLM's) on the running event loop.
+async def start_grpc_server(engine: SimEngine, host: str, port: int, http_port: int = 0) -> grpc.aio.Server:
+    """Serve ``engine``'s status RPCs on ``host:port`` (insecure, like RTP-LLM's) on the running event loop; the
+    replies name ``http_port`` as the worker's.
 
     Raises OSError when the address cannot be bound (as a busy HTTP port does). Stop it with ``await server.stop()``.
     """
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    add_RpcServiceServicer_to_server(SimStatusService(engine), server)
+    add_RpcServiceServicer_to_server(SimStatusService(engine, http_port), server)
     address = _bind_address(host, port)
     try:
         bound = server.add_insecure_port(address)

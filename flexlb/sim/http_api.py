@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -65,13 +67,15 @@ def sim_context(request: web.Request) -> SimContext:
 
 
 def create_sim_app(
-    engine: SimEngine, model_name: str = "flexlb-sim", *, load_format: str = "sglang"
+    engine: SimEngine, model_name: str = "flexlb-sim", *, load_format: str = "sglang", api_key: str | None = None
 ) -> web.Application:
     """The worker's app; it starts the engine on startup and stops it on cleanup. ``load_format`` is the default
-    shape of ``GET /get_load`` (``p.LOAD_FORMATS``)."""
+    shape of ``GET /get_load`` (``p.LOAD_FORMATS``); ``api_key``: required as ``Authorization: Bearer`` (as an
+    engine started with ``--api-key``)."""
     if load_format not in p.LOAD_FORMATS:
         raise ValueError(f"load_format: one of {', '.join(p.LOAD_FORMATS)}, not {load_format!r}")
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    middlewares = [json_errors] if api_key is None else [json_errors, require_api_key(api_key)]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SIM] = new_sim_context(engine, model_name, load_format)
     app.cleanup_ctx.append(_engine_lifecycle)
     add_sim_routes(app)
@@ -117,17 +121,18 @@ async def run_sim_worker(
     grpc_port: int | None = None,
     load_format: str = "sglang",
     stop: asyncio.Event | None = None,
+    api_key: str | None = None,
 ) -> None:
     """Serve one simulated worker: HTTP on ``port`` and the status gRPC on ``grpc_port`` (default ``port + 1``),
     on this event loop, until ``stop`` is set or the task is cancelled; then shut both down and stop the engine."""
     engine = SimEngine(config)
     grpc_port = default_grpc_port(port) if grpc_port is None else grpc_port
-    app = create_sim_app(engine, model_name, load_format=load_format)
+    app = create_sim_app(engine, model_name, load_format=load_format, api_key=api_key)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()  # starts the engine
     try:
         # gRPC before the HTTP listener: once /health answers, the status RPCs answer too.
-        server = await start_grpc_server(engine, host, grpc_port)
+        server = await start_grpc_server(engine, host, grpc_port, http_port=port)
         try:
             await web.TCPSite(runner, host, port).start()
             log.info("simulated %s worker for %r on http://%s:%d", config.role.value, model_name, host, port)
@@ -169,6 +174,28 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         log.exception("unhandled error in %s %s", request.method, request.path)
         body = p.error_body(f"internal error in {request.method} {request.path}", type_="server_error")
         return json_response(body, 500)
+
+
+# Probes stay open, as SGLang's --api-key leaves them (a load balancer's health check carries no key).
+UNAUTHENTICATED_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
+
+
+def require_api_key(api_key: str) -> Any:
+    """A middleware answering 401 in OpenAI's shape to a request without ``Authorization: Bearer <api_key>``."""
+    expected = hashlib.sha256(api_key.encode()).digest()
+
+    @web.middleware
+    async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in UNAUTHENTICATED_PATHS:
+            return await handler(request)
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        digest = hashlib.sha256(presented.strip().encode("utf-8", "surrogateescape")).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
+            body = p.error_body("Incorrect API key provided.", type_="invalid_request_error", code="invalid_api_key")
+            return json_response(body, 401)
+        return await handler(request)
+
+    return check_api_key
 
 
 def _submit(engine: SimEngine, params: p.GenerationParams) -> EngineRequest:
