@@ -177,6 +177,14 @@ class FleetStore:
             fields |= {name: parse_status_value(name, str(value)) for name, value in (status or {}).items()}
         return await self._upsert(spec.worker_id, spec.role.value, True, fields)
 
+    async def restore_worker(self, worker_id: str, fields: Mapping[str, str]) -> bool:
+        """Register a worker again from its status hash as a router last saw it (Redis lost it): identity and
+        status, not what the scripts own (pending load, versions), which starts again from nothing. Creates only;
+        returns True if it was missing."""
+        role = fields.get("role", "")
+        kept = {name: value for name, value in fields.items() if name not in SCRIPT_OWNED and name != "role"}
+        return await self._upsert(worker_id, role, True, kept)
+
     async def update_status(self, worker_id: str, changes: Mapping[str, object]) -> None:
         """Set some status fields of a registered worker; values are validated. Raises WorkerNotFound."""
         fields = {name: parse_status_value(name, str(value)) for name, value in changes.items()}

@@ -147,6 +147,10 @@ class FleetView:
 
     # ---- writing ----
 
+    def raw_hashes(self) -> dict[str, dict[str, str]]:
+        """Every worker's status hash as last seen (copies)."""
+        return {wid: dict(raw) for wid, raw in self._raw.items() if wid in self._views}
+
     def replace_all(self, hashes: Mapping[str, Mapping[str, str]]) -> None:
         """Forget everything and hold exactly these workers' status hashes (a full read)."""
         for wid in list(self._views):

@@ -66,8 +66,15 @@ class ViewSync:
         self.connected.clear()
 
     async def resync(self) -> None:
-        """Read the whole fleet again and follow the stream from where that read stands."""
+        """Read the whole fleet again and follow the stream from where that read stands.
+
+        When the stream's counter went back (Redis restarted empty, or failed over to a replica that had not
+        seen the last writes), the workers this view held and Redis lost are registered again from the view:
+        registrations made through the API exist nowhere else. Removals came through the stream, so a removed
+        worker is not in the view and stays removed."""
         read = await self.store.read_fleet()
+        if read.seq < self._last_seq and await self._restore_lost(read.hashes):
+            read = await self.store.read_fleet()
         self.view.replace_all(read.hashes)
         self._last_id, self._last_seq = read.stream_id, read.seq
         self.fresh_at = self._clock()
@@ -115,6 +122,22 @@ class ViewSync:
             self.view.observe_redis_clock(_stream_id(self._last_id)[0], self.fresh_at)
         self.entries += applied
         return applied
+
+    async def _restore_lost(self, found: dict[str, dict[str, str]]) -> int:
+        lost = {wid: raw for wid, raw in self.view.raw_hashes().items() if wid not in found}
+        restored = 0
+        for wid, raw in lost.items():
+            if raw.get("role"):  # a hash the view could not decode is not restored
+                restored += await self.store.restore_worker(wid, raw)
+        log.warning(
+            "change stream of %s went back from entry %d (Redis lost its data): registered again %d of the %d "
+            "workers it lost, from this router's view",
+            self.store.keys.service,
+            self._last_seq,
+            restored,
+            len(lost),
+        )
+        return restored
 
     async def _run(self) -> None:
         failing = False

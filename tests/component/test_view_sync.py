@@ -98,10 +98,14 @@ async def test_after_redis_restarts_empty_the_tail_reads_the_fleet_again(
         await eventually(lambda: _async(not sync.connected.is_set()), "the tail noticing Redis is gone")
         assert len(view) == 2  # the view is kept (degraded mode decides from it) while Redis is away
         server.start()
-        # Redis came back empty, and one worker registers again (a static one, say): the view shows exactly that
+        # Redis came back empty, and one worker registers again (a static one, say): the view shows it, and the
+        # workers Redis lost are registered again from the view (issue 10: API registrations exist nowhere else)
         await store.register_worker(D1, WorkerStatus())
         await eventually(lambda: _async(view.ids(Role.DECODE) == [D1.worker_id]), "D1 after the restart")
-        await eventually(lambda: _async(len(view) == 1), "the lost workers gone from the view")
+        await eventually(lambda: _async(len(view) == 3), "the lost workers back in the view")
+        assert sorted(v.worker_id for v in await store.list_workers()) == sorted(w.worker_id for w in (P1, P2, D1)), (
+            "registered again in Redis"
+        )
         assert sync.resyncs >= 2
     finally:
         await sync.stop()
