@@ -20,6 +20,7 @@ from flexlb.discovery import register_static_workers
 from flexlb.domain import ROLE_ORDER, Role
 from flexlb.grpc_api import GrpcScheduleApi
 from flexlb.http.admin import setup_admin_routes
+from flexlb.http.auth import Api, serve_as, setup_auth
 from flexlb.http.drain import InFlightRequests
 from flexlb.http.middleware import json_errors
 from flexlb.http.routes import CONTEXT, MASTER, setup_master_routes, setup_routes
@@ -29,7 +30,9 @@ from flexlb.master.router_health import RouterHealthChecks
 from flexlb.master.service import MasterService, default_holder
 from flexlb.metrics import MasterMetrics, SchedulerMetrics, exposition_registry
 from flexlb.proxy import setup_proxy
+from flexlb.proxy.routes import PROXY_ROUTES
 from flexlb.queueing import QueueMetrics, QueueOptions, RequestQueue
+from flexlb.reservation_owners import ReservationOwners
 from flexlb.routing import ChoiceMemory, StrategyName, StrategyParams, TtftModel
 from flexlb.schedule_api import RouterContext
 from flexlb.scheduler import Scheduler, SchedulerOptions
@@ -157,14 +160,17 @@ def create_app(
         master=master,
         queue=queue,
         metrics_registry=exposition_registry(registry),
+        owners=_reservation_owners(settings),
     )
+    setup_auth(app, settings.auth, app[CONTEXT].master_host)
     grpc_api = GrpcScheduleApi.from_config(config) if config.enable_grpc_prefill_master else None
     if grpc_api is not None:  # claims its port first: one in use fails start-up before anything has started
         app.cleanup_ctx.append(grpc_api.bind)
         app.on_shutdown.append(grpc_api.shutdown)  # SIGTERM: takes no new calls, as the HTTP listener
     setup_routes(app)
     setup_admin_routes(app)
-    setup_proxy(app, config)
+    setup_proxy(app, config, settings.auth)
+    serve_as(app, Api.PROXY, PROXY_ROUTES)
     app.on_shutdown.append(_stop_taking_work(queue, master, in_flight, config.shutdown_timeout_ms))
     app.cleanup_ctx.append(_router_lifecycle(settings, redis, pipelined, store, master, events, queue, health))
     if grpc_api is not None:  # serves once the router is up, stops before it goes
@@ -187,6 +193,7 @@ def create_master_app(
     master = MasterService(redis, settings, MasterMetrics(registry), holder=holder or default_holder("master"))
     app = web.Application(middlewares=[json_errors])
     app[MASTER] = master
+    setup_auth(app, settings.auth)
     setup_master_routes(app, exposition_registry(registry))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -202,6 +209,14 @@ def create_master_app(
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def _reservation_owners(settings: Settings) -> ReservationOwners | None:
+    """Per-client bookkeeping of the schedule API: needed for client tokens (a client releases only its own) or a
+    cap (maxReservationsPerToken); None otherwise (no cost)."""
+    tokens = bool(settings.auth.schedule_tokens)
+    cap = settings.flexlb.max_reservations_per_token
+    return ReservationOwners(cap, check_release=tokens) if tokens or cap else None
 
 
 async def _start_with_redis(settings: Settings, store: FleetStore, *, retry: bool = False) -> bool:

@@ -20,9 +20,9 @@ from flexlb.embedded_redis import EmbeddedRedis, RedisNotInstalled
 from flexlb.settings import ConfigError, Settings, load_settings
 from flexlb.sim.__main__ import add_sim_worker_options
 from flexlb.sim.__main__ import run as run_sim_worker
-from flexlb.state.codec import parse_status_value
 from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.store import FleetStore, WorkerNotFound
+from flexlb.status_bounds import check_status_text
 
 log = logging.getLogger("flexlb")
 
@@ -81,10 +81,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run_router(args: argparse.Namespace, settings: Settings, host: str, port: int) -> None:
     from flexlb.app import create_app
+    from flexlb.http.auth import warn_if_open
     from flexlb.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT_S
 
     uvloop.install()
     app = create_app(settings, master_host=args.advertise or _advertised(host, port))
+    grpc = [("gRPC", settings.flexlb.grpc_host)] if settings.flexlb.enable_grpc_prefill_master else []
+    warn_if_open(settings.auth, [("HTTP", host), *grpc])
     print(f"flexlb: router for service {settings.service.service_id!r} on http://{host}:{port}", flush=True)
     # handler_cancellation: a client that disconnects cancels its handler, so a queued request leaves the queue
     # and a proxied one stops its upstream call (aiohttp's default lets handlers run on). SIGTERM: the app's
@@ -161,7 +164,7 @@ def _parse_assignments(items: Sequence[str]) -> dict[str, str]:
         if not sep:
             raise UsageError(f"expected field=value, got {item!r}")
         try:
-            out[name] = parse_status_value(name.strip(), value.strip())
+            out[name] = check_status_text(name.strip(), value.strip())
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     return out
@@ -229,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a router (starts its own redis-server when REDIS_URL is not set)")
-    serve.add_argument("--host", help="listen address (default: FLEXLB_CONFIG httpHost, 0.0.0.0)")
+    serve.add_argument(
+        "--host",
+        help="listen address (default: FLEXLB_CONFIG httpHost, 127.0.0.1; 0.0.0.0 for every interface: set"
+        " FLEXLB_ADMIN_TOKEN first, docs/security.md)",
+    )
     serve.add_argument("--port", type=int, help="listen port (default: FLEXLB_CONFIG httpPort, 7001)")
     serve.add_argument("--advertise", help="ip:port reported as real_master_host (default: this host's address)")
     serve.add_argument(

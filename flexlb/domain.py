@@ -79,6 +79,11 @@ class ErrorCode(enum.IntEnum):
     STATE_UNAVAILABLE = 8600
     # flexlb: the request names a model this router does not serve.
     UNKNOWN_MODEL = 8601
+    # flexlb: no credential, or one this API does not accept (HTTP 401), or one of another API (HTTP 403).
+    UNAUTHENTICATED = 8610
+    PERMISSION_DENIED = 8611
+    # flexlb: the client's token holds maxReservationsPerToken reservations already (HTTP 429).
+    TOO_MANY_RESERVATIONS = 8612
 
     @property
     def retryable(self) -> bool:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from flexlb.domain import ErrorCode, ScheduleRequest, ScheduleResult
 from flexlb.http.wire import BadRequest, parse_schedule_request
 from flexlb.metrics import SchedulerMetrics
+from flexlb.reservation_owners import OwnerRefused, ReservationOwners
 from flexlb.scheduler import Scheduler
 from flexlb.state.store import FleetStore
 
@@ -42,6 +43,7 @@ class RouterContext:
     queue: RequestQueue = None  # type: ignore[assignment]  # set by create_app (queue mode, or a pass-through)
     metrics_registry: CollectorRegistry | None = None  # what /metrics serves; None = metrics.registry
     ready: bool = False  # reached Redis once (scripts loaded): until then /health answers 503 "starting"
+    owners: ReservationOwners | None = None  # per-client bookkeeping (schedule tokens or a cap); None: none
 
 
 def check_model(ctx: RouterContext, model: str | None) -> None:
@@ -54,21 +56,51 @@ def check_model(ctx: RouterContext, model: str | None) -> None:
     )
 
 
+def _refused(exc: OwnerRefused) -> BadRequest:
+    code = {429: ErrorCode.TOO_MANY_RESERVATIONS, 403: ErrorCode.PERMISSION_DENIED}.get(exc.status)
+    return BadRequest(exc.message, status=exc.status, code=code or ErrorCode.INVALID_REQUEST)
+
+
 async def run_schedule(
-    ctx: RouterContext, body: Awaitable[dict[str, Any]], via: str = ""
+    ctx: RouterContext, body: Awaitable[dict[str, Any]], via: str = "", client: str = "anonymous"
 ) -> tuple[ScheduleRequest, ScheduleResult]:
-    """The schedule API's work, whatever the transport: validate ``body``, schedule through the queue, count and
-    log. Raises BadRequest (counted too) for a request the client got wrong."""
+    """The schedule API's work, whatever the transport: validate ``body``, take the client's slot
+    (``ctx.owners``), schedule through the queue, count and log. Raises BadRequest (counted too) for a request the
+    client got wrong or over its cap."""
     started = time.perf_counter()
+    owners = ctx.owners
+    new_slot = False
     try:
         req = parse_schedule_request(await body)
         check_model(ctx, req.model)
+        if owners is not None:
+            ttl_ms = max(1, min(ctx.scheduler.options.reservation_ttl_ms, req.generate_timeout_ms))
+            try:
+                new_slot = owners.take(client, req.request_id, ttl_ms)
+            except OwnerRefused as exc:
+                raise _refused(exc) from None
     except BadRequest as exc:
         ctx.metrics.schedules.labels(code=str(int(exc.code))).inc()
         raise
-    result = await ctx.queue.schedule(req)
+    result = await ctx.queue.schedule(req)  # cancelled: the slot stays until its TTL (a reservation may exist)
+    if owners is not None and new_slot and not result.success:
+        owners.give_back(client, req.request_id)  # a refusal reserves nothing
     ctx.metrics.schedules.labels(code=str(int(result.code))).inc()
     ctx.metrics.schedule_latency.observe(time.perf_counter() - started)
     if not result.success:
         log.info("request %s%s: %s (%s)", req.request_id, via, result.code.name, result.message)
     return req, result
+
+
+async def run_release(ctx: RouterContext, request_id: int, client: str = "anonymous") -> int:
+    """Release ``request_id``'s reservations, when ``client`` may (BadRequest 403 otherwise); how many were held."""
+    owners = ctx.owners
+    if owners is not None:
+        try:
+            owners.check_may_release(client, request_id)
+        except OwnerRefused as exc:
+            raise _refused(exc) from None
+    released = await ctx.scheduler.release(request_id)
+    if owners is not None:
+        owners.give_back(client, request_id)
+    return released

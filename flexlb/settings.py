@@ -191,7 +191,12 @@ class FlexlbConfig:
         low=0,
     )
     redis_timeout_ms: int = _opt(1000, "Timeout of one Redis call, in ms.", origin="flexlb", low=1)
-    http_host: str = _opt("0.0.0.0", "Address the HTTP server listens on.", origin="flexlb")
+    http_host: str = _opt(
+        "127.0.0.1",
+        "Address the HTTP server listens on (`flexlb serve --host` overrides it); 0.0.0.0 serves every interface:"
+        " set FLEXLB_ADMIN_TOKEN first (docs/security.md).",
+        origin="flexlb",
+    )
     http_port: int = _opt(
         7001, "Port the HTTP server listens on; 0 = any free port.", origin="flexlb", low=0, high=65535
     )
@@ -309,7 +314,7 @@ class FlexlbConfig:
         " POST /rtp_llm/schedule and /rtp_llm/release) on `grpcHost`:`grpcPort`.",
     )
     grpc_host: str = _opt(
-        "0.0.0.0",
+        "127.0.0.1",
         "Address the gRPC schedule API listens on (`flexlb serve --host` sets only the HTTP address).",
         origin="flexlb",
     )
@@ -319,6 +324,14 @@ class FlexlbConfig:
         origin="flexlb",
         low=0,
         high=65535,
+    )
+    # --- authentication (the keys themselves are environment variables: FLEXLB_API_KEYS, ...; docs/security.md)
+    max_reservations_per_token: int = _opt(
+        0,
+        "Schedule API: reservations one client token (FLEXLB_SCHEDULE_TOKENS; without tokens, all clients together)"
+        " may hold on this router at once; more are refused with 429 until it releases. 0 = no cap.",
+        origin="flexlb",
+        low=0,
     )
 
     def __post_init__(self) -> None:
@@ -809,6 +822,110 @@ def _redis_url(environ: Mapping[str, str]) -> str | None:
     return url
 
 
+# ---------------------------------------------------------------------------------------------- authentication
+
+# Secrets: each variable can also be given as <NAME>_FILE, a file holding the value (Docker / Kubernetes secrets).
+# A secret is never echoed in an error or a log line; only the variable is named.
+AUTH_VARS: Final[tuple[EnvVar, ...]] = (
+    EnvVar("FLEXLB_API_KEYS", None, "Proxy (OpenAI routes): accepted API keys, comma-separated. Unset: open."),
+    EnvVar("FLEXLB_SCHEDULE_TOKENS", None, "Schedule API (HTTP and gRPC): accepted client tokens, comma-separated."),
+    EnvVar("FLEXLB_ADMIN_TOKEN", None, "Admin API (workers, snapshots): accepted tokens, comma-separated."),
+    EnvVar("FLEXLB_ENGINE_API_KEY", None, "Proxy: the key sent to every engine instead of the client's."),
+    EnvVar("FLEXLB_ENGINE_API_KEYS", None, 'Proxy: per-engine keys, JSON {"ip:port": "key"}; beats the one above.'),
+)
+_SECRET_CHARS: Final = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: it goes into an HTTP header
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Who may call what (docs/security.md). An empty tuple leaves that API open."""
+
+    api_keys: tuple[str, ...] = ()
+    schedule_tokens: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = ()
+    engine_api_key: str | None = None
+    engine_api_keys: tuple[tuple[str, str], ...] = ()  # (worker id, key)
+
+    def __repr__(self) -> str:  # never the secrets themselves
+        return (
+            f"AuthSettings(api_keys={len(self.api_keys)}, schedule_tokens={len(self.schedule_tokens)},"
+            f" admin_tokens={len(self.admin_tokens)}, engine_api_key={self.engine_api_key is not None},"
+            f" engine_api_keys={len(self.engine_api_keys)})"
+        )
+
+
+def _secret_text(environ: Mapping[str, str], name: str) -> tuple[str | None, str]:
+    """The variable's value (or its _FILE's content) and where it came from."""
+    path = environ.get(f"{name}_FILE")
+    if not _blank(path):
+        assert path is not None
+        where = f"{name}_FILE (environment)"
+        if not _blank(environ.get(name)):
+            raise ConfigError(f"{where}: set {name} or {name}_FILE, not both")
+        try:
+            with open(path.strip(), encoding="utf-8") as f:
+                return f.read().strip(), where
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {path.strip()!r}: {exc.strerror}") from None
+    text = environ.get(name)
+    return (None if _blank(text) else text.strip()), f"{name} (environment)"  # type: ignore[union-attr]
+
+
+def _check_secret(value: str, where: str, position: str = "") -> str:
+    if not _SECRET_CHARS.fullmatch(value):
+        raise ConfigError(f"{where}: key{position} holds a space, a control or a non-ASCII character (not shown)")
+    return value
+
+
+def _secret_list(environ: Mapping[str, str], name: str) -> tuple[tuple[str, ...], str]:
+    text, where = _secret_text(environ, name)
+    if text is None:
+        return (), where
+    parts = [part.strip() for part in re.split(r"[,\n]", text)]
+    if any(not part for part in parts):
+        raise ConfigError(f"{where}: an empty key in the list (two commas, or a trailing one)")
+    return tuple(_check_secret(part, where, f" {i + 1}") for i, part in enumerate(parts)), where
+
+
+def _engine_keys(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    text, where = _secret_text(environ, "FLEXLB_ENGINE_API_KEYS")
+    if text is None:
+        return ()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:  # the message quotes no part of the document
+        raise ConfigError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}") from None
+    if not isinstance(document, dict) or not all(isinstance(v, str) for v in document.values()):
+        raise ConfigError(f'{where}: expected a JSON object {{"ip:port": "key", ...}}')
+    out = []
+    for worker_id, key in document.items():
+        _host_port(worker_id, where)
+        out.append((worker_id.strip(), _check_secret(key.strip(), where, f" of {worker_id.strip()}")))
+    return tuple(out)
+
+
+def parse_auth_settings(environ: Mapping[str, str]) -> AuthSettings:
+    """The keys and tokens of every API; one secret in two of them is refused (least privilege)."""
+    lists = {
+        name: _secret_list(environ, name)
+        for name in ("FLEXLB_API_KEYS", "FLEXLB_SCHEDULE_TOKENS", "FLEXLB_ADMIN_TOKEN")
+    }
+    seen: dict[str, str] = {}
+    for name, (values, _) in lists.items():
+        for value in values:
+            if seen.get(value, name) != name:
+                raise ConfigError(f"{name}: a key is also in {seen[value]}; give each API its own keys")
+            seen[value] = name
+    engine_key, where = _secret_text(environ, "FLEXLB_ENGINE_API_KEY")
+    return AuthSettings(
+        api_keys=lists["FLEXLB_API_KEYS"][0],
+        schedule_tokens=lists["FLEXLB_SCHEDULE_TOKENS"][0],
+        admin_tokens=lists["FLEXLB_ADMIN_TOKEN"][0],
+        engine_api_key=None if engine_key is None else _check_secret(engine_key, where),
+        engine_api_keys=_engine_keys(environ),
+    )
+
+
 # --------------------------------------------------------------------------------------------------- top level
 
 
@@ -821,6 +938,7 @@ class Settings:
     sync_request_timeout_ms: int
     task_timeout_ms: int
     worker_timeout_ms: int
+    auth: AuthSettings = AuthSettings()
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -835,6 +953,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         # Rounded up so a sub-millisecond value never becomes 0 (no timeout at all).
         task_timeout_ms=-(-_int_var(env, "TASK_TIMEOUT_US") // 1000),
         worker_timeout_ms=-(-_int_var(env, "WORKER_TIMEOUT_US") // 1000),
+        auth=parse_auth_settings(env),
     )
 
 
@@ -862,7 +981,7 @@ def _valid(f: ConfigField) -> str:
 def render_config_table() -> str:
     """Markdown tables of every variable, field, older strategy name and ignored key (docs/configuration.md)."""
     lines = ["### Environment variables", "", "| variable | default | meaning |", "|---|---|---|"]
-    for v in ENV_VARS:
+    for v in (*ENV_VARS, *AUTH_VARS):
         default = "unset" if v.default is None else f"`{v.default}`"
         lines.append(f"| `{v.name}` | {default} | {v.doc} |")
     lines += [

@@ -84,7 +84,19 @@ def to_json(message: Message) -> dict[str, Any]:
     return out
 
 
+# The gRPC status of each HTTP status a refusal can have (flexlb/http/wire.py BadRequest, flexlb/http/auth.py).
+_STATUS_BY_HTTP = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
 def status_code_for(exc: BadRequest) -> grpc.StatusCode:
-    """The gRPC status of a request the client must fix: NOT_FOUND for an unknown model (HTTP 404), else
+    """The gRPC status of a request the client must fix: NOT_FOUND for an unknown model (HTTP 404),
+    UNAUTHENTICATED / PERMISSION_DENIED for a missing or wrong token (401 / 403), RESOURCE_EXHAUSTED over the
+    client's reservation cap (429), FAILED_PRECONDITION for a request id another client holds (409), else
     INVALID_ARGUMENT (HTTP 400)."""
-    return grpc.StatusCode.NOT_FOUND if exc.status == 404 else grpc.StatusCode.INVALID_ARGUMENT
+    return _STATUS_BY_HTTP.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)

@@ -21,6 +21,7 @@ import grpc
 from aiohttp import web
 
 from flexlb.grpc_api.service import ScheduleService
+from flexlb.http.auth import CLIENT
 from flexlb.http.routes import CONTEXT
 from flexlb.proto.flexlb_schedule_pb2_grpc import add_FlexlbSchedulerServicer_to_server
 from flexlb.settings import ConfigError, FlexlbConfig
@@ -127,7 +128,8 @@ class GrpcScheduleApi:
     async def serve(self, app: web.Application) -> AsyncIterator[None]:
         if self._server is None:
             raise RuntimeError("GrpcScheduleApi.serve before bind: append api.bind to cleanup_ctx first")
-        add_FlexlbSchedulerServicer_to_server(ScheduleService(app[CONTEXT]), self._server)
+        keyring = app.get(CLIENT)  # set by setup_auth: the HTTP API's keys guard the gRPC one too
+        add_FlexlbSchedulerServicer_to_server(ScheduleService(app[CONTEXT], keyring), self._server)
         await self._server.start()
         self._started = True
         log.info("gRPC schedule API (flexlb.v1.FlexlbScheduler) listening on %s", _address(self.host, self.port or 0))

@@ -5,6 +5,9 @@ Schedule validates as the JSON API does (a bad request or an unknown model fails
 NOT_FOUND and the HTTP API's message), goes through the router's RequestQueue (so queue mode applies) and answers
 every scheduling outcome, refusals included, as a reply with the HTTP body's ``success`` and ``code``. Release gives
 the request's reservations back through Scheduler.release.
+
+With ``FLEXLB_SCHEDULE_TOKENS`` set, every call needs the metadata ``authorization: Bearer <token>`` (the HTTP API's
+header): UNAUTHENTICATED without it or with an unknown token, PERMISSION_DENIED with another API's key.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from flexlb.grpc_api.convert import (
     schedule_response_pb,
     status_code_for,
 )
+from flexlb.http.auth import ANONYMOUS, Api, Keyring, Refusal
 from flexlb.http.wire import BadRequest, parse_request_id, schedule_body
 from flexlb.proto.flexlb_schedule_pb2 import (
     ReleaseRequestPB,
@@ -33,7 +37,7 @@ from flexlb.proto.flexlb_schedule_pb2 import (
     ScheduleResponsePB,
 )
 from flexlb.proto.flexlb_schedule_pb2_grpc import FlexlbSchedulerServicer
-from flexlb.schedule_api import RouterContext, check_model, run_schedule
+from flexlb.schedule_api import RouterContext, check_model, run_release, run_schedule
 
 log = logging.getLogger("flexlb.grpc_api")
 
@@ -43,8 +47,22 @@ _Reply = TypeVar("_Reply")
 class ScheduleService(FlexlbSchedulerServicer):
     """``flexlb.v1.FlexlbScheduler`` on one router. Runs on the router's event loop (it shares its Redis client)."""
 
-    def __init__(self, ctx: RouterContext) -> None:
+    def __init__(self, ctx: RouterContext, keyring: Keyring | None = None) -> None:
         self.ctx = ctx
+        self.keyring = keyring
+
+    async def _client(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's client name (its token's fingerprint), or the call is aborted as the HTTP API answers 401 /
+        403."""
+        if self.keyring is None:
+            return ANONYMOUS
+        metadata = context.invocation_metadata() or ()
+        authorization = next((str(v) for k, v in metadata if k.lower() == "authorization"), None)
+        outcome = self.keyring.check(Api.SCHEDULE, authorization)
+        if isinstance(outcome, Refusal):
+            await _refuse(context, BadRequest(outcome.message, status=outcome.status, code=outcome.code))
+        assert isinstance(outcome, str)
+        return outcome
 
     async def Schedule(self, request: ScheduleRequestPB, context: grpc.aio.ServicerContext) -> ScheduleResponsePB:
         return await _guarded("Schedule", context, lambda: self._schedule(request, context))
@@ -54,26 +72,28 @@ class ScheduleService(FlexlbSchedulerServicer):
 
     async def _schedule(self, request: ScheduleRequestPB, context: grpc.aio.ServicerContext) -> ScheduleResponsePB:
         ctx = self.ctx
+        client = await self._client(context)
 
         async def body() -> dict[str, Any]:
             return schedule_fields(request)
 
         try:
-            req, result = await run_schedule(ctx, body(), via=" (gRPC)")
+            req, result = await run_schedule(ctx, body(), via=" (gRPC)", client=client)
         except BadRequest as exc:
             await _refuse(context, exc)
         return schedule_response_pb(schedule_body(result, req.request_id, master_host=ctx.master_host))
 
     async def _release(self, request: ReleaseRequestPB, context: grpc.aio.ServicerContext) -> ReleaseResponsePB:
         ctx = self.ctx
+        client = await self._client(context)
         data = release_fields(request)
         try:
             request_id = parse_request_id(data)
             check_model(ctx, data.get("model"))
+            # Shielded: a caller that gives up mid-release must not leave the reservations to their TTL.
+            released = await asyncio.shield(run_release(ctx, request_id, client))
         except BadRequest as exc:
             await _refuse(context, exc)
-        # Shielded: a caller that gives up mid-release must not leave the reservations to their TTL.
-        released = await asyncio.shield(ctx.scheduler.release(request_id))
         body = {"success": True, "code": int(ErrorCode.OK), "request_id": request_id, "released": released}
         return release_response_pb(body)
 

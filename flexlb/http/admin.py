@@ -1,7 +1,13 @@
-"""Admin API for worker membership and status, until (and besides) the master's poller: same Redis keys."""
+"""Admin API for worker membership and status, until (and besides) the master's poller: same Redis keys.
+
+Every route here is an admin route (``FLEXLB_ADMIN_TOKEN``, flexlb/http/auth.py). Status values are checked against
+sane bounds before anything is stored (flexlb/status_bounds.py). A registration is checked against the worker's own
+status reply when it identifies the worker (``identity_refusal``).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -9,8 +15,14 @@ from aiohttp import web
 from flexlb.domain import Role, WorkerSpec, check_host
 from flexlb.http.routes import CONTEXT, bad_request, json_response, read_object, worker_json
 from flexlb.http.wire import BadRequest, int_field
-from flexlb.state.codec import parse_status_value
+from flexlb.master.worker_client import WorkerStatusClient, WorkerUnreachable
 from flexlb.state.store import WorkerNotFound
+from flexlb.status_bounds import check_status
+
+log = logging.getLogger("flexlb.admin")
+
+IDENTITY_DEADLINE_S = 1.0  # one status call at registration; a worker not up yet costs its registration this much
+NO_FINISHED_TASKS = (1 << 63) - 1  # latest_finished_version asking for no finished tasks: only the identity matters
 
 
 def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
@@ -47,9 +59,28 @@ def parse_status_changes(data: Any) -> dict[str, str]:
     if not isinstance(data, dict):
         raise BadRequest(f"status: expected an object of status fields, got {type(data).__name__}")
     try:
-        return {name: parse_status_value(name, value) for name, value in data.items()}
+        return check_status(data)
     except ValueError as exc:
         raise BadRequest(f"status.{exc}") from None
+
+
+async def identity_refusal(spec: WorkerSpec, deadline_s: float = IDENTITY_DEADLINE_S) -> str | None:
+    """Why ``spec`` must not be registered: its status port answers for another worker (the reply's ``http_port``,
+    which flexlb's simulator sends, names another HTTP port). None when it answers for this one, does not say which
+    worker it is (RTP-LLM engines do not), or does not answer (a worker not started yet: the master marks it down)."""
+    try:
+        async with WorkerStatusClient.for_worker(spec) as client:
+            reply = await client.get_worker_status(NO_FINISHED_TASKS, deadline_s)
+    except WorkerUnreachable as exc:
+        log.info("registering %s: its status port does not answer (%s); not checked", spec.worker_id, exc)
+        return None
+    if reply.http_port and reply.http_port != spec.http_port:
+        return (
+            f"the status port {spec.ip}:{spec.effective_grpc_port} answers for the worker on HTTP port"
+            f" {reply.http_port}, not {spec.http_port}: refusing to register {spec.worker_id} (requests sent to it"
+            " would not reach the worker whose status is polled)"
+        )
+    return None
 
 
 async def list_workers(request: web.Request) -> web.Response:
@@ -65,6 +96,10 @@ async def add_worker(request: web.Request) -> web.Response:
         status = parse_status_changes(data.get("status"))
     except BadRequest as exc:
         return bad_request(exc, ctx)
+    refusal = await identity_refusal(spec)
+    if refusal is not None:
+        log.warning("POST /rtp_llm/workers from %s: %s", request.remote, refusal)
+        return bad_request(BadRequest(refusal, status=409), ctx)
     await ctx.store.register_worker(spec, status)
     return json_response({"success": True, "worker_id": spec.worker_id}, 201)
 

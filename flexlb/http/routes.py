@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from flexlb.http.auth import client_of
 from flexlb.http.wire import (
     BadRequest,
     error_body,
@@ -19,7 +20,7 @@ from flexlb.http.wire import (
     schedule_body,
 )
 from flexlb.master.election import current_master
-from flexlb.schedule_api import RouterContext, check_model, run_schedule
+from flexlb.schedule_api import RouterContext, check_model, run_release, run_schedule
 from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.store import FleetStore
 
@@ -47,7 +48,7 @@ async def read_object(request: web.Request) -> dict[str, Any]:
 async def schedule(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     try:
-        req, result = await run_schedule(ctx, read_object(request))
+        req, result = await run_schedule(ctx, read_object(request), client=client_of(request))
     except BadRequest as exc:
         return bad_request(exc, ctx)
     return json_response(
@@ -61,9 +62,9 @@ async def release(request: web.Request) -> web.Response:
         data = await read_object(request)
         request_id = parse_request_id(data)
         check_model(ctx, data.get("model") if isinstance(data.get("model"), str) else None)
+        released = await run_release(ctx, request_id, client_of(request))
     except BadRequest as exc:
         return bad_request(exc, ctx)
-    released = await ctx.scheduler.release(request_id)
     return json_response({"success": True, "code": 200, "request_id": request_id, "released": released})
 
 

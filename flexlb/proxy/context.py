@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from flexlb.proxy.auth import UpstreamAuth
 from flexlb.proxy.breaker import Breakers
 from flexlb.proxy.http1 import UpstreamPool
 from flexlb.proxy.metrics import ProxyMetrics
@@ -44,6 +45,7 @@ class ProxyContext:
     created: int  # epoch seconds: the model's "created" in /v1/models
     breakers: Breakers | None = None  # per-worker circuit breakers (flexlb/proxy/breaker.py); None: none
     session: UpstreamPool | None = None  # the one client to the workers, open while the app runs
+    upstream_auth: UpstreamAuth = field(default_factory=UpstreamAuth)  # the Authorization each engine gets
 
     @property
     def model_name(self) -> str:

@@ -189,6 +189,7 @@ async def _attempt(
     assert session is not None, "the proxy's client session opens with the app"
     timeout = pctx.options.headers_timeout_s if parsed.stream else pctx.options.response_timeout_s
     path = parsed.route.value
+    client_auth = request.headers.get("Authorization")
 
     def on_late_failure(target: Target) -> None:
         _count_failure(pctx, target, "mid_stream", retried=False)
@@ -196,14 +197,16 @@ async def _attempt(
     drainer: asyncio.Task[None] | None = None
     if prefill is None:
         try:
-            upstream = await open_response(session, answering, path, orjson.dumps(body), request_id, timeout)
+            auth = pctx.upstream_auth.header(answering.worker_id, client_auth)
+            upstream = await open_response(session, answering, path, orjson.dumps(body), request_id, timeout, auth)
         except UpstreamFailure as exc:
             raise UpstreamFailures([exc]) from None
     else:
         payload = orjson.dumps(body | bootstrap_fields(prefill, pctx.options.bootstrap_port, pctx.rng))
 
         def open_one(target: Target) -> Awaitable[Response]:
-            return open_response(session, target, path, payload, request_id, timeout)
+            auth = pctx.upstream_auth.header(target.worker_id, client_auth)
+            return open_response(session, target, path, payload, request_id, timeout, auth)
 
         try:
             prefill_response, upstream = await open_pair(open_one, prefill, answering)

@@ -10,19 +10,24 @@ import orjson
 from aiohttp import web
 
 from flexlb.http.routes import CONTEXT
+from flexlb.proxy.auth import UpstreamAuth
 from flexlb.proxy.breaker import Breakers
 from flexlb.proxy.context import PROXY, ProxyContext, ProxyOptions
 from flexlb.proxy.handler import handler_for
 from flexlb.proxy.metrics import ProxyMetrics
 from flexlb.proxy.parse import Route
 from flexlb.proxy.upstream import make_client
-from flexlb.settings import FlexlbConfig
+from flexlb.settings import AuthSettings, FlexlbConfig
 
 MODELS_PATH = "/v1/models"
 
 
-def setup_proxy(app: web.Application, config: FlexlbConfig) -> None:
-    """Serve the OpenAI and SGLang routes on ``app`` (a router: its RouterContext must be set)."""
+PROXY_ROUTES = (*(route.value for route in Route), MODELS_PATH)  # the routes FLEXLB_API_KEYS guards
+
+
+def setup_proxy(app: web.Application, config: FlexlbConfig, auth: AuthSettings | None = None) -> None:
+    """Serve the OpenAI and SGLang routes on ``app`` (a router: its RouterContext must be set); ``auth``: the keys
+    sent to engines."""
     router = app[CONTEXT]
     options = ProxyOptions.from_config(config)
     if options.served_model_name:
@@ -34,6 +39,7 @@ def setup_proxy(app: web.Application, config: FlexlbConfig) -> None:
         metrics=ProxyMetrics(router.metrics.registry),
         rng=random.Random(),  # seeded from os.urandom: routers draw independent ids
         created=int(time.time()),
+        upstream_auth=UpstreamAuth.from_settings(auth or AuthSettings()),
     )
     app[PROXY].breakers = Breakers(config.breaker_failure_threshold, config.breaker_cooldown_ms / 1000)
     for route in Route:

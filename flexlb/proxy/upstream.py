@@ -66,14 +66,17 @@ async def open_response(
     payload: bytes,
     request_id: int,
     headers_timeout_s: float | None,
+    authorization: bytes = b"",
 ) -> Response:
     """POST ``payload`` to the worker and return its response once the headers arrived (status below 500).
+    ``authorization``: an ``Authorization`` header line with its CRLF, or b"" (flexlb/proxy/auth.py).
 
     Raises UpstreamFailure on a refused or reset connection, no headers within ``headers_timeout_s``, or a 5xx.
     """
     spec = target.spec
-    data = b"%bContent-Length: %d\r\nX-Request-Id: %d\r\n\r\n%b" % (
+    data = b"%b%bContent-Length: %d\r\nX-Request-Id: %d\r\n\r\n%b" % (
         request_head(spec.ip, spec.http_port, path),
+        authorization,
         len(payload),
         request_id,
         payload,

@@ -51,7 +51,7 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "ttftBestFraction": 0.3,
     "degradedMaxStalenessMs": 10_000,
     "redisTimeoutMs": 1000,
-    "httpHost": "0.0.0.0",
+    "httpHost": "127.0.0.1",
     "httpPort": 7001,
     "shutdownTimeoutMs": 30_000,
     "contendForMaster": True,
@@ -74,8 +74,9 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "proxyResponseTimeoutMs": 600_000,
     "bootstrapPort": 8998,
     "enableGrpcPrefillMaster": False,
-    "grpcHost": "0.0.0.0",
+    "grpcHost": "127.0.0.1",
     "grpcPort": 7051,
+    "maxReservationsPerToken": 0,
 }
 
 
@@ -258,7 +259,7 @@ def test_environment_coercion(env: str, text: str, attr: str, expected: object) 
 def test_blank_environment_variable_counts_as_unset() -> None:
     cfg = load_settings({**flexlb(maxQueueSize=9), "MAX_QUEUE_SIZE": "  ", "HTTP_HOST": ""}).flexlb
     assert cfg.max_queue_size == 9
-    assert cfg.http_host == "0.0.0.0"
+    assert cfg.http_host == "127.0.0.1"
 
 
 def test_empty_flexlb_config_is_defaults() -> None:
@@ -438,7 +439,7 @@ def test_enable_grpc_prefill_master_turns_on_the_grpc_api_without_a_warning(
     with caplog.at_level(logging.WARNING, logger="flexlb.settings"):
         cfg = load_settings(environ).flexlb
     assert cfg.enable_grpc_prefill_master is True
-    assert (cfg.grpc_host, cfg.grpc_port) == ("0.0.0.0", 7051)
+    assert (cfg.grpc_host, cfg.grpc_port) == ("127.0.0.1", 7051)
     assert warnings_of(caplog) == []
 
 
