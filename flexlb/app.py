@@ -22,8 +22,10 @@ from flexlb.grpc_api import GrpcScheduleApi
 from flexlb.http.admin import setup_admin_routes
 from flexlb.http.auth import Api, serve_as, setup_auth
 from flexlb.http.drain import InFlightRequests
-from flexlb.http.middleware import json_errors
+from flexlb.http.middleware import RequestReader, json_errors
 from flexlb.http.routes import CONTEXT, MASTER, setup_master_routes, setup_routes
+from flexlb.http.server import WATCH, ConnectionWatch, ReadTimeouts
+from flexlb.http.wire import schedule_body_limit
 from flexlb.master.election import current_master
 from flexlb.master.health import HealthOptions, HttpGetter
 from flexlb.master.router_health import RouterHealthChecks
@@ -45,7 +47,7 @@ from flexlb.state.store import FleetStore
 
 log = logging.getLogger("flexlb.app")
 
-MAX_BODY_BYTES = 4 * 1024 * 1024  # a schedule body with 100k block keys is ~2 MB; more is a client bug
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a proxied prompt of ~1M tokens; schedule bodies have their own, smaller limit
 
 
 def make_redis(url: str, timeout_ms: int) -> Redis:
@@ -68,6 +70,15 @@ def make_pipelined(url: str | None, timeout_ms: int) -> PipelinedRedis | None:
     if url is None or not PipelinedRedis.supports(url):
         return None
     return PipelinedRedis(url, timeout_s=timeout_ms / 1000)
+
+
+def read_timeouts(config: FlexlbConfig) -> ReadTimeouts:
+    """The HTTP server's read timeouts (``flexlb serve`` passes them to the server, flexlb/http/server.py)."""
+    return ReadTimeouts(
+        header_s=config.http_header_timeout_ms / 1000,
+        body_s=config.http_body_timeout_ms / 1000,
+        idle_s=config.http_idle_timeout_ms / 1000,
+    )
 
 
 def scheduler_options(config: FlexlbConfig, roles: tuple[Role, ...]) -> SchedulerOptions:
@@ -150,7 +161,17 @@ def create_app(
     else:  # while no master runs, this router checks the workers' health (flexlb/master/router_health.py)
         health = _router_health_checks(store, scheduler, config)
     in_flight = InFlightRequests()
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[in_flight.middleware, json_errors])
+    reader = RequestReader(
+        config.http_body_timeout_ms / 1000,
+        MAX_BODY_BYTES,
+        {"/rtp_llm/schedule": (schedule_body_limit(config.max_block_cache_keys), "maxBlockCacheKeys")},
+    )
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[in_flight.middleware, reader.middleware, json_errors],
+        handler_args={"auto_decompress": False},  # RequestReader decodes bodies, within its limits
+    )
+    app[WATCH] = ConnectionWatch(config.http_header_timeout_ms / 1000)
     app[CONTEXT] = RouterContext(
         scheduler=scheduler,
         store=store,
@@ -160,6 +181,7 @@ def create_app(
         master=master,
         queue=queue,
         metrics_registry=exposition_registry(registry),
+        max_block_cache_keys=config.max_block_cache_keys,
         owners=_reservation_owners(settings),
     )
     setup_auth(app, settings.auth, app[CONTEXT].master_host)

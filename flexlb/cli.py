@@ -80,9 +80,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_router(args: argparse.Namespace, settings: Settings, host: str, port: int) -> None:
-    from flexlb.app import create_app
+    from flexlb.app import create_app, read_timeouts
     from flexlb.http.auth import warn_if_open
     from flexlb.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT_S
+    from flexlb.http.server import runner_options, serve
 
     uvloop.install()
     app = create_app(settings, master_host=args.advertise or _advertised(host, port))
@@ -92,15 +93,15 @@ def _run_router(args: argparse.Namespace, settings: Settings, host: str, port: i
     # handler_cancellation: a client that disconnects cancels its handler, so a queued request leaves the queue
     # and a proxied one stops its upstream call (aiohttp's default lets handlers run on). SIGTERM: the app's
     # on_shutdown drains the requests in flight up to shutdownTimeoutMs (flexlb/http/drain.py).
-    web.run_app(
+    # Read timeouts (headers, body, idle connections): flexlb/http/server.py.
+    serve(
         app,
-        host=host,
-        port=port,
-        print=None,
+        host,
+        port,
         access_log=None,
-        reuse_port=True,
         handler_cancellation=True,
         shutdown_timeout=AIOHTTP_SHUTDOWN_TIMEOUT_S,
+        **runner_options(read_timeouts(settings.flexlb)),
     )
 
 

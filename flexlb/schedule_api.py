@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flexlb.domain import ErrorCode, ScheduleRequest, ScheduleResult
-from flexlb.http.wire import BadRequest, parse_schedule_request
+from flexlb.http.wire import MAX_BLOCK_CACHE_KEYS, BadRequest, parse_schedule_request
 from flexlb.metrics import SchedulerMetrics
 from flexlb.reservation_owners import OwnerRefused, ReservationOwners
 from flexlb.scheduler import Scheduler
@@ -43,6 +43,7 @@ class RouterContext:
     queue: RequestQueue = None  # type: ignore[assignment]  # set by create_app (queue mode, or a pass-through)
     metrics_registry: CollectorRegistry | None = None  # what /metrics serves; None = metrics.registry
     ready: bool = False  # reached Redis once (scripts loaded): until then /health answers 503 "starting"
+    max_block_cache_keys: int = MAX_BLOCK_CACHE_KEYS  # maxBlockCacheKeys
     owners: ReservationOwners | None = None  # per-client bookkeeping (schedule tokens or a cap); None: none
 
 
@@ -71,7 +72,7 @@ async def run_schedule(
     owners = ctx.owners
     new_slot = False
     try:
-        req = parse_schedule_request(await body)
+        req = parse_schedule_request(await body, ctx.max_block_cache_keys)
         check_model(ctx, req.model)
         if owners is not None:
             ttl_ms = max(1, min(ctx.scheduler.options.reservation_ttl_ms, req.generate_timeout_ms))

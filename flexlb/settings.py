@@ -207,6 +207,34 @@ class FlexlbConfig:
         origin="flexlb",
         low=0,
     )
+    http_header_timeout_ms: int = _opt(
+        10_000,
+        "A request's headers must be in within this time of its first byte, or the connection is closed (slow"
+        " clients, slowloris), in ms.",
+        origin="flexlb",
+        low=1,
+    )
+    http_body_timeout_ms: int = _opt(
+        15_000,
+        "A request's whole body must be in within this time of its headers, or it is answered 408, in ms. Responses"
+        " (proxied streams) have no such limit.",
+        origin="flexlb",
+        low=1,
+    )
+    http_idle_timeout_ms: int = _opt(
+        30_000,
+        "A keep-alive connection with no request is closed after this time, in ms; keep it above the idle timeout"
+        " of a balancer or client pool in front.",
+        origin="flexlb",
+        low=1,
+    )
+    max_block_cache_keys: int = _opt(
+        65_536,
+        "Most block_cache_keys one schedule request may carry (1M tokens at 16 per block); more is refused with"
+        " 400, and a body longer than such a request can be is refused with 413 before it is read.",
+        origin="flexlb",
+        low=1,
+    )
     contend_for_master: bool = _opt(
         True,
         "This router contends for the master lock and, while it holds it, polls the workers. Set false on routers"

@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from flexlb.http.auth import client_of
+from flexlb.http.body import request_body
 from flexlb.http.wire import (
     BadRequest,
     error_body,
@@ -42,7 +43,7 @@ def bad_request(exc: BadRequest, ctx: RouterContext) -> web.Response:
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
-    return parse_json_object(await request.read())
+    return parse_json_object(await request_body(request))
 
 
 async def schedule(request: web.Request) -> web.Response:

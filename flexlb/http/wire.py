@@ -10,6 +10,9 @@ from flexlb.domain import Choice, ErrorCode, Role, ScheduleRequest, ScheduleResu
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_SEQ_LEN = 100_000_000  # far beyond any context window: larger is a client bug
+MAX_BLOCK_CACHE_KEYS = 65_536  # maxBlockCacheKeys' default
+KEY_JSON_BYTES = 21  # the longest int64 in JSON ("-9223372036854775808") and its comma
+BODY_SLACK_BYTES = 64 * 1024  # the other fields, whitespace
 
 
 class BadRequest(ValueError):
@@ -61,7 +64,13 @@ def parse_request_id(data: dict[str, Any]) -> int:
     return rid
 
 
-def parse_schedule_request(data: dict[str, Any]) -> ScheduleRequest:
+def schedule_body_limit(max_keys: int) -> int:
+    """The longest body a schedule request with ``max_keys`` block keys can need: a longer one is refused before
+    it is read (its keys would be refused after parsing anyway)."""
+    return max_keys * KEY_JSON_BYTES + BODY_SLACK_BYTES
+
+
+def parse_schedule_request(data: dict[str, Any], max_keys: int = MAX_BLOCK_CACHE_KEYS) -> ScheduleRequest:
     """Validate a schedule request body; unknown fields are ignored as in the original."""
     request_id = parse_request_id(data)
     seq_len = int_field(data, "seq_len", required=True, low=0, high=MAX_SEQ_LEN)
@@ -70,6 +79,10 @@ def parse_schedule_request(data: dict[str, Any]) -> ScheduleRequest:
         keys = []
     if not isinstance(keys, list):
         raise BadRequest(f"block_cache_keys: expected a list of integers, got {type(keys).__name__}")
+    if len(keys) > max_keys:
+        raise BadRequest(f"block_cache_keys: {len(keys)} keys, more than the limit of {max_keys} (maxBlockCacheKeys)")
+    if len(keys) > seq_len:  # one key per full block of at least one token
+        raise BadRequest(f"block_cache_keys: {len(keys)} keys for seq_len {seq_len}: at most one key per token")
     for i, key in enumerate(keys):
         if isinstance(key, bool) or not isinstance(key, int) or not INT64_MIN <= key <= INT64_MAX:
             raise BadRequest(f"block_cache_keys[{i}]: expected a 64-bit integer, got {_preview(key)}")

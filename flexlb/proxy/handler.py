@@ -25,6 +25,7 @@ from aiohttp import web
 
 from flexlb.blocks import block_cache_keys
 from flexlb.domain import Choice, Role, ScheduleRequest
+from flexlb.http.body import request_body
 from flexlb.http.wire import BadRequest
 from flexlb.proxy.context import PROXY, ProxyContext
 from flexlb.proxy.errors import ClientGone, ProxyError, error_response, from_schedule
@@ -94,7 +95,7 @@ async def proxy_request(request: web.Request, route: Route) -> web.StreamRespons
 
 async def _parse(request: web.Request, route: Route, pctx: ProxyContext) -> ProxiedRequest:
     try:
-        raw = await request.read()
+        raw = await request_body(request)
     except web.HTTPRequestEntityTooLarge as exc:
         raise ProxyError(413, f"request body too large: {exc.text}", code="request_too_large") from None
     parsed = parse_request(route, raw)

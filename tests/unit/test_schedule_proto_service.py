@@ -58,6 +58,7 @@ class Context:
     service_id: str = "svc"
     master_host: str = "10.0.0.1:7001"
     model_names: frozenset[str] = frozenset()
+    max_block_cache_keys: int = 65_536  # RouterContext.max_block_cache_keys
     owners: None = None  # RouterContext.owners: no client tokens, no cap
 
 
