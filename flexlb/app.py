@@ -97,6 +97,8 @@ def scheduler_options(config: FlexlbConfig, roles: tuple[Role, ...]) -> Schedule
         reservation_ttl_ms=config.reservation_ttl_ms,
         retries=config.schedule_retries,
         max_staleness_ms=config.degraded_max_staleness_ms,
+        status_max_age_ms=config.worker_status_max_age_ms,
+        inflight_ttl_ms=config.inflight_prefix_ttl_ms,
         view_block_ms=max(1, min(500, config.redis_timeout_ms // 2)),
     )
 
@@ -111,7 +113,6 @@ def _redis_for(settings: Settings, redis: Redis | None) -> Redis:
 
 def create_app(
     settings: Settings,
-        status_max_age_ms=config.worker_status_max_age_ms,
     *,
     redis: Redis | None = None,
     registry: CollectorRegistry | None = None,
