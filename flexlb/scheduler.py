@@ -46,6 +46,7 @@ class SchedulerOptions:
     probe_interval_s: float = 0.5
     prune_above: int = 32  # roles with more workers are pruned, not scored in full (flexlb.routing.decide)
     status_max_age_ms: int = 0  # workers whose last status write is older are not chosen; 0: no bound
+    inflight_ttl_ms: int = 0  # a request's blocks count as held by its prefill worker this long (0: not at all)
     view_block_ms: int = 500  # the fleet view's XREAD BLOCK; below the Redis client's socket timeout
 
     @property
@@ -189,6 +190,7 @@ class Scheduler:
         refusal = ""
         refused_role: Role | None = None
         caught_up = not self.view_sync.running
+        probe = self._probe_block(request, hits)  # once: a moved prefix costs at most one more lookup
         attempt = 0
         while attempt <= self.options.retries:
             attempt += 1
@@ -204,7 +206,15 @@ class Scheduler:
                 continue
             roles = list(result.choices)
             picks = [(result.choices[r].worker.worker_id, result.choices[r].reserve_tokens) for r in roles]
-            outcome = await self.store.reserve(request.request_id, picks, ttl_ms)
+            outcome = await self.store.reserve(
+                request.request_id,
+                picks,
+                ttl_ms,
+                inflight_blocks=self._inflight_blocks(request, result, hits),
+                inflight_ttl_ms=self.options.inflight_ttl_ms,
+                probe_block=probe,
+            )
+            probe = None
             if outcome.ok:
                 for (wid, _), (count, tokens) in zip(picks, outcome.pending, strict=True):
                     self.view.set_pending(wid, count, tokens)
@@ -216,6 +226,8 @@ class Scheduler:
             refused_id = picks[outcome.refused_index][0]
             if outcome.reason == "gone":
                 self.view.forget(refused_id)
+            elif outcome.reason == "prefix_moved":  # another request of this new prefix was placed meanwhile
+                hits = await self.store.lookup_prefix(request.block_cache_keys)
             else:
                 self.view.merge_fields(refused_id, outcome.seen or {})
             refusal = f"{outcome.reason} on {refused_id} ({outcome.detail})"
@@ -229,6 +241,24 @@ class Scheduler:
             message=f"{code.name}: reservation refused {self.options.retries + 1} times, last {refusal}",
             attempts=self.options.retries + 1,
         )
+
+    def _inflight_blocks(self, request: ScheduleRequest, result: ScheduleResult, hits: dict[str, int]) -> list[int]:
+        """The request's blocks its prefill-type worker does not hold yet: in flight there once reserved, so the next
+        request of the same new prefix, through any router, finds them (lua/reserve.lua)."""
+        if not self.options.inflight_ttl_ms or not request.block_cache_keys:
+            return []
+        for role, choice in result.choices.items():
+            if role in PREFILL_ROLES:
+                return list(request.block_cache_keys[hits.get(choice.worker.worker_id, 0) :])
+        return []
+
+    def _probe_block(self, request: ScheduleRequest, hits: dict[str, int]) -> int | None:
+        """The request's first block no worker held at the lookup: if it is held elsewhere by the time of the
+        reservation, a concurrent request of the same new prefix went there first (lua/reserve.lua)."""
+        if not self.options.inflight_ttl_ms or not self._needs_lookup(request):
+            return None
+        best = max(hits.values(), default=0)
+        return request.block_cache_keys[best] if best < len(request.block_cache_keys) else None
 
     def _needs_lookup(self, request: ScheduleRequest) -> bool:
         """Only prefill-type roles use cache hits; a request with no blocks has none."""

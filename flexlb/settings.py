@@ -190,6 +190,14 @@ class FlexlbConfig:
         origin="flexlb",
         low=0,
     )
+    inflight_prefix_ttl_ms: int = _opt(
+        10_000,
+        "A request's blocks count as cached on the prefill worker it was reserved on, for every router, until the"
+        " worker's own cache report confirms them or this time passes, in ms (a burst of one new prefix lands on"
+        " one worker); 0 = only reported blocks count.",
+        origin="flexlb",
+        low=0,
+    )
     redis_timeout_ms: int = _opt(1000, "Timeout of one Redis call, in ms.", origin="flexlb", low=1)
     http_host: str = _opt(
         "127.0.0.1",

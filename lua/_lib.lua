@@ -57,6 +57,28 @@ end
 -- Only these roles' blocks are in the inverted index: only their cache hits matter to a decision.
 local INDEXED_ROLES = {PREFILL = true, PDFUSION = true}
 
+-- In-flight blocks: a request's blocks reserved on a prefill-type worker, not yet in the worker's own cache report;
+-- "flexlb:{svc}:inflight:<wid>" is a zset block -> expiry ms, and the inverted index names the worker meanwhile, so
+-- a burst of one new prefix finds where the first request of it went. The key is named from the block keys' prefix
+-- ("flexlb:{svc}:blk:"): the same hash slot.
+local function inflight_key(block_prefix, wid)
+  return string.sub(block_prefix, 1, -5) .. 'inflight:' .. wid
+end
+
+-- Drop at most `limit` in-flight blocks of a worker whose expiry passed; each leaves the inverted index unless the
+-- worker's own cache set holds it. Returns how many were dropped.
+local function expire_inflight(block_prefix, cache_key, wid, now, limit)
+  local ik = inflight_key(block_prefix, wid)
+  local due = redis.call('ZRANGEBYSCORE', ik, '-inf', now, 'LIMIT', 0, limit)
+  if #due == 0 then return 0 end
+  local held = redis.call('SMISMEMBER', cache_key, unpack(due))
+  for i, block in ipairs(due) do
+    if held[i] == 0 then redis.call('SREM', block_prefix .. block, wid) end
+  end
+  redis.call('ZREM', ik, unpack(due))
+  return #due
+end
+
 -- Add every block a worker holds to the inverted index (its role became one that is indexed).
 local function index_blocks(cache_key, block_prefix, wid)
   local blocks = redis.call('SMEMBERS', cache_key)
@@ -64,12 +86,16 @@ local function index_blocks(cache_key, block_prefix, wid)
   return #blocks
 end
 
--- Remove a worker from the inverted block index (block hash -> workers) and drop its own block set.
+-- Remove a worker from the inverted block index (block hash -> workers) and drop its own block set and its
+-- in-flight blocks.
 -- block_prefix is the block keys' common prefix ("flexlb:{svc}:blk:"): the keys are named from the worker's set.
 local function unindex_blocks(cache_key, block_prefix, wid, keep_set)
   local blocks = redis.call('SMEMBERS', cache_key)
   for _, block in ipairs(blocks) do redis.call('SREM', block_prefix .. block, wid) end
   if not keep_set then redis.call('DEL', cache_key) end
+  local ik = inflight_key(block_prefix, wid)  -- and its in-flight blocks: none survive the worker's removal
+  for _, block in ipairs(redis.call('ZRANGE', ik, 0, -1)) do redis.call('SREM', block_prefix .. block, wid) end
+  redis.call('DEL', ik)
   return #blocks
 end
 

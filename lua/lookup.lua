@@ -2,19 +2,22 @@
 -- KEYS             the block keys ("flexlb:{svc}:blk:<hash>", the inverted index) of one chunk of the request, in
 --                  prompt order
 -- ARGV[1]          the prefix of the workers' own block sets ("flexlb:{svc}:cache:"; the same hash slot as KEYS)
--- ARGV[2]          FOLLOW: at most this many workers are followed from the first block
--- ARGV[3]          N, the number of blocks in the chunk
--- ARGV[4..3+N]     the chunk's block hashes, in KEYS order
--- ARGV[4+N..]      workers that held every block of the previous chunks (none for the first chunk)
+-- ARGV[2]          the prefix of the workers' in-flight block zsets ("flexlb:{svc}:inflight:"; the same slot)
+-- ARGV[3]          FOLLOW: at most this many workers are followed from the first block
+-- ARGV[4]          N, the number of blocks in the chunk
+-- ARGV[5..4+N]     the chunk's block hashes, in KEYS order
+-- ARGV[5+N..]      workers that held every block of the previous chunks (none for the first chunk)
 -- Returns {{workers holding every block of this chunk}, {worker, blocks held in this chunk, ...}} for the others.
--- Guarantees: a strict prefix match per worker: its first missing block ends its match. The inverted index names
+-- Guarantees: a strict prefix match per worker: its first missing block ends its match. A block is held when the
+-- worker's own set has it or it is in flight there (reserved for a request, lua/reserve.lua) and not expired. The inverted index names
 -- the candidates (holders of the first block), each candidate's own set is asked once for the whole chunk, so the
 -- work is bounded by FOLLOW calls whatever the fleet: when more than FOLLOW workers hold the first block (a popular
 -- system prompt), a random FOLLOW of them are followed plus up to FOLLOW holders of the deepest block held at all
 -- (found by bisection), so the workers with the longest match are not lost in the sample.
-local cache_prefix, follow, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local cache_prefix, inflight_prefix, follow, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local first, last = 5, 4 + n
 local alive = {}
-local first_chunk = #ARGV == 3 + n
+local first_chunk = #ARGV == last
 if first_chunk then
   local holders = redis.call('SCARD', KEYS[1])
   if holders <= follow then
@@ -35,13 +38,25 @@ if first_chunk then
     end
   end
 else
-  for i = 4 + n, #ARGV do alive[#alive + 1] = ARGV[i] end
+  for i = last + 1, #ARGV do alive[#alive + 1] = ARGV[i] end
 end
+local now
 local whole, dropped = {}, {}
 for _, w in ipairs(alive) do
-  local held = redis.call('SMISMEMBER', cache_prefix .. w, unpack(ARGV, 4, 3 + n))
+  local held = redis.call('SMISMEMBER', cache_prefix .. w, unpack(ARGV, first, last))
   local m = 0
   while m < n and held[m + 1] == 1 do m = m + 1 end
+  if m < n and redis.call('EXISTS', inflight_prefix .. w) == 1 then  -- the rest may be in flight there
+    if not now then
+      local t = redis.call('TIME')
+      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    local from = m
+    local expiry = redis.call('ZMSCORE', inflight_prefix .. w, unpack(ARGV, first + from, last))
+    while m < n and (held[m + 1] == 1 or (expiry[m + 1 - from] and tonumber(expiry[m + 1 - from]) > now)) do
+      m = m + 1
+    end
+  end
   if m == n then
     whole[#whole + 1] = w
   elseif m > 0 or not first_chunk then  -- a worker from the earlier chunks matched those whole

@@ -12,7 +12,9 @@
 -- refusal nothing is written.
 -- Guarantees: the whole diff lands at once (adds, then removes) or not at all, in the worker's set and, for a
 -- prefill-type worker, in the inverted index (block -> workers holding it); a removed worker's set is not
--- re-created.
+-- re-created. An added block that was in flight there is confirmed (no longer in flight); a removed one that is
+-- still in flight stays in the index until it expires; expired in-flight blocks are cleared (a bounded number per
+-- call: the worker's cache reports come often).
 -- @include _lib.lua
 
 local ok, current = check_epoch(KEYS[1], ARGV[1])
@@ -22,10 +24,20 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return {0, 'gone'} end
 local wid, block_prefix = ARGV[2], ARGV[3]
 local indexed = INDEXED_ROLES[redis.call('HGET', KEYS[2], 'role') or ''] or false
 local last_add = 4 + tonumber(ARGV[4])
+local ik = inflight_key(block_prefix, wid)
+local inflight = redis.call('EXISTS', ik) == 1
 for i = 5, last_add do
   if redis.call('SADD', KEYS[3], ARGV[i]) == 1 and indexed then redis.call('SADD', block_prefix .. ARGV[i], wid) end
 end
-for i = last_add + 1, #ARGV do
-  if redis.call('SREM', KEYS[3], ARGV[i]) == 1 and indexed then redis.call('SREM', block_prefix .. ARGV[i], wid) end
+if inflight then  -- confirmed: in chunks, as unpack is bounded by Lua's stack
+  for i = 5, last_add, 1000 do redis.call('ZREM', ik, unpack(ARGV, i, math.min(i + 999, last_add))) end
 end
+local now = now_ms()
+for i = last_add + 1, #ARGV do
+  if redis.call('SREM', KEYS[3], ARGV[i]) == 1 and indexed then
+    local until_ms = inflight and tonumber(redis.call('ZSCORE', ik, ARGV[i]) or 0) or 0
+    if until_ms <= now then redis.call('SREM', block_prefix .. ARGV[i], wid) end
+  end
+end
+if inflight then expire_inflight(block_prefix, KEYS[3], wid, now, 256) end
 return {1, redis.call('SCARD', KEYS[3])}

@@ -5,14 +5,23 @@
 --                  reservation tokens hash (request id -> tokens)
 -- ARGV[1]          request id
 -- ARGV[2]          TTL of the reservations in ms
--- ARGV[3..]        2 values per worker, in KEYS order: worker id, tokens to reserve
+-- ARGV[3]          TTL of in-flight blocks in ms (0: none are recorded)
+-- ARGV[4]          prefix of the inverted index's block keys ("flexlb:{svc}:blk:"; same hash slot as KEYS)
+-- ARGV[5]          probe: the request's first block that no worker held at the caller's lookup, or ''
+-- ARGV[6]          B, the number of in-flight blocks
+-- ARGV[7..6+B]     the request's blocks the first prefill-type worker does not hold yet, in prompt order
+-- ARGV[7+B..]      2 values per worker, in KEYS order: worker id, tokens to reserve
 -- Returns {1, now_ms, "pending_count pending_tokens" of each worker after the reservation} when every worker was
 -- reserved, else {0, i, reason, detail, {values of CHECKED}} for the first worker i (1-based) that refused; reason
--- is one of gone, not_alive, concurrency_full, kv_full. On refusal nothing is written but the expiry of overdue
+-- is one of gone, not_alive, concurrency_full, kv_full, or prefix_moved: since the caller's lookup, the probe block
+-- became held (in flight) somewhere - another request of the same new prefix was placed meanwhile, so the caller's
+-- hits and tokens are out of date: it looks up again and decides with them (only once: it sends no probe then). On refusal nothing is written but the expiry of overdue
 -- reservations, so an earlier role's worker is left exactly as it was. Either way the routers' views learn what
 -- was seen: a 'p' stream entry of the new pending load, and the refused worker's values for the caller.
 -- Guarantees: the check and the write are one atomic step, so no router can push a worker over max_concurrency or
 -- its KV total; re-reserving a request id already held on a worker refreshes its expiry without counting it twice.
+-- On success the B blocks become in-flight on the first prefill-type (PREFILL, PDFUSION) worker: held by it in the
+-- inverted index until its own cache report confirms them or ARGV[3] ms pass (lua/lookup.lua, lua/master_cache.lua).
 -- Touches only the workers named: never the rest of the fleet.
 -- @include _lib.lua
 
@@ -20,6 +29,9 @@ local CHECKED = {'alive', 'max_concurrency', 'running', 'waiting', 'pending_coun
                  'pending_tokens', 'role'}
 local rid = ARGV[1]
 local ttl = tonumber(ARGV[2])
+local inflight_ttl, block_prefix, probe, nblocks = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
+local base = 6 + nblocks  -- ARGV[base + 2i - 1], ARGV[base + 2i]: worker i's id and tokens
+local probed = probe == ''  -- only the first prefill-type worker is probed
 local now = now_ms()
 local n = (#KEYS - 3) / 3
 
@@ -28,7 +40,7 @@ local function num(v) return tonumber(v) or 0 end
 local seen, expired = {}, {}
 for i = 1, n do
   local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local tokens = tonumber(ARGV[2 + 2 * i])
+  local tokens = tonumber(ARGV[base + 2 * i])
   local s = redis.call('HMGET', wk, unpack(CHECKED))
   if not s[9] then
     if #expired > 0 then stream_add(KEYS[2], KEYS[3], 'p', expired) end
@@ -37,7 +49,7 @@ for i = 1, n do
   local dropped, freed = expire_reservations(wk, rk, tk, now)
   if dropped > 0 then  -- the values read before the expiry, as they are after it
     s[5], s[8] = tostring(num(s[5]) - dropped), tostring(num(s[8]) - freed)
-    expired[#expired + 1] = ARGV[1 + 2 * i]
+    expired[#expired + 1] = ARGV[base + 2 * i - 1]
     expired[#expired + 1] = s[5] .. ' ' .. s[8]
   end
   seen[i] = s
@@ -52,6 +64,14 @@ for i = 1, n do
     elseif kv_total > 0 and kv_taken + tokens > kv_total then
       refusal, detail = 'kv_full', 'needs ' .. tokens .. ' tokens, ' .. (kv_total - kv_taken) .. ' free'
     end
+    if not refusal and not probed and INDEXED_ROLES[s[9]] then
+      probed = true
+      local probe_key = block_prefix .. probe
+      if redis.call('EXISTS', probe_key) == 1 then
+        refusal = 'prefix_moved'
+        detail = 'its new blocks are held by ' .. table.concat(redis.call('SRANDMEMBER', probe_key, 4), ',')
+      end
+    end
     if refusal then
       if #expired > 0 then stream_add(KEYS[2], KEYS[3], 'p', expired) end
       return {0, i, refusal, detail, s}
@@ -61,9 +81,24 @@ end
 
 local expiry = now + ttl
 local out, changes = {1, now}, {}
+local prefill_seen = false
 for i = 1, n do
   local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local wid, tokens = ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
+  local wid, tokens = ARGV[base + 2 * i - 1], tonumber(ARGV[base + 2 * i])
+  if not prefill_seen and INDEXED_ROLES[seen[i][9]] then
+    prefill_seen = true
+    local cache_key = string.sub(block_prefix, 1, -5) .. 'cache:' .. wid
+    expire_inflight(block_prefix, cache_key, wid, now, 64)  -- bounded: the rest go on later calls
+    if nblocks > 0 and inflight_ttl > 0 then
+      local scored, until_ms = {}, now + inflight_ttl
+      for b = 7, base do
+        scored[#scored + 1] = until_ms
+        scored[#scored + 1] = ARGV[b]
+        redis.call('SADD', block_prefix .. ARGV[b], wid)
+      end
+      redis.call('ZADD', inflight_key(block_prefix, wid), unpack(scored))
+    end
+  end
   local pending
   if redis.call('ZADD', rk, expiry, rid) == 1 then
     redis.call('HSET', tk, rid, tokens)

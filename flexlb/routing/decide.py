@@ -46,6 +46,7 @@ from flexlb.routing.strategies import (
     choose,
     make_choice,
     pick,
+    ttft_tiebreak,
 )
 from flexlb.routing.ttft import TtftModel, estimate_ttft_ms, prefill_rate
 
@@ -256,7 +257,7 @@ class _Scan:
         equal = [(e, v) for e, v in found.values() if e <= best * (1 + tie)]
         if not equal:
             return None
-        return min(equal, key=lambda ev: (self.memory.recency(ev[1]), ev[0], ev[1].worker_id))[1]
+        return min(equal, key=lambda ev: ttft_tiebreak(ev[1], ev[0], self.memory))[1]
 
     def _lowest(
         self, role: Role, order: str, metric: Callable[[WorkerView], float], tiebreak: Callable[[WorkerView], object]

@@ -123,10 +123,16 @@ def choose_shortest_ttft(
 ) -> WorkerView:
     estimates = [estimate_ttft_ms(v, request.seq_len, params.ttft) for v in candidates]
     equal = near_best(estimates, params.tie_ratio, params.best_fraction)
-    # Least recently chosen first: a burst from one router, made before its reservations show up in the view,
-    # spreads over the equal workers; then the better estimate; then worker_id for determinism.
-    best = min(equal, key=lambda i: (memory.recency(candidates[i]), estimates[i], candidates[i].worker_id))
+    best = min(equal, key=lambda i: ttft_tiebreak(candidates[i], estimates[i], memory))
     return candidates[best]
+
+
+def ttft_tiebreak(view: WorkerView, estimate: float, memory: ChoiceMemory) -> tuple[float, int, float, str]:
+    """Among workers of near-equal estimated TTFT: the longest cached prefix first (the same wait costs the fleet
+    less compute, and a burst of one prefix stays where it is cached or in flight); then least recently chosen (a
+    burst with no hit anywhere spreads over the equal workers before its reservations show in the view); then the
+    better estimate; then worker_id for determinism."""
+    return (-view.hit_tokens, memory.recency(view), estimate, view.worker_id)
 
 
 def weighted_cache_weights(views: Sequence[WorkerView], decay: float) -> list[float]:

@@ -88,6 +88,14 @@ class ServiceKeys:
     def cache_blocks(self, worker_id: str) -> str:
         return f"{self.cache_prefix}{worker_id}"
 
+    @property
+    def inflight_prefix(self) -> str:
+        """Prefix of the workers' in-flight block zsets (block -> expiry ms): ``<inflight_prefix><worker id>``."""
+        return f"{self.prefix}:inflight:"
+
+    def inflight_blocks(self, worker_id: str) -> str:
+        return f"{self.inflight_prefix}{worker_id}"
+
     def request(self, request_id: int) -> str:
         return f"{self.prefix}:req:{request_id}"
 

@@ -22,6 +22,7 @@ from flexlb.state.scripts import Scripts
 
 LOOKUP_CHUNK = 128  # blocks per lookup call: 8k tokens of 64-token blocks, so long prompts build few keys at once
 LOOKUP_FOLLOW = 8  # workers a lookup follows at most (lua/lookup.lua): bounded work with popular prefixes
+MAX_INFLIGHT_BLOCKS = 1024  # in-flight blocks a reservation records at most (64k tokens of 64-token blocks)
 _CHECKED = (
     "alive", "max_concurrency", "running", "waiting", "pending_count", "kv_total", "kv_used", "pending_tokens", "role",
 )  # fmt: skip
@@ -87,7 +88,7 @@ class FleetStore:
         block = self.keys.block
         for offset in range(0, len(block_keys), LOOKUP_CHUNK):
             chunk = block_keys[offset : offset + LOOKUP_CHUNK]
-            args = [self.keys.cache_prefix, follow, len(chunk), *chunk, *alive]
+            args = [self.keys.cache_prefix, self.keys.inflight_prefix, follow, len(chunk), *chunk, *alive]
             alive, dropped = await self.scripts.call("lookup", [block(k) for k in chunk], args)
             for i in range(0, len(dropped), 2):
                 hits[dropped[i]] = offset + int(dropped[i + 1])
@@ -99,10 +100,26 @@ class FleetStore:
             hits[wid] = len(block_keys)
         return hits
 
-    async def reserve(self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int) -> ReserveOutcome:
-        """Reserve ``tokens`` on each ``(worker_id, tokens)`` for ``request_id``: all of them or none."""
+    async def reserve(
+        self,
+        request_id: int,
+        picks: Sequence[tuple[str, int]],
+        ttl_ms: int,
+        *,
+        inflight_blocks: Sequence[int] = (),
+        inflight_ttl_ms: int = 0,
+        probe_block: int | None = None,
+    ) -> ReserveOutcome:
+        """Reserve ``tokens`` on each ``(worker_id, tokens)`` for ``request_id``: all of them or none. On success the
+        ``inflight_blocks`` (the request's blocks the first prefill-type pick does not hold) are in flight there for
+        ``inflight_ttl_ms``: lookups find them held by it until its cache report confirms them. ``probe_block``: the
+        first block no worker held at the caller's lookup; refused as ``prefix_moved`` when some worker holds it by
+        now (lua/reserve.lua)."""
         keys = [self.keys.request(request_id), *self.keys.change_keys()]
-        args: list[str | int] = [request_id, ttl_ms]
+        blocks = inflight_blocks[:MAX_INFLIGHT_BLOCKS] if inflight_ttl_ms > 0 else ()
+        probe = "" if probe_block is None else probe_block
+        args: list[str | int] = [request_id, ttl_ms, inflight_ttl_ms, self.keys.block_prefix, probe, len(blocks)]
+        args += blocks
         for wid, tokens in picks:
             keys += self.keys.reservation_triple(wid)
             args += [wid, tokens]
@@ -269,6 +286,11 @@ class FleetStore:
     async def members_version(self) -> str:
         """The current membership version ("0" when never set): a change means a worker joined, left or moved."""
         return await self.redis.get(self.keys.members_version) or "0"
+
+    async def inflight_blocks(self, worker_id: str) -> dict[int, int]:
+        """A worker's in-flight blocks -> their expiry (Redis ms)."""
+        pairs = await self.redis.zrange(self.keys.inflight_blocks(worker_id), 0, -1, withscores=True)
+        return {int(block): int(expiry) for block, expiry in pairs}
 
     async def cache_blocks(self, worker_id: str) -> set[int]:
         """The block cache keys a worker holds."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -100,11 +101,13 @@ class InterloperStore(FleetStore):
         self.decode_id = decode_id
         self.reservations = 0
 
-    async def reserve(self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int) -> ReserveOutcome:
+    async def reserve(
+        self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int, **inflight: Any
+    ) -> ReserveOutcome:
         self.reservations += 1
         if self.reservations == 1:
             assert (await self.other_router.reserve(-1, [(self.decode_id, 1)], 60_000)).ok
-        return await super().reserve(request_id, picks, ttl_ms)
+        return await super().reserve(request_id, picks, ttl_ms, **inflight)
 
 
 async def test_decode_refused_after_prefill_chosen_leaves_prefill_exactly_as_before(store: FleetStore) -> None:
@@ -139,7 +142,9 @@ async def test_retries_are_bounded(store: FleetStore) -> None:
         """Another router takes the worker just before every reservation and frees it just after, and the script's
         refusal tells nothing: the view keeps seeing the worker free."""
 
-        async def reserve(self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int) -> ReserveOutcome:
+        async def reserve(
+            self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int, **inflight: Any
+        ) -> ReserveOutcome:
             if request_id == -1:
                 return await super().reserve(request_id, picks, ttl_ms)
             assert (await self.reserve(-1, [("10.0.7.1:8000", 1)], 60_000)).ok

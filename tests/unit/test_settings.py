@@ -50,6 +50,8 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "ttftTieRatio": 0.1,
     "ttftBestFraction": 0.3,
     "degradedMaxStalenessMs": 10_000,
+    "workerStatusMaxAgeMs": 15_000,
+    "inflightPrefixTtlMs": 10_000,
     "redisTimeoutMs": 1000,
     "httpHost": "127.0.0.1",
     "httpPort": 7001,
