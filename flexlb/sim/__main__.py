@@ -125,8 +125,9 @@ async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
         return
     if dialect != "rtp_llm":
         await run_engine_worker(
-            config, args.host, args.port, args.model, dialect=dialect, load_format=args.load_format, stop=stop
-        )
+            config, args.host, args.port, args.model, dialect=dialect, load_format=args.load_format, stop=stop,
+            api_key=getattr(args, "api_key", None),
+        )  # fmt: skip
         return
     await run_sim_worker(
         config,

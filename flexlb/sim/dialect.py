@@ -33,11 +33,13 @@ async def run_engine_worker(
     dialect: str,
     load_format: str = "sglang",
     stop: asyncio.Event | None = None,
+    api_key: str | None = None,
 ) -> None:
-    """Serve one worker passing for ``dialect`` (vllm or sglang) on HTTP ``port`` until ``stop`` is set."""
+    """Serve one worker passing for ``dialect`` (vllm or sglang) on HTTP ``port`` until ``stop`` is set; ``api_key``
+    as ``run_sim_worker``'s."""
     if dialect not in SIM_DIALECTS or dialect == "rtp_llm":
         raise ValueError(f"engine: vllm or sglang, not {dialect!r} (rtp_llm workers: run_sim_worker)")
-    app = create_sim_app(SimEngine(config), model_name, load_format=load_format)
+    app = create_sim_app(SimEngine(config), model_name, load_format=load_format, api_key=api_key)
     use_dialect(app[SIM], dialect)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()  # starts the engine
