@@ -146,7 +146,11 @@ class RouterProcess(ChildProcess):
             "REDIS_URL": redis_url,
             "FLEXLB_SERVICE_ID": service,
             # Routers here schedule on statuses the tests write; a test that wants polling says contendForMaster.
-            "FLEXLB_CONFIG": orjson.dumps({"contendForMaster": False, **(config or {})}).decode(),
+            # Without a master they would check the workers' health (flexlb/master/router_health.py) and mark the
+            # addresses tests register without a listener not alive: once an hour, unless a test says otherwise.
+            "FLEXLB_CONFIG": orjson.dumps(
+                {"contendForMaster": False, "healthCheckIntervalMs": 3_600_000, **(config or {})}
+            ).decode(),
             **(env or {}),
         }
         command = [sys.executable, "-m", "flexlb.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
