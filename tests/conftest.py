@@ -13,6 +13,7 @@ from typing import Any, Self
 import pytest
 import redis.asyncio as aioredis
 
+from flexlb.embedded_cluster import EmbeddedCluster
 from flexlb.embedded_redis import EmbeddedRedis
 from flexlb.readiness import stop_process, wait_http_ready
 from flexlb.state.pipelined import PipelinedRedis
@@ -36,6 +37,17 @@ def redis_server() -> Iterator[EmbeddedRedis]:
     """One private redis-server for the session; tests isolate by service name, never by FLUSHDB."""
     with EmbeddedRedis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedCluster]:
+    """A 3-master Redis Cluster for the session (tests that move slots move their own service's slot back or not
+    at all: each test has a service of its own, most likely in a slot of its own)."""
+    cluster = EmbeddedCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture

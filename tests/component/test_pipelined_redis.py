@@ -8,13 +8,17 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import uvloop
+from conftest import eventually
+from redis.crc import key_slot
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 
+from flexlb.embedded_cluster import EmbeddedCluster, EmbeddedSentinel
 from flexlb.embedded_redis import EmbeddedRedis, free_port
 from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.pipelined import PipelinedRedis
@@ -151,3 +155,138 @@ def test_only_plain_and_unix_urls() -> None:
     assert not PipelinedRedis.supports("rediss://h:1/0")
     with pytest.raises(ValueError, match="rediss"):
         PipelinedRedis("rediss://h:1/0", timeout_s=1)
+
+
+# ---- Redis Cluster and Sentinel: a real 3-master cluster (the session's), MOVED / ASK / TRYAGAIN / failover ----
+
+COUNT_BOTH = "redis.call('INCR', KEYS[1]); return redis.call('INCR', KEYS[2])"  # two keys of one slot, one step
+
+
+def _slot_and_other(cluster: EmbeddedCluster, service: str) -> tuple[int, int, int]:
+    slot = key_slot(f"flexlb:{{{service}}}:x".encode())
+    owner = cluster.owner(slot)
+    return slot, owner, next(p for p in cluster.ports if p != owner)
+
+
+@pytest.mark.realredis
+async def test_cluster_a_seed_that_does_not_own_the_slot_redirects_the_whole_batch(
+    redis_cluster: EmbeddedCluster, service: str
+) -> None:
+    _, owner, other = _slot_and_other(redis_cluster, service)
+    client = PipelinedRedis(f"redis+cluster://127.0.0.1:{other}", timeout_s=5)
+    try:
+        keys = [f"flexlb:{{{service}}}:{i}" for i in range(50)]
+        assert await asyncio.gather(*(client.execute("SET", k, k) for k in keys)) == ["OK"] * 50
+        assert await asyncio.gather(*(client.execute("GET", k) for k in keys)) == keys
+        assert client.address == ("127.0.0.1", owner)
+        assert redis_cluster.client(owner).get(keys[0]) == keys[0]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.realredis
+async def test_cluster_reshard_under_load_loses_and_repeats_no_call(
+    redis_cluster: EmbeddedCluster, service: str
+) -> None:
+    """Scripts on two keys of the slot run without pause while the slot moves to another node (MIGRATE in batches of
+    10 keys, as redis-cli does): every call answers, and each ran exactly once."""
+    slot, owner, other = _slot_and_other(redis_cluster, service)
+    client = PipelinedRedis(redis_cluster.url, timeout_s=5)
+    a, b = f"flexlb:{{{service}}}:a", f"flexlb:{{{service}}}:b"
+    for i in range(60):  # keys to migrate, so the move takes several MIGRATE calls
+        redis_cluster.client(owner).set(f"flexlb:{{{service}}}:filler{i}", i)
+    done = asyncio.Event()
+
+    async def load() -> int:
+        calls = 0
+        while not done.is_set():
+            await asyncio.gather(*(client.execute("EVAL", COUNT_BOTH, 2, a, b) for _ in range(20)))
+            calls += 20
+        return calls
+
+    try:
+        await client.execute("EVAL", COUNT_BOTH, 2, a, b)
+        loader = asyncio.ensure_future(load())
+        moved = await asyncio.to_thread(redis_cluster.move_slot, slot, other, between=lambda: time.sleep(0.005))
+        await eventually(lambda: asyncio.sleep(0, client.address == ("127.0.0.1", other)), "the client follows")
+        done.set()
+        calls = 1 + await loader
+        assert moved >= 60
+        assert redis_cluster.owner(slot) == other
+        assert [int(redis_cluster.client(other).get(k)) for k in (a, b)] == [calls, calls]
+    finally:
+        done.set()
+        await client.aclose()
+
+
+@pytest.mark.realredis
+async def test_cluster_ask_goes_to_the_importing_node_once(redis_cluster: EmbeddedCluster, service: str) -> None:
+    slot, owner, other = _slot_and_other(redis_cluster, service)
+    key = f"flexlb:{{{service}}}:asked"
+    src, dst = redis_cluster.client(owner), redis_cluster.client(other)
+    client = PipelinedRedis(f"redis+cluster://127.0.0.1:{owner}", timeout_s=5)
+    try:
+        assert await client.execute("SET", key, "v") == "OK"
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", redis_cluster.node_id(owner))
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", redis_cluster.node_id(other))
+        src.execute_command("MIGRATE", "127.0.0.1", other, key, 0, 5000)
+        assert await client.execute("GET", key) == "v"  # ASK -> ASKING + GET on the importing node
+        assert client.address == ("127.0.0.1", owner)  # the slot is still the source's
+    finally:
+        for port in redis_cluster.ports:  # back to stable: the slot is the importing node's now
+            redis_cluster.client(port).execute_command("CLUSTER SETSLOT", slot, "NODE", redis_cluster.node_id(other))
+        await client.aclose()
+
+
+@pytest.mark.realredis
+async def test_cluster_owner_lost_finds_the_new_owner_from_the_other_nodes(tmp_path: Path, service: str) -> None:
+    """The owner dies after its slot was handed to another node (a failover, as far as the client can tell): the
+    call in flight fails as unavailable, the next one asks the surviving nodes (CLUSTER SLOTS) and goes there."""
+    cluster = EmbeddedCluster(directory=str(tmp_path), full_coverage=False).start()
+    try:
+        slot, owner, other = _slot_and_other(cluster, service)
+        client = PipelinedRedis(f"redis+cluster://127.0.0.1:{owner}", timeout_s=2)
+        key = f"flexlb:{{{service}}}:k"
+        try:
+            assert await client.execute("SET", key, "1") == "OK"
+            cluster.move_slot(slot, other)
+            cluster.kill(owner)
+            with pytest.raises(REDIS_UNAVAILABLE):
+                await client.execute("GET", key)  # the connection to the dead owner is lost
+            assert await client.execute("GET", key) == "1"
+            assert client.address == ("127.0.0.1", other)
+        finally:
+            await client.aclose()
+    finally:
+        cluster.close()
+
+
+@pytest.mark.realredis
+async def test_sentinel_primary_is_asked_of_the_sentinels_and_followed_after_a_failover(
+    tmp_path: Path, service: str
+) -> None:
+    deployment = EmbeddedSentinel(directory=str(tmp_path)).start()
+    client = PipelinedRedis(deployment.url, timeout_s=2)
+    key = f"{service}:k"
+    try:
+        assert await client.execute("SET", key, "before") == "OK"
+        assert client.address == ("127.0.0.1", deployment.primary)
+        new = await asyncio.to_thread(deployment.failover, stop_primary=True)
+
+        async def written() -> bool:
+            try:
+                return await client.execute("SET", key, "after") == "OK"
+            except REDIS_UNAVAILABLE:
+                return False  # the old primary is gone: unavailable until the sentinel names the new one
+
+        await eventually(written, "a write through the promoted primary")
+        assert client.address == ("127.0.0.1", new)
+        assert deployment.client(new).get(key) == "after"
+    finally:
+        await client.aclose()
+        deployment.close()
+
+
+def test_cluster_and_sentinel_urls() -> None:
+    assert PipelinedRedis.supports("redis+cluster://h:1,h:2") and PipelinedRedis.supports("redis+sentinel://h:1/m")
+    assert not PipelinedRedis.supports("rediss+cluster://h:1")  # TLS: the scripts go through redis-py
