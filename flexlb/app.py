@@ -8,10 +8,13 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -43,6 +46,7 @@ from flexlb.state.connection import use_hiredis_packing
 from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.events import FleetEvents
 from flexlb.state.pipelined import PipelinedRedis
+from flexlb.state.redis_url import parse_redis_url
 from flexlb.state.store import FleetStore
 
 log = logging.getLogger("flexlb.app")
@@ -51,16 +55,36 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # a proxied prompt of ~1M tokens; schedule bod
 
 
 def make_redis(url: str, timeout_ms: int) -> Redis:
-    """A client that fails fast when Redis is away (the scheduler then degrades) and retries a stale connection once."""
+    """A client that fails fast when Redis is away (the scheduler then degrades) and retries a stale connection once.
+
+    ``url`` names one Redis, a cluster (``RedisCluster``: it follows MOVED / ASK and finds a slot's new owner after
+    a failover) or a Sentinel set (the primary is asked of the sentinels at every connect); see
+    flexlb/state/redis_url.py."""
     timeout = timeout_ms / 1000
-    client = Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=0,
-    )
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1),
+        "health_check_interval": 0,
+    }
+    target = parse_redis_url(url)
+    auth = {"username": target.username, "password": target.password}
+    if target.tls:
+        options["ssl"] = True
+    if target.kind == "cluster":
+        # full coverage is the cluster's business: a router needs its service's slot only
+        nodes = [ClusterNode(host, port) for host, port in target.nodes]
+        cluster = RedisCluster(startup_nodes=nodes, require_full_coverage=False, **auth, **options)
+        return cast(Redis, cluster)  # it answers every command the store and the election send
+    if target.kind == "sentinel":
+        sentinel_options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if target.sentinel_password:
+            sentinel_options["password"] = target.sentinel_password
+        sentinel = Sentinel(target.nodes, sentinel_kwargs=sentinel_options, **options)
+        assert target.master_name is not None
+        return sentinel.master_for(target.master_name, db=target.db, **auth, **options)
+    client = Redis.from_url(url, **options)
     use_hiredis_packing(client.connection_pool)
     return client
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 from flexlb.domain import EngineKind, Role, WorkerSpec
+from flexlb.state.redis_url import RedisUrlError, parse_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -822,7 +823,12 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
     EnvVar("WHALE_MASTER_CONFIG", None, "The original's older name for FLEXLB_CONFIG, read when that is unset."),
     EnvVar("MODEL_SERVICE_CONFIG", None, "The model service and its static workers (see below). Unset: no workers."),
     EnvVar("FLEXLB_SERVICE_ID", "default", "Overrides MODEL_SERVICE_CONFIG's service_id."),
-    EnvVar("REDIS_URL", None, "redis://, rediss:// or unix:// URL of the shared Redis. Unset: start redis-server."),
+    EnvVar(
+        "REDIS_URL",
+        None,
+        "The shared Redis: redis://, rediss://, unix://; a cluster redis+cluster://host:port[,host:port...]; Sentinel"
+        " redis+sentinel://host:port[,...]/<master name>. Unset: start redis-server.",
+    ),
     EnvVar("SYNC_STATUS_INTERVAL", 20, "Worker status poll interval, in ms."),
     EnvVar("SYNC_REQUEST_TIMEOUT_MS", 100, "Timeout of one worker status call, in ms."),
     EnvVar("TASK_TIMEOUT_US", 3_000_000, "A task not seen in worker status for this long is dropped, in us."),
@@ -851,10 +857,10 @@ def _redis_url(environ: Mapping[str, str]) -> str | None:
         return None
     assert text is not None
     url = text.strip()
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        # Only the scheme is echoed: the rest of a URL may hold a password.
-        scheme = url.partition("://")[0] if "://" in url else "no scheme"
-        raise ConfigError(f"REDIS_URL (environment): expected a redis://, rediss:// or unix:// URL, got {scheme}")
+    try:
+        parse_redis_url(url)  # the errors echo only the scheme: the rest of a URL may hold a password
+    except RedisUrlError as exc:
+        raise ConfigError(f"REDIS_URL (environment): {exc}") from None
     return url
 
 

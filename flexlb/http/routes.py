@@ -152,14 +152,22 @@ async def health(request: web.Request) -> web.Response:
     sched = ctx.scheduler
     if not ctx.ready:  # Redis never answered: no scripts, no snapshot to degrade to
         return json_response({"status": "starting", "redis_up": False, "degraded": False, "pid": os.getpid()}, 503)
-    ready = sched.can_schedule()
+    # Redis counts as up only while the view's tail follows the stream too: with no request in a while, a slot or
+    # primary gone (reshard, failover) shows there first; past the staleness bound the view is of no use
+    redis_up = sched.redis_up and sched.view_sync.running
+    ready = sched.can_schedule() and (redis_up or _view_fresh(sched))
     body = {
         "status": "ok" if ready else "unavailable",
-        "redis_up": sched.redis_up,
-        "degraded": not sched.redis_up,
+        "redis_up": redis_up,
+        "degraded": not redis_up,
         "pid": os.getpid(),  # which process answered, when several share the port (flexlb serve --processes)
     }
     return json_response(body, 200 if ready else 503)
+
+
+def _view_fresh(sched: Any) -> bool:
+    age = sched.view_age_ms
+    return age is not None and age <= sched.options.max_staleness_ms
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -233,11 +233,14 @@ class FleetStore:
         """Every registered worker's status hash, with the stream position to follow changes from (two round
         trips: membership and position in one transaction, then the hashes)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.time()
-            pipe.get(self.keys.changes_seq)
-            pipe.xrevrange(self.keys.changes, count=1)
+            # Raw commands, TIME through a script on a key of the service: a cluster transaction takes keyed commands
+            # only, and redis-py's (8.1) passes the routing arguments of its command methods to reply callbacks that
+            # do not take them.
+            pipe.execute_command("EVAL", "return redis.call('TIME')", 1, self.keys.changes_seq)
+            pipe.execute_command("GET", self.keys.changes_seq)
+            pipe.execute_command("XREVRANGE", self.keys.changes, "+", "-", "COUNT", 1)
             for key in self.keys.role_sets():
-                pipe.smembers(key)
+                pipe.execute_command("SMEMBERS", key)
             (seconds, micros), seq, last, *members = await pipe.execute()
         ids = sorted({wid for m in members for wid in m})
         async with self.redis.pipeline(transaction=False) as pipe:
