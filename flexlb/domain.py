@@ -79,6 +79,9 @@ class ErrorCode(enum.IntEnum):
     STATE_UNAVAILABLE = 8600
     # flexlb: the request names a model this router does not serve.
     UNKNOWN_MODEL = 8601
+    # flexlb: the prompt (plus the output asked for) is larger than the KV cache of every worker of a role: it can
+    # never be served, so it is refused at once (HTTP 400), not queued.
+    CONTEXT_LENGTH_EXCEEDED = 8602
     # flexlb: no credential, or one this API does not accept (HTTP 401), or one of another API (HTTP 403).
     UNAUTHENTICATED = 8610
     PERMISSION_DENIED = 8611
@@ -194,6 +197,11 @@ class ScheduleRequest:
     request_time_ms: int | None = None
     # Worker ids not to choose: the proxy's retry of a request whose previous worker failed before answering.
     exclude_workers: frozenset[str] = frozenset()
+    output_tokens: int = 0  # output tokens asked for (max_tokens), when known: part of the KV a worker must hold
+    # > 0: admission by estimated wait (the proxy's default): a worker at its concurrency or KV limit still queues
+    # the request, so those limits do not refuse it; the chosen prefill-type worker's estimated TTFT must be within
+    # this bound instead (flexlb.routing.decide). 0: the limits are hard (the schedule API, as the original).
+    ttft_bound_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,16 @@
-"""Queue mode (FLEXLB_CONFIG ``enableQueueing``): a request that finds no capacity waits in this router's FIFO queue
-instead of failing at once.
+"""The router's queue: a request that finds no capacity waits here instead of failing at once. Schedule API
+requests wait in queue mode (FLEXLB_CONFIG ``enableQueueing``); the proxy's wait whenever admission by estimated TTFT
+holds them (``proxyAdmissionTtftMs``).
 
-One dispatcher task schedules the head of the queue only, so requests are placed in arrival order and a waiting
-crowd costs one schedule attempt per fleet change, not one per waiter. It retries when the fleet announces freed
-capacity (FleetEvents: a release anywhere, a master status write) and at least every ``recheck_s`` in case a message
-was missed. A retryable failure leaves the request at the head. Answers: QUEUE_FULL at once when the queue holds
-``maxQueueSize``; QUEUE_TIMEOUT when its ``generate_timeout`` passes while queued; a client that goes away is taken
-out of the queue (and a reservation made for it meanwhile is released).
+One dispatcher task places requests in arrival order, trying the head first; when the head cannot be placed it tries
+up to ``skip_ahead`` smaller requests behind it (a request no worker can take now, say one whose prompt only the
+busiest worker has room for, does not hold back smaller ones that fit; requests of the same size keep their order).
+A request passed over ``max_overtakes`` times is not overtaken again until it is placed, so nothing starves. A
+waiting crowd costs a few attempts per fleet change, not one per waiter: the dispatcher tries again when the fleet
+announces freed capacity (FleetEvents: a release anywhere, a master status write) and at least every ``recheck_s``
+in case a message was missed. Answers: QUEUE_FULL at once when the queue holds ``maxQueueSize``; QUEUE_TIMEOUT when
+its ``generate_timeout`` passes while queued; a client that goes away is taken out of the queue (and a reservation
+made for it meanwhile is released).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class QueueOptions:
     max_retries: int = 0  # retryable failures before giving up; 0 = until the request's timeout
     recheck_s: float = 0.2  # longest wait between two attempts for the head without a fleet event
     admission_interval_s: float = 0.01  # how often permits follow the water level (resourceCheckIntervalMs)
+    skip_ahead: int = 8  # requests behind a head that cannot be placed that are tried in the same round
+    max_overtakes: int = 16  # a request overtaken this often is not overtaken again (no starvation)
 
 
 @dataclass(eq=False, slots=True)
@@ -49,6 +55,7 @@ class _Entry:
     future: asyncio.Future[ScheduleResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     attempts: int = 0
     answered: bool = False
+    overtaken: int = 0  # requests behind this one placed before it
 
 
 class QueueMetrics:
@@ -108,8 +115,8 @@ class RequestQueue:
         return len(self._queue)
 
     def start(self) -> None:
-        if self.options.enabled:
-            self._task = asyncio.create_task(self._dispatch(), name="request queue")
+        # always: the proxy's admission by estimated TTFT queues requests whatever queue mode says
+        self._task = asyncio.create_task(self._dispatch(), name="request queue")
 
     async def stop(self) -> None:
         """Stop dispatching; queued requests are answered REQUEST_CANCELLED (the router is going away), and so are
@@ -130,14 +137,16 @@ class RequestQueue:
             entry = self._queue.popleft()
             self._answer(entry, _failure(ErrorCode.REQUEST_CANCELLED, "the router is shutting down"), "cancelled")
 
-    async def schedule(self, request: ScheduleRequest) -> ScheduleResult:
+    async def schedule(self, request: ScheduleRequest, *, hold: bool | None = None) -> ScheduleResult:
+        """Schedule ``request``; when it finds no capacity and ``hold`` (default: queue mode), wait in the queue."""
+        hold = self.options.enabled if hold is None else hold
         attempts = 0
         last = "none yet: queued behind earlier requests"
-        if self.options.enabled and not self._queue and not self._admits():
+        if hold and not self._queue and not self._admits():
             last = f"none yet: {self.scheduler.in_flight} requests in flight, {self._permits()} admitted at once"
-        elif not (self.options.enabled and self._queue):  # never overtake requests already waiting
+        elif not (hold and self._queue):  # never overtake requests already waiting
             result = await self.scheduler.schedule(request)
-            if result.success or not self.options.enabled or not result.code.retryable:
+            if result.success or not hold or not result.code.retryable:
                 return result
             attempts, last = 1, result.message
         if self._stopped:  # no dispatcher would try it again
@@ -158,6 +167,7 @@ class RequestQueue:
             if not entry.answered:  # the client went away (this task was cancelled): leave the queue
                 entry.answered = True
                 self._remove(entry)
+                self._kick.set()  # those behind it may go now
                 self.metrics.rejected.labels(reason="cancelled").inc()
                 self.metrics.wait.labels(outcome="cancelled").observe(self._clock() - entry.enqueued)
                 log.info("request %s left the queue: client went away", request.request_id)
@@ -217,24 +227,42 @@ class RequestQueue:
         if not self._admits():  # the fleet is full: wait for releases before even trying
             await self._wait_for_change()
             return
-        head = self._queue[0]
-        attempt = asyncio.ensure_future(self.scheduler.schedule(head.request))
-        self._attempt = (head, attempt)
-        # Shielded: stop() cancels the dispatcher, not a reservation Redis may be making; it settles the attempt.
-        result = await asyncio.shield(attempt)
-        self._attempt = None
-        if not await self._settle(head, result):
-            await self._wait_for_change()
+        generation = self.events.generation if self.events is not None else 0  # events from here on wake us
+        self._kick.clear()  # and so do arrivals from here on
+        passed: list[_Entry] = []
+        for entry in self._window():
+            if passed and _size(entry) >= min(_size(e) for e in passed):
+                continue  # no smaller than one that found no room: it would not fit either, and FIFO holds
+            attempt = asyncio.ensure_future(self.scheduler.schedule(entry.request))
+            self._attempt = (entry, attempt)
+            # Shielded: stop() cancels the dispatcher, not a reservation Redis may be making; it settles the attempt.
+            result = await asyncio.shield(attempt)
+            self._attempt = None
+            if await self._settle(entry, result):
+                for earlier in passed:  # placed before them: they age toward not being overtaken again
+                    earlier.overtaken += 1
+                return  # the head may fit now: start again from it
+            passed.append(entry)
+        await self._wait_for_change(generation)
+
+    def _window(self) -> list[_Entry]:
+        """The requests tried in one round: the head and up to ``skip_ahead`` behind it, ending at the first one that
+        was overtaken ``max_overtakes`` times (nothing behind it goes first until it is placed)."""
+        window = []
+        for entry in list(self._queue)[: self.options.skip_ahead + 1]:
+            window.append(entry)
+            if entry.overtaken >= self.options.max_overtakes:
+                break
+        return window
 
     async def _settle(self, head: _Entry, result: ScheduleResult) -> bool:
-        """Answer ``head`` with the result of an attempt when it is final; False leaves it at the head to retry."""
+        """Answer ``head`` with the result of an attempt when it is final; False leaves it in place to retry."""
         head.attempts += 1
         retries_left = not self.options.max_retries or head.attempts <= self.options.max_retries
         final = result.success or not result.code.retryable or not retries_left
         if not final:
             return False
-        if self._queue and self._queue[0] is head:
-            self._queue.popleft()
+        self._remove(head)
         if head.future.cancelled():  # the client left while we scheduled: give the capacity back
             if result.success:
                 await self.scheduler.release(head.request.request_id)
@@ -242,14 +270,22 @@ class RequestQueue:
         self._answer(head, result, "scheduled" if result.success else "failed")
         return True  # the next head may fit too: try it at once
 
-    async def _wait_for_change(self) -> None:
+    async def _wait_for_change(self, since: int | None = None) -> None:
+        """Until the fleet changes (after events generation ``since``), a request arrives or leaves (a smaller one
+        may fit where those waiting do not), the next deadline or ``recheck_s``."""
         timeout = self.options.recheck_s
         if self._queue:
             timeout = max(0.0, min(timeout, min(e.deadline for e in self._queue) - self._clock()))
         if self.events is not None:
-            await self.events.wait(timeout)
+            change = asyncio.ensure_future(self.events.wait(timeout, since))
         else:
-            await asyncio.sleep(timeout)
+            change = asyncio.ensure_future(asyncio.sleep(timeout))
+        arrival = asyncio.ensure_future(self._kick.wait())
+        try:
+            await asyncio.wait((change, arrival), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (change, arrival):
+                waiter.cancel()
 
     def _expire(self) -> None:
         now = self._clock()
@@ -278,6 +314,10 @@ class RequestQueue:
         with contextlib.suppress(ValueError):
             self._queue.remove(entry)
         self.metrics.size.set(len(self._queue))
+
+
+def _size(entry: _Entry) -> int:
+    return entry.request.seq_len + entry.request.output_tokens
 
 
 def _failure(code: ErrorCode, message: str) -> ScheduleResult:

@@ -213,6 +213,7 @@ class Scheduler:
                 inflight_blocks=self._inflight_blocks(request, result, hits),
                 inflight_ttl_ms=self.options.inflight_ttl_ms,
                 probe_block=probe,
+                limits=not request.ttft_bound_ms,
             )
             probe = None
             if outcome.ok:

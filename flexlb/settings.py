@@ -312,6 +312,21 @@ class FlexlbConfig:
         " `model` into every request sent to a worker. Empty: the service id, and `model` is forwarded unchanged.",
         origin="flexlb",
     )
+    proxy_admission_ttft_ms: int = _opt(
+        5_000,
+        "Proxy: a request goes to a worker whose estimated time to first token (its queue included) is within this"
+        " bound, even when the worker is at its concurrency or KV limit (it queues the request); otherwise it waits"
+        " in the router's queue. 0 = the workers' limits refuse (503 NO_X_WORKER), as the schedule API does.",
+        origin="flexlb",
+        low=0,
+    )
+    proxy_queue_timeout_ms: int = _opt(
+        60_000,
+        "Proxy: how long a request may wait in the router's queue for a worker within the admission bound before it"
+        " is answered 503 QUEUE_TIMEOUT (with Retry-After), in ms.",
+        origin="flexlb",
+        low=1,
+    )
     proxy_retries: int = _opt(
         2,
         "Proxy: times a request is scheduled again, without the worker that failed, when that worker fails before"

@@ -8,9 +8,11 @@
 -- ARGV[3]          TTL of in-flight blocks in ms (0: none are recorded)
 -- ARGV[4]          prefix of the inverted index's block keys ("flexlb:{svc}:blk:"; same hash slot as KEYS)
 -- ARGV[5]          probe: the request's first block that no worker held at the caller's lookup, or ''
--- ARGV[6]          B, the number of in-flight blocks
--- ARGV[7..6+B]     the request's blocks the first prefill-type worker does not hold yet, in prompt order
--- ARGV[7+B..]      2 values per worker, in KEYS order: worker id, tokens to reserve
+-- ARGV[6]          '1': admission by wait (the proxy's): the concurrency and KV limits are not checked, a worker at
+--                  them queues the request; '0': they are (the schedule API)
+-- ARGV[7]          B, the number of in-flight blocks
+-- ARGV[8..7+B]     the request's blocks the first prefill-type worker does not hold yet, in prompt order
+-- ARGV[8+B..]      2 values per worker, in KEYS order: worker id, tokens to reserve
 -- Returns {1, now_ms, "pending_count pending_tokens" of each worker after the reservation} when every worker was
 -- reserved, else {0, i, reason, detail, {values of CHECKED}} for the first worker i (1-based) that refused; reason
 -- is one of gone, not_alive, concurrency_full, kv_full, or prefix_moved: since the caller's lookup, the probe block
@@ -29,8 +31,9 @@ local CHECKED = {'alive', 'max_concurrency', 'running', 'waiting', 'pending_coun
                  'pending_tokens', 'role'}
 local rid = ARGV[1]
 local ttl = tonumber(ARGV[2])
-local inflight_ttl, block_prefix, probe, nblocks = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
-local base = 6 + nblocks  -- ARGV[base + 2i - 1], ARGV[base + 2i]: worker i's id and tokens
+local inflight_ttl, block_prefix, probe, nblocks = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[7])
+local limits = ARGV[6] ~= '1'
+local base = 7 + nblocks  -- ARGV[base + 2i - 1], ARGV[base + 2i]: worker i's id and tokens
 local probed = probe == ''  -- only the first prefill-type worker is probed
 local now = now_ms()
 local n = (#KEYS - 3) / 3
@@ -59,9 +62,9 @@ for i = 1, n do
     local kv_total, kv_taken = num(s[6]), num(s[7]) + num(s[8])
     if s[1] ~= '1' then
       refusal, detail = 'not_alive', 'worker is not alive'
-    elseif limit > 0 and load + 1 > limit then
+    elseif limits and limit > 0 and load + 1 > limit then
       refusal, detail = 'concurrency_full', 'load ' .. load .. ' of max ' .. limit
-    elseif kv_total > 0 and kv_taken + tokens > kv_total then
+    elseif limits and kv_total > 0 and kv_taken + tokens > kv_total then
       refusal, detail = 'kv_full', 'needs ' .. tokens .. ' tokens, ' .. (kv_total - kv_taken) .. ' free'
     end
     if not refusal and not probed and INDEXED_ROLES[s[9]] then
@@ -91,7 +94,7 @@ for i = 1, n do
     expire_inflight(block_prefix, cache_key, wid, now, 64)  -- bounded: the rest go on later calls
     if nblocks > 0 and inflight_ttl > 0 then
       local scored, until_ms = {}, now + inflight_ttl
-      for b = 7, base do
+      for b = 8, base do
         scored[#scored + 1] = until_ms
         scored[#scored + 1] = ARGV[b]
         redis.call('SADD', block_prefix .. ARGV[b], wid)

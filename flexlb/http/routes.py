@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from flexlb.http.auth import client_of
 from flexlb.http.body import request_body
 from flexlb.http.wire import (
+    RETRY_AFTER_S,
     BadRequest,
     error_body,
     http_status_for,
@@ -34,8 +35,8 @@ CONTEXT = web.AppKey("context", RouterContext)
 MASTER = web.AppKey("master", "MasterService")  # in `flexlb master`, which has no router context
 
 
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
 def bad_request(exc: BadRequest, ctx: RouterContext) -> web.Response:
@@ -52,8 +53,11 @@ async def schedule(request: web.Request) -> web.Response:
         req, result = await run_schedule(ctx, read_object(request), client=client_of(request))
     except BadRequest as exc:
         return bad_request(exc, ctx)
+    retry_after = RETRY_AFTER_S.get(result.code)
     return json_response(
-        schedule_body(result, req.request_id, master_host=ctx.master_host), http_status_for(result.code)
+        schedule_body(result, req.request_id, master_host=ctx.master_host),
+        http_status_for(result.code),
+        None if retry_after is None else {"Retry-After": str(retry_after)},
     )
 
 

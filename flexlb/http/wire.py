@@ -156,13 +156,21 @@ def schedule_body(result: ScheduleResult, request_id: int, *, master_host: str |
     }
 
 
+# Answers a client should retry a moment later: when (seconds), in Retry-After.
+RETRY_AFTER_S: dict[ErrorCode, int] = {
+    ErrorCode.QUEUE_FULL: 1,
+    ErrorCode.QUEUE_TIMEOUT: 1,
+    ErrorCode.STATE_UNAVAILABLE: 1,
+}
+
+
 def http_status_for(code: ErrorCode) -> int:
     """4xx for the client's mistakes, 503 for no capacity or no shared state, as flexlb promises."""
     if code == ErrorCode.OK:
         return 200
     if code == ErrorCode.UNKNOWN_MODEL:
         return 404
-    if code == ErrorCode.INVALID_REQUEST:
+    if code in (ErrorCode.INVALID_REQUEST, ErrorCode.CONTEXT_LENGTH_EXCEEDED):
         return 400
     if code == ErrorCode.QUEUE_FULL:
         return 429

@@ -23,6 +23,8 @@ class ProxyOptions:
     response_timeout_s: float | None  # requests not streamed; None = no limit
     bootstrap_port: int  # disaggregated prefill / decode
     served_model_name: str  # "" = the service id, and `model` forwarded unchanged
+    admission_ttft_ms: float = 0.0  # > 0: admission by estimated wait, requests queue in the router (queueing.py)
+    queue_timeout_ms: int = 60_000  # how long a request may wait in the router's queue before QUEUE_TIMEOUT
 
     @classmethod
     def from_config(cls, config: FlexlbConfig) -> ProxyOptions:
@@ -33,6 +35,8 @@ class ProxyOptions:
             response_timeout_s=config.proxy_response_timeout_ms / 1000 or None,
             bootstrap_port=config.bootstrap_port,
             served_model_name=config.served_model_name,
+            admission_ttft_ms=float(config.proxy_admission_ttft_ms),
+            queue_timeout_ms=config.proxy_queue_timeout_ms,
         )
 
 

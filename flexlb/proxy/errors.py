@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from flexlb.domain import ScheduleResult
-from flexlb.http.wire import http_status_for
+from flexlb.domain import ErrorCode, ScheduleResult
+from flexlb.http.wire import RETRY_AFTER_S, http_status_for
 
 
 class ClientGone(Exception):
@@ -22,12 +22,15 @@ class ClientGone(Exception):
 class ProxyError(Exception):
     """A request the proxy answers with an error and this HTTP status; the message says what was wrong."""
 
-    def __init__(self, status: int, message: str, *, code: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, code: str, param: str | None = None, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.retry_after_s = retry_after_s
 
     @property
     def type(self) -> str:
@@ -47,12 +50,23 @@ def invalid(message: str, param: str | None = None) -> ProxyError:
 
 
 def from_schedule(result: ScheduleResult) -> ProxyError:
-    """A failed schedule (no worker: 503, Redis unreachable with a stale snapshot: 503 / state_unavailable)."""
-    return ProxyError(http_status_for(result.code), result.message, code=result.code.name.lower())
+    """A failed schedule (no worker: 503, Redis unreachable with a stale snapshot: 503 / state_unavailable, the queue
+    full or its wait over: 429 / 503 with Retry-After, a prompt no worker can ever hold: 400
+    context_length_exceeded, OpenAI's code for it)."""
+    param = "messages" if result.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED else None
+    return ProxyError(
+        http_status_for(result.code),
+        result.message,
+        code=result.code.name.lower(),
+        param=param,
+        retry_after_s=RETRY_AFTER_S.get(result.code),
+    )
 
 
 def error_response(exc: ProxyError, request_id: int | None = None) -> web.Response:
-    headers = {"X-Request-Id": str(request_id)} if request_id is not None else None
+    headers = {"X-Request-Id": str(request_id)} if request_id is not None else {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
     return web.Response(
         body=orjson.dumps(exc.body()), status=exc.status, content_type="application/json", headers=headers
     )

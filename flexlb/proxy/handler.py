@@ -127,13 +127,19 @@ async def _serve(
                 request_id=request_id,
                 seq_len=len(parsed.tokens),
                 block_cache_keys=keys,
+                generate_timeout_ms=pctx.options.queue_timeout_ms,
                 exclude_workers=failed | tripped,
+                output_tokens=parsed.output_tokens,
+                ttft_bound_ms=pctx.options.admission_ttft_ms,
             )
-            # Queue mode (enableQueueing) holds a first attempt that finds no capacity, as /rtp_llm/schedule does;
-            # a retry does not queue: with its failed workers excluded it could wait for capacity that never comes.
-            via = router.queue if attempt == 0 and router.queue is not None else router.scheduler
             held = True  # also when cancelled meanwhile: the reservation may have been made
-            result = await via.schedule(schedule_request)
+            # The first attempt may wait in the router's queue (admission by estimated wait, or queue mode); a retry
+            # does not: with its failed workers excluded it could wait for capacity that never comes.
+            if attempt == 0 and router.queue is not None:
+                hold = bool(pctx.options.admission_ttft_ms) or None  # None: as queue mode says
+                result = await router.queue.schedule(schedule_request, hold=hold)
+            else:
+                result = await router.scheduler.schedule(schedule_request)
             if not result.success and tripped:
                 # open breakers left no worker: rather one of theirs than none (a breaker never refuses alone)
                 result = await router.scheduler.schedule(replace(schedule_request, exclude_workers=failed))

@@ -37,6 +37,7 @@ class ProxiedRequest:
     tokens: list[int]  # the prompt as the workers tokenise it
     stream: bool
     model: str | None
+    output_tokens: int = 0  # max_tokens / max_completion_tokens / sampling_params.max_new_tokens; 0 = not given
 
 
 def parse_request(route: Route, raw: bytes) -> ProxiedRequest:
@@ -60,7 +61,17 @@ def parse_request(route: Route, raw: bytes) -> ProxiedRequest:
         tokens = _generate_tokens(body)
     if not tokens:
         raise invalid("the prompt is empty: it has no tokens", _prompt_param(route))
-    return ProxiedRequest(route, body, tokens, stream, model)
+    return ProxiedRequest(route, body, tokens, stream, model, _output_tokens(route, body))
+
+
+def _output_tokens(route: Route, body: dict[str, Any]) -> int:
+    """The output the client asked for at most (validated above where the route has the field), or 0."""
+    if route is Route.GENERATE:
+        params = body.get("sampling_params")
+        value = params.get("max_new_tokens") if isinstance(params, dict) else None
+    else:
+        value = body.get("max_completion_tokens", body.get("max_tokens"))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:

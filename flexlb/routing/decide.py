@@ -159,9 +159,22 @@ def decide(
             view = scan.pick(strategy, role)
             choice = None if view is None else make_choice(role, view, request, memory, options.params)
         if choice is None:
+            too_large = never_fits(role, fleet.workers(role), request)
+            if too_large:
+                code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
+                return ScheduleResult(success=False, code=code, message=f"{code.name}: {too_large}")
             code = NO_WORKER_CODE[role]
             why = why_none(role, fleet.workers(role), scan.group, request.exclude_workers, fresh_after_ms)
             return ScheduleResult(success=False, code=code, message=f"{code.name}: {why}")
+        bound = request.ttft_bound_ms
+        if bound and role in PREFILL_ROLES and choice.estimate_ttft_ms > bound:
+            code = NO_WORKER_CODE[role]
+            return ScheduleResult(
+                success=False,
+                code=code,
+                message=f"{code.name}: the best {role.value} worker ({choice.worker.worker_id}) has an estimated TTFT "
+                f"of {choice.estimate_ttft_ms:.0f} ms, above the admission bound of {bound:.0f} ms",
+            )
         choices[role] = choice
         scan.group = scan.group or choice.worker.spec.group
     return ScheduleResult(success=True, choices=choices)
@@ -185,6 +198,7 @@ class _Scan:
         self.fresh_after_ms = fresh_after_ms
         self.group = ""
         self._excluded = request.exclude_workers
+        self._soft = request.ttft_bound_ms > 0
 
     def as_seen(self, view: WorkerView, role: Role) -> WorkerView | None:
         """The worker with the request's cache hit and this router's own load, if it may take the request
@@ -198,6 +212,13 @@ class _Scan:
             return None
         hit = self.hits.get(wid, 0) if self.hits and role in PREFILL_ROLES else 0
         extra = self.local_load.get(wid) if self.local_load else None
+        if self._soft:  # admission by wait: a worker at its limits queues the request; only its whole KV must fit
+            if 0 < status.kv_total < kv_needed(role, self.request):
+                return None
+            if hit or extra:
+                count, tokens = extra or (0, 0)
+                view = WorkerView(spec, status, view.pending_count + count, view.pending_tokens + tokens, hit)
+            return view
         if hit or extra:
             count, tokens = extra or (0, 0)
             view = WorkerView(spec, status, view.pending_count + count, view.pending_tokens + tokens, hit)
@@ -311,6 +332,27 @@ class _Scan:
                 if view is not None and (seen := self.as_seen(view, role)) is not None:
                     return seen
         return pick(strategy, role, self.all_eligible(role), self.request, self.memory, self.params)
+
+
+def kv_needed(role: Role, request: ScheduleRequest) -> int:
+    """KV tokens the request needs on a worker of the role at its largest: the prompt on a prefill worker, the prompt
+    and the output asked for where the output is generated."""
+    return request.seq_len if role is Role.PREFILL else request.seq_len + request.output_tokens
+
+
+def never_fits(role: Role, registered: Sequence[WorkerView], request: ScheduleRequest) -> str:
+    """Why the request can never be served by the role (larger than every alive worker's whole KV cache), or ''."""
+    sizes = [v.status.kv_total for v in registered if v.status.alive]
+    if not sizes or min(sizes) <= 0:  # no alive worker, or one whose KV size is unknown (unlimited)
+        return ""
+    need, largest = kv_needed(role, request), max(sizes)
+    if need <= largest:
+        return ""
+    output = f" + {request.output_tokens} output" if request.output_tokens and role is not Role.PREFILL else ""
+    return (
+        f"the request needs {need} tokens of KV cache ({request.seq_len} prompt{output}); the largest of the "
+        f"{len(sizes)} alive {role.value} workers holds {largest}"
+    )
 
 
 def why_none(

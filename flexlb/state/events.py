@@ -27,6 +27,7 @@ class FleetEvents:
         self._redis = redis
         self._keys = keys
         self._changed = asyncio.Condition()
+        self._generation = 0
         self.received = 0  # messages since start (tests and /schedule_snapshot)
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -39,9 +40,18 @@ class FleetEvents:
             await cancel_until_done(self._task)
             self._task = None
 
-    async def wait(self, timeout_s: float) -> bool:
-        """Wait for the next event; False when ``timeout_s`` passed without one."""
+    @property
+    def generation(self) -> int:
+        """Grows by one per event: a waiter that notes it before its work and passes it to :meth:`wait` misses no
+        event that came meanwhile."""
+        return self._generation
+
+    async def wait(self, timeout_s: float, since: int | None = None) -> bool:
+        """Wait for the next event (at once if one came after generation ``since``); False when ``timeout_s``
+        passed without one."""
         async with self._changed:
+            if since is not None and self._generation != since:
+                return True
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
             except TimeoutError:
@@ -51,6 +61,7 @@ class FleetEvents:
     async def notify_local(self) -> None:
         """Wake this process's waiters without a round trip (a release made here)."""
         async with self._changed:
+            self._generation += 1
             self._changed.notify_all()
 
     async def _run(self) -> None:

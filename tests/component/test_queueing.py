@@ -170,3 +170,30 @@ async def test_admission_holds_requests_while_the_fleet_is_full_and_lets_one_in_
     result = await asyncio.wait_for(second, 5)
     assert result.success
     await queue.scheduler.release(2)
+
+
+def soft(rid: int, seq_len: int) -> ScheduleRequest:
+    """A request admitted by estimated wait (the proxy's): its TTFT estimate must be within 1 s."""
+    return ScheduleRequest(request_id=rid, seq_len=seq_len, ttft_bound_ms=1_000)
+
+
+async def test_a_request_no_worker_can_take_now_does_not_hold_back_smaller_ones(make_queue) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11: no head-of-line blocking. The head's prompt takes ~9 s to prefill anywhere (above the bound): it
+    waits; a small request behind it is placed at once; then, overtaken max_overtakes times, the head is not
+    overtaken again."""
+    queue = await make_queue(max_overtakes=2)
+    big = asyncio.create_task(queue.schedule(soft(1, 90_000), hold=True))
+    await until_queued(queue, 1)
+    for rid in (2, 3):
+        small = await asyncio.wait_for(queue.schedule(soft(rid, 10), hold=True), 5)
+        assert small.success, small.message
+        await queue.scheduler.release(rid)
+    assert not big.done() and [e["request_id"] for e in queue.snapshot()["entries"]] == [1]
+    third = asyncio.create_task(queue.schedule(soft(4, 10), hold=True))
+    await until_queued(queue, 2)
+    await asyncio.sleep(0)  # a dispatcher round could run now: it must stop at the aged head
+    assert not third.done() and [e["request_id"] for e in queue.snapshot()["entries"]] == [1, 4]
+    big.cancel()
+    result = await asyncio.wait_for(third, 5)  # the head left: the next one goes
+    assert result.success
+    assert len(queue) == 0

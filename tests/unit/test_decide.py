@@ -216,3 +216,47 @@ def test_a_worker_whose_last_status_is_too_old_is_not_chosen() -> None:
             assert "status of all 40 alive PREFILL workers is too old" in stale.message
             unbounded = dataclasses.replace(opts, status_max_age_ms=0)
             assert decide(request, fleet, unbounded, memory, redis_now_ms=200_000).success
+
+
+def _full_fleet(kv_total: int = 10_000) -> FleetView:
+    """Two PDFUSION workers at their concurrency limit; the second has the shorter queue."""
+    hashes = {}
+    for i, queued in ((1, 40_000), (2, 5_000)):
+        hashes[f"10.2.0.{i}:8000"] = {
+            "ip": f"10.2.0.{i}", "http_port": "8000", "role": "PDFUSION", "alive": "1", "available": "1",
+            "max_concurrency": "4", "running": "4", "waiting": "3", "queued_tokens": str(queued),
+            "kv_used": "0", "kv_total": str(kv_total), "prefill_tokens_per_ms": "10",
+        }  # fmt: skip
+    return fleet_of(hashes)
+
+
+def test_admission_by_wait_sends_to_a_worker_at_its_limit_when_its_estimate_is_within_the_bound() -> None:
+    """Issue 11: a worker at its running limit still queues; what matters is the wait."""
+    fleet = _full_fleet()
+    opts = options(StrategyName.SHORTEST_TTFT, Role.PDFUSION, 32)
+    strict = decide(ScheduleRequest(request_id=1, seq_len=100), fleet, opts, ChoiceMemory())
+    assert not strict.success and "at their concurrency or KV limit" in strict.message
+    for prune_above in (0, 32):
+        opts = options(StrategyName.SHORTEST_TTFT, Role.PDFUSION, prune_above)
+        soft = ScheduleRequest(request_id=1, seq_len=100, ttft_bound_ms=5_000)
+        result = decide(soft, fleet, opts, ChoiceMemory())
+        assert result.success and result.choices[Role.PDFUSION].worker.worker_id == "10.2.0.2:8000"
+        tight = decide(dataclasses.replace(soft, ttft_bound_ms=100), fleet, opts, ChoiceMemory())
+        assert not tight.success and tight.code == ErrorCode.NO_PDFUSION_WORKER  # retryable: the queue holds it
+        assert "estimated TTFT of 530 ms, above the admission bound of 100 ms" in tight.message
+
+
+def test_a_request_larger_than_every_workers_kv_is_refused_as_context_length_exceeded() -> None:
+    fleet = _full_fleet(kv_total=1_000)
+    opts = options(StrategyName.SHORTEST_TTFT, Role.PDFUSION, 32)
+    for bound in (0, 5_000):
+        for request in (
+            ScheduleRequest(request_id=1, seq_len=1_200, ttft_bound_ms=bound),
+            ScheduleRequest(request_id=1, seq_len=800, output_tokens=300, ttft_bound_ms=bound),
+        ):
+            result = decide(request, fleet, opts, ChoiceMemory())
+            assert not result.success and result.code == ErrorCode.CONTEXT_LENGTH_EXCEEDED, result.message
+            assert not result.code.retryable
+            assert "the largest of the 2 alive PDFUSION workers holds 1000" in result.message
+    ok = decide(ScheduleRequest(request_id=1, seq_len=900, ttft_bound_ms=5_000), fleet, opts, ChoiceMemory())
+    assert ok.success  # fits the whole KV: a worker queues it until its KV frees
