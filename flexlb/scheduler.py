@@ -258,7 +258,9 @@ class Scheduler:
         reservation, a concurrent request of the same new prefix went there first (lua/reserve.lua)."""
         if not self.options.inflight_ttl_ms or not self._needs_lookup(request):
             return None
-        best = max(hits.values(), default=0)
+        # the first block nobody held: beyond every match, and beyond what a sample of a popular prefix's holders
+        # missed (held_by_any), so a block someone held all along is not taken for a moved prefix
+        best = max(max(hits.values(), default=0), getattr(hits, "held_by_any", 0))
         return request.block_cache_keys[best] if best < len(request.block_cache_keys) else None
 
     def _needs_lookup(self, request: ScheduleRequest) -> bool:

@@ -7,7 +7,9 @@
 -- ARGV[4]          N, the number of blocks in the chunk
 -- ARGV[5..4+N]     the chunk's block hashes, in KEYS order
 -- ARGV[5+N..]      workers that held every block of the previous chunks (none for the first chunk)
--- Returns {{workers holding every block of this chunk}, {worker, blocks held in this chunk, ...}} for the others.
+-- Returns {{workers holding every block of this chunk}, {worker, blocks held in this chunk, ...} for the others,
+-- deepest}: deepest is, when the holders were sampled, how many leading blocks of the chunk some worker holds (the
+-- bisection's answer), else 0 (every holder was followed: the matches say it).
 -- Guarantees: a strict prefix match per worker: its first missing block ends its match. A block is held when the
 -- worker's own set has it or it is in flight there (reserved for a request, lua/reserve.lua) and not expired. The inverted index names
 -- the candidates (holders of the first block), each candidate's own set is asked once for the whole chunk, so the
@@ -17,6 +19,7 @@
 local cache_prefix, inflight_prefix, follow, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local first, last = 5, 4 + n
 local alive = {}
+local deepest = 0
 local first_chunk = #ARGV == last
 if first_chunk then
   local holders = redis.call('SCARD', KEYS[1])
@@ -29,6 +32,7 @@ if first_chunk then
       local mid = math.ceil((lo + hi) / 2)
       if redis.call('EXISTS', KEYS[mid]) == 1 then lo = mid else hi = mid - 1 end
     end
+    deepest = lo
     if lo > 1 then
       local chosen = {}
       for _, w in ipairs(alive) do chosen[w] = true end
@@ -64,4 +68,4 @@ for _, w in ipairs(alive) do
     dropped[#dropped + 1] = m
   end
 end
-return {whole, dropped}
+return {whole, dropped, deepest}

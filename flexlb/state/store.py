@@ -28,6 +28,13 @@ _CHECKED = (
 )  # fmt: skip
 
 
+class PrefixHits(dict[str, int]):
+    """Worker id -> blocks of the request's prefix it holds; ``held_by_any``: when the lookup sampled the holders
+    of a popular prefix, how many leading blocks some worker holds (perhaps one not in the sample), else 0."""
+
+    held_by_any: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class ReserveOutcome:
     ok: bool
@@ -79,17 +86,19 @@ class FleetStore:
 
     # ---- the decision path ----
 
-    async def lookup_prefix(self, block_keys: Sequence[int], follow: int = LOOKUP_FOLLOW) -> dict[str, int]:
+    async def lookup_prefix(self, block_keys: Sequence[int], follow: int = LOOKUP_FOLLOW) -> PrefixHits:
         """Prefill-type workers holding a prefix of ``block_keys`` (in prompt order) -> blocks of that prefix: one
         call per LOOKUP_CHUNK blocks, and only while some worker still matches. With more than ``follow`` holders
         of the first block, a sample of them and the deepest holders (lua/lookup.lua)."""
-        hits: dict[str, int] = {}
+        hits = PrefixHits()
         alive: list[str] = []
         block = self.keys.block
         for offset in range(0, len(block_keys), LOOKUP_CHUNK):
             chunk = block_keys[offset : offset + LOOKUP_CHUNK]
             args = [self.keys.cache_prefix, self.keys.inflight_prefix, follow, len(chunk), *chunk, *alive]
-            alive, dropped = await self.scripts.call("lookup", [block(k) for k in chunk], args)
+            alive, dropped, deepest = await self.scripts.call("lookup", [block(k) for k in chunk], args)
+            if offset == 0:
+                hits.held_by_any = int(deepest)
             for i in range(0, len(dropped), 2):
                 hits[dropped[i]] = offset + int(dropped[i + 1])
             if not alive:

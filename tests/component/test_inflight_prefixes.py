@@ -98,3 +98,17 @@ async def test_a_reservation_whose_new_prefix_went_elsewhere_meanwhile_is_refuse
     assert await store.lookup_prefix(PROMPT) == {P1.worker_id: 3}
     assert (await store.reserve(2, [(P1.worker_id, 0)], MINUTE)).ok
     assert (await store.reserve(3, [(P2.worker_id, 1)], MINUTE)).ok
+
+
+async def test_a_sampled_lookup_says_how_deep_some_worker_holds_the_prompt(store: FleetStore) -> None:
+    """More holders of the first block than a lookup follows: the hits come from a sample, and held_by_any says
+    how deep the index goes, so a router's probe is not a block some unsampled worker held all along."""
+    popular = [WorkerSpec(f"10.9.1.{i}", 8000, Role.PREFILL) for i in range(12)]
+    for i, spec in enumerate(popular):
+        await store.register_worker(spec, WorkerStatus(kv_total=100_000))
+        await store.set_cache_blocks(spec.worker_id, [11, 12, 13] if i == 11 else [11, 12])
+    hits = await store.lookup_prefix([*PROMPT, 14], follow=4)
+    assert hits.held_by_any == 3
+    assert set(hits.values()) <= {2, 3}
+    few = await store.lookup_prefix([*PROMPT, 14], follow=16)  # every holder followed: the hits are exact
+    assert few.held_by_any == 0 and few[popular[11].worker_id] == 3

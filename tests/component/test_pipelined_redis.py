@@ -60,8 +60,9 @@ async def test_scripts_are_loaded_again_after_a_script_flush(redis_server: Embed
     scripts = Scripts(real_redis, client)
     try:
         await real_redis.script_flush()
-        reply = await scripts.call("lookup", ["flexlb:{x}:blk:1"], ["flexlb:{x}:cache:", 8, 1, 1])
-        assert reply == [[], []]
+        args = ["flexlb:{x}:cache:", "flexlb:{x}:inflight:", 8, 1, 1]
+        reply = await scripts.call("lookup", ["flexlb:{x}:blk:1"], args)
+        assert reply == [[], [], 0]
     finally:
         await client.aclose()
 
