@@ -50,15 +50,20 @@ for _, w in ipairs(alive) do
   local held = redis.call('SMISMEMBER', cache_prefix .. w, unpack(ARGV, first, last))
   local m = 0
   while m < n and held[m + 1] == 1 do m = m + 1 end
-  if m < n and redis.call('EXISTS', inflight_prefix .. w) == 1 then  -- the rest may be in flight there
+  -- the rest may be in flight there: one ZSCORE of the first block it lacks tells (a prompt's own new tail, the
+  -- common case, is in flight nowhere), and only then are the others read
+  local next_expiry = m < n and redis.call('ZSCORE', inflight_prefix .. w, ARGV[first + m])
+  if next_expiry then
     if not now then
       local t = redis.call('TIME')
       now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     end
-    local from = m
-    local expiry = redis.call('ZMSCORE', inflight_prefix .. w, unpack(ARGV, first + from, last))
-    while m < n and (held[m + 1] == 1 or (expiry[m + 1 - from] and tonumber(expiry[m + 1 - from]) > now)) do
-      m = m + 1
+    if tonumber(next_expiry) > now then
+      local from = m
+      local expiry = redis.call('ZMSCORE', inflight_prefix .. w, unpack(ARGV, first + from, last))
+      while m < n and (held[m + 1] == 1 or (expiry[m + 1 - from] and tonumber(expiry[m + 1 - from]) > now)) do
+        m = m + 1
+      end
     end
   end
   if m == n then
