@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.metadata
 import logging
 import os
 import socket
@@ -15,8 +16,11 @@ import orjson
 import uvloop
 from aiohttp import web
 
+from flexlb.cli_options import FlagError, add_operator_flags, flag_environment, port
 from flexlb.domain import Role, WorkerSpec, check_host
 from flexlb.embedded_redis import EmbeddedRedis, RedisNotInstalled
+from flexlb.logs import FORMATS, LEVELS, parse_level, setup_logging
+from flexlb.ports import PortInUse, claim_shared, listen
 from flexlb.settings import ConfigError, Settings, load_settings
 from flexlb.sim.__main__ import add_sim_worker_options
 from flexlb.sim.__main__ import run as run_sim_worker
@@ -31,10 +35,32 @@ class UsageError(Exception):
     pass
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+def _version() -> str:
+    try:
+        return importlib.metadata.version("flexlb")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def _level(text: str) -> str:
+    try:
+        return parse_level(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_log_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--log-level / --log-format before the sub-command (``top``) or after it: the sub-command's, when given, wins
+    (its defaults are SUPPRESS, so an absent one leaves the top-level value)."""
+    default_level, default_format = (None, None) if top else (argparse.SUPPRESS, argparse.SUPPRESS)
+    parser.add_argument(
+        "--log-level", type=_level, default=default_level, help=f"{', '.join(LEVELS)} (any case; default INFO)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=default_format,
+        help="text (default) or json: one object per line (time, level, logger, message, request_id, worker)",
     )
 
 
@@ -48,38 +74,47 @@ def _advertised(host: str, port: int) -> str:
         return f"127.0.0.1:{port}"
 
 
-def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from flexlb.supervisor import PortUnavailable, check_port, follow_supervisor
+def cmd_serve(args: argparse.Namespace, settings: Settings, flag_env: dict[str, str] | None = None) -> int:
+    from flexlb.supervisor import follow_supervisor
 
     config = settings.flexlb
     host = args.host or config.http_host
     port = args.port if args.port is not None else config.http_port
     if args.processes < 1:
         raise UsageError(f"--processes must be at least 1, got {args.processes}")
-    if args.processes > 1:
-        try:
-            port = check_port(host, port)
-        except PortUnavailable as exc:
-            raise UsageError(str(exc)) from None
     if args.supervisor_pid is not None:
         follow_supervisor(args.supervisor_pid)
-    embedded: EmbeddedRedis | None = None
-    if settings.redis_url is None:
-        embedded = EmbeddedRedis().start()
-        settings = dataclasses.replace(settings, redis_url=embedded.url)
-        print(f"flexlb: REDIS_URL not set; started redis-server at {embedded.url}", flush=True)
-        print(f"flexlb: to use it from another shell: export REDIS_URL={embedded.url}", flush=True)
+    # The port first, before Redis or anything else starts: a port in use is one clear error (flexlb/ports.py).
+    # A child of --processes N shares its supervisor's port (SO_REUSEPORT, in serve()); any other router owns its own.
+    sock = None
     try:
         if args.processes > 1:
-            return _supervise(args, settings, host, port)
-        _run_router(args, settings, host, port)
+            sock = claim_shared(host, port)
+            port = sock.getsockname()[1]
+        elif args.supervisor_pid is None:
+            sock = listen(host, port)
+            port = sock.getsockname()[1]
+    except PortInUse as exc:
+        raise UsageError(str(exc)) from None
+    embedded: EmbeddedRedis | None = None
+    try:
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis().start()
+            settings = dataclasses.replace(settings, redis_url=embedded.url)
+            print(f"flexlb: REDIS_URL not set; started redis-server at {embedded.url}", flush=True)
+            print(f"flexlb: to use it from another shell: export REDIS_URL={embedded.url}", flush=True)
+        if args.processes > 1:
+            return _supervise(args, settings, host, port, flag_env or {})
+        _run_router(args, settings, host, port, sock)
     finally:
+        if sock is not None:
+            sock.close()
         if embedded is not None:
             embedded.close()
     return 0
 
 
-def _run_router(args: argparse.Namespace, settings: Settings, host: str, port: int) -> None:
+def _run_router(args: argparse.Namespace, settings: Settings, host: str, port: int, sock: socket.socket | None) -> None:
     from flexlb.app import create_app, read_timeouts
     from flexlb.http.auth import warn_if_open
     from flexlb.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT_S
@@ -98,6 +133,7 @@ def _run_router(args: argparse.Namespace, settings: Settings, host: str, port: i
         app,
         host,
         port,
+        sock=sock,
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=AIOHTTP_SHUTDOWN_TIMEOUT_S,
@@ -105,15 +141,15 @@ def _run_router(args: argparse.Namespace, settings: Settings, host: str, port: i
     )
 
 
-def _supervise(args: argparse.Namespace, settings: Settings, host: str, port: int) -> int:
+def _supervise(args: argparse.Namespace, settings: Settings, host: str, port: int, flag_env: dict[str, str]) -> int:
     """``--processes N``: N children, each a ``flexlb serve`` on the same port and Redis, restarted when they die."""
     from flexlb.supervisor import RouterSupervisor
 
     assert settings.redis_url is not None
     # Each child's own --processes 1 run; exec'd, not forked, so each has its own event loop and Redis client.
     command = [
-        sys.executable, "-m", "flexlb.cli", "--log-level", args.log_level,
-        "serve", "--processes", "1", "--host", host, "--port", str(port),
+        sys.executable, "-m", "flexlb.cli", "--log-level", args.log_level or "INFO",
+        "--log-format", args.log_format or "text", "serve", "--processes", "1", "--host", host, "--port", str(port),
         "--advertise", args.advertise or _advertised(host, port), "--supervisor-pid", str(os.getpid()),
     ]  # fmt: skip
     print(
@@ -123,7 +159,7 @@ def _supervise(args: argparse.Namespace, settings: Settings, host: str, port: in
     )
     supervisor = RouterSupervisor(
         command,
-        {**os.environ, "REDIS_URL": settings.redis_url},
+        {**os.environ, **flag_env, "REDIS_URL": settings.redis_url},  # the flags reach the children as variables
         args.processes,
         shutdown_timeout_s=settings.flexlb.shutdown_timeout_ms / 1000,
     )
@@ -229,7 +265,8 @@ async def _worker_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexlb", description="Fleet-wide load balancer for LLM inference workers.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    parser.add_argument("--version", action="version", version=f"flexlb {_version()}")
+    _add_log_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a router (starts its own redis-server when REDIS_URL is not set)")
@@ -238,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen address (default: FLEXLB_CONFIG httpHost, 127.0.0.1; 0.0.0.0 for every interface: set"
         " FLEXLB_ADMIN_TOKEN first, docs/security.md)",
     )
-    serve.add_argument("--port", type=int, help="listen port (default: FLEXLB_CONFIG httpPort, 7001)")
+    serve.add_argument("--port", type=port, help="listen port, 0-65535 (default: FLEXLB_CONFIG httpPort, 7001)")
     serve.add_argument("--advertise", help="ip:port reported as real_master_host (default: this host's address)")
     serve.add_argument(
         "--processes",
@@ -247,12 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="router processes on the one port (SO_REUSEPORT), supervised by this one (default 1: no supervisor)",
     )
     serve.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)  # set by --processes for its children
+    add_operator_flags(serve)
 
     master = sub.add_parser(
         "master", help="contend for the master lock and poll the workers while holding it (REDIS_URL required)"
     )
     master.add_argument("--host", default="127.0.0.1", help="listen address of /health and /metrics")
-    master.add_argument("--port", type=int, default=7100, help="listen port of /health and /metrics (default 7100)")
+    master.add_argument("--port", type=port, default=7100, help="listen port of /health and /metrics (default 7100)")
     master.add_argument("--holder", help="name in the lock (default host:pid:master)")
 
     worker = sub.add_parser("worker", help="register, update, remove or list workers in Redis")
@@ -291,17 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     from flexlb.demo.cli import add_demo_parser
 
     add_demo_parser(sub)
+    for command in {id(p): p for p in sub.choices.values()}.values():
+        _add_log_options(command, top=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level or "INFO", args.log_format or "text")
     try:
-        settings = load_settings()
         if args.command == "serve":
-            return cmd_serve(args, settings)
+            flag_env = flag_environment(args, os.environ)
+            return cmd_serve(args, load_settings({**os.environ, **flag_env}), flag_env)
+        settings = load_settings()
         if args.command == "master":
             return cmd_master(args, settings)
         if args.command == "worker":
@@ -318,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flexlb.demo.cli import cmd_demo
 
             return cmd_demo(args)
-    except (ConfigError, UsageError, RedisNotInstalled) as exc:
+    except (ConfigError, UsageError, FlagError, RedisNotInstalled) as exc:
         print(f"flexlb: error: {exc}", file=sys.stderr)
         return 2
     except REDIS_UNAVAILABLE as exc:

@@ -1,10 +1,11 @@
 """``flexlb serve --processes N``: N router processes on one port, supervised by the parent.
 
 Each child is a plain ``flexlb serve`` (started with exec, not fork, so no event loop or Redis connection is shared),
-listening with SO_REUSEPORT: the kernel spreads new connections over them. The parent runs no router: it restarts a
-child that dies (with a backoff, so a crash loop does not spin), forwards SIGTERM / SIGINT to every child and waits
-for them, and owns the directory of prometheus_client's multiprocess mode, where each child writes its metrics and
-from which any child's /metrics answers for all of them.
+listening with SO_REUSEPORT: the kernel spreads new connections over them. The port is theirs alone: the supervisor
+checks it is free and holds it for them (flexlb/ports.py), so another router on it fails at start. The parent runs no
+router: it restarts a child that dies (with a backoff, so a crash loop does not spin), forwards SIGTERM / SIGINT to
+every child and waits for them, and owns the directory of prometheus_client's multiprocess mode, where each child
+writes its metrics and from which any child's /metrics answers for all of them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -30,24 +30,6 @@ BACKOFF_FIRST_S = 0.5  # delay before restarting a child that crashed; doubles p
 BACKOFF_MAX_S = 30.0
 STABLE_S = 30.0  # a child that ran this long before dying starts the backoff over
 KILL_AFTER_S = 30.0  # beyond shutdownTimeoutMs, a child that has not exited is killed (it is stuck)
-
-
-class PortUnavailable(OSError):
-    pass
-
-
-def check_port(host: str, port: int) -> int:
-    """Bind ``host``:``port`` the way the children will (SO_REUSEPORT) so that a port in use fails the start-up once
-    and clearly, instead of every child in a restart loop; returns the port (a free one for 0)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise PortUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        return probe.getsockname()[1]
 
 
 def follow_supervisor(pid: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -114,15 +115,22 @@ class ConnectionWatch:
 class _WatchedSite(web.TCPSite):
     """A TCPSite whose connections go through the app's ConnectionWatch."""
 
-    def __init__(self, runner: web.AppRunner, watch: ConnectionWatch, host: str, port: int) -> None:
+    def __init__(
+        self, runner: web.AppRunner, watch: ConnectionWatch, host: str, port: int, sock: socket.socket | None
+    ) -> None:
         super().__init__(runner, host, port, reuse_port=True)
         self._watch = watch
+        self._sock = sock  # already bound and listening (a router alone: exclusive, flexlb/ports.py)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner (stopped by runner.cleanup)
         server = self._runner.server
         assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
+        loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            self._server = await loop.create_server(self._watch.wrap(server), sock=self._sock, backlog=self._backlog)
+            return
+        self._server = await loop.create_server(
             self._watch.wrap(server), self._host, self._port, backlog=self._backlog, reuse_port=True
         )
 
@@ -132,16 +140,19 @@ def runner_options(timeouts: ReadTimeouts) -> dict[str, Any]:
     return {"keepalive_timeout": timeouts.idle_s, "lingering_time": LINGER_S}
 
 
-def serve(app: web.Application, host: str, port: int, **runner_kwargs: Any) -> None:
+def serve(
+    app: web.Application, host: str, port: int, *, sock: socket.socket | None = None, **runner_kwargs: Any
+) -> None:
     """``web.run_app(app, host=host, port=port, reuse_port=True, ...)`` with the app's ConnectionWatch on every
-    connection (``app[WATCH]``, set by create_app): the same start-up, signals and shutdown as run_app."""
+    connection (``app[WATCH]``, set by create_app): the same start-up, signals and shutdown as run_app. ``sock``:
+    listen on that socket instead (bound before anything started, so a port in use fails first)."""
     watch = app[WATCH]
 
     async def main() -> None:
         runner = web.AppRunner(app, handle_signals=True, **runner_kwargs)
         await runner.setup()
         try:
-            await _WatchedSite(runner, watch, host, port).start()
+            await _WatchedSite(runner, watch, host, port, sock).start()
             await asyncio.Event().wait()  # until SIGTERM / SIGINT raise GracefulExit
         finally:
             await runner.cleanup()

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import uvloop
 
+from flexlb.cli_options import port
 from flexlb.domain import Role
 from flexlb.sim.engine import EngineConfig
 from flexlb.sim.metrics import SIM_DIALECTS
@@ -34,8 +35,8 @@ def _role(text: str) -> Role:
 def add_sim_worker_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
     """The worker's options; ``required`` makes ``--role`` and ``--port`` mandatory instead of defaulted."""
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=None if required else 8000, required=required, help="HTTP port")
-    parser.add_argument("--grpc-port", type=int, help="status gRPC port (default: --port + 1)")
+    parser.add_argument("--port", type=port, default=None if required else 8000, required=required, help="HTTP port")
+    parser.add_argument("--grpc-port", type=port, help="status gRPC port (default: --port + 1)")
     parser.add_argument(
         "--count",
         type=int,

@@ -8,7 +8,8 @@ import socket
 import pytest
 
 from flexlb.cli import main
-from flexlb.supervisor import check_port, describe_exit
+from flexlb.ports import claim_shared
+from flexlb.supervisor import describe_exit
 
 
 def test_processes_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
@@ -26,8 +27,8 @@ def test_a_port_in_use_fails_at_once_not_in_every_child(capsys: pytest.CaptureFi
 
 
 def test_port_zero_becomes_one_free_port_for_all_children() -> None:
-    port = check_port("127.0.0.1", 0)
-    assert 0 < port < 65536
+    with claim_shared("127.0.0.1", 0) as held:
+        assert 0 < held.getsockname()[1] < 65536
 
 
 def test_exit_statuses_are_named() -> None:
