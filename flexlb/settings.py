@@ -12,6 +12,7 @@ Run ``python -m flexlb.settings`` to print the table.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -664,13 +665,21 @@ class StaticWorker:
     role: Role
     group: str = ""
     engine: EngineKind = EngineKind.RTP_LLM
+    grpc_port: int = 0  # the endpoint's worker_status_port; 0: http_port + 1
 
     @property
     def worker_id(self) -> str:
         return f"{self.ip}:{self.http_port}"
 
     def to_spec(self) -> WorkerSpec:
-        return WorkerSpec(ip=self.ip, http_port=self.http_port, role=self.role, group=self.group, engine=self.engine)
+        return WorkerSpec(
+            ip=self.ip,
+            http_port=self.http_port,
+            role=self.role,
+            group=self.group,
+            engine=self.engine,
+            grpc_port=self.grpc_port,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,11 +704,40 @@ _ENDPOINT_KEYS: Final[Mapping[str, Role]] = {
     "pd_fusion_endpoint": Role.PDFUSION,
 }
 _SUPPORTED_ENDPOINT_TYPES: Final = frozenset({"SPECIFIEDIPPORTLIST", "SPECIFIEDIPPORT"})  # squashed
+# Keys of each level of MODEL_SERVICE_CONFIG; any other key is an error naming the closest of these (a typo such as
+# "prefil_endpoint" would otherwise start a router with no workers). Keys of the original flexlb ignores: warned.
+_ENDPOINT_FIELDS: Final = frozenset({"address", "protocol", "path", "type", "engine", "worker_status_port"})
+_ENTRY_FIELDS: Final = frozenset({"group", *_ENDPOINT_KEYS})
+_TOP_FIELDS: Final = frozenset({"service_id", "role_endpoints", *_ENDPOINT_KEYS})
+_IGNORED_SERVICE_KEYS: Final[Mapping[str, str]] = {
+    "multi_engine_num": "flexlb schedules each listed ip:port as one worker",
+    "discovery": "flexlb reads the workers listed in address (register others with `flexlb worker add`)",
+    "kvcm": "flexlb reads KV cache state from the workers",
+    "optimizer": "flexlb has no external optimizer",
+}
+
+
+def _check_keys(raw: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+    """Refuse a key that is not in ``known`` (warn for the original's ignored ones), naming the closest known key."""
+    for key in raw:
+        if key in known:
+            continue
+        path = f"{where}.{key}"
+        if key in _IGNORED_SERVICE_KEYS:
+            log.warning(
+                "%s is an option of the original FlexLB that flexlb ignores: %s", path, _IGNORED_SERVICE_KEYS[key]
+            )
+            continue
+        near = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{path}: unknown key{hint} (known here: {', '.join(sorted(known))})")
 
 
 def _host_port(item: str, where: str) -> tuple[str, int]:
     """Split ``ip:port`` (or ``[v6]:port``) and check both parts."""
     text = item.strip()
+    if text.lower().startswith("http://"):  # a worker URL (as smg and vllm-router take them): its host:port
+        text = text[len("http://") :].rstrip("/")
     if "://" in text:
         raise ConfigError(f'{where}: {_show(item)} has no valid host (expected "ip:port", without a scheme)')
     if text.startswith("["):
@@ -709,7 +747,10 @@ def _host_port(item: str, where: str) -> tuple[str, int]:
         if ":" in host:
             raise ConfigError(f'{where}: {_show(item)}: write an IPv6 address as "[address]:port"')
     if not sep:
-        raise ConfigError(f'{where}: {_show(item)} has no port (expected "ip:port")')
+        raise ConfigError(
+            f'{where}: {_show(item)} has no port (expected "ip:port"; a DNS name is fine, e.g. "worker-0.svc:8000",'
+            " resolved whenever a connection is made)"
+        )
     if not host or re.search(r"[\s/{}\[\]]", host):
         raise ConfigError(f'{where}: {_show(item)} has no valid host (expected "ip:port")')
     if not re.fullmatch(r"[0-9]+", port):
@@ -748,9 +789,14 @@ def _endpoint(raw: object, where: str, role: Role, group: str) -> list[StaticWor
             f"{where}.type: endpoint type {_show(kind)} is not supported by flexlb (only SpecifiedIpPortList);"
             " list the workers' ip:port here, or register workers with `flexlb worker add` instead"
         )
+    _check_keys(raw, _ENDPOINT_FIELDS, where)
     if "address" not in raw:
         raise ConfigError(f"{where}.address: missing")
     addresses = _addresses(raw["address"], f"{where}.address")
+    status_port = raw.get("worker_status_port")
+    if status_port is not None:  # the original's: the port of the workers' status gRPC, instead of http_port + 1
+        status_port = _from_json(status_port, int, f"{where}.worker_status_port")
+        _check_range(status_port, f"{where}.worker_status_port", 1, 65535, False)
     engine = raw.get("engine", EngineKind.RTP_LLM.value)
     try:
         kind = EngineKind.parse(engine) if isinstance(engine, str) else None
@@ -759,7 +805,10 @@ def _endpoint(raw: object, where: str, role: Role, group: str) -> list[StaticWor
     if kind is None:
         choices = ", ".join(f'"{k.value}"' for k in EngineKind)
         raise ConfigError(f"{where}.engine: expected one of {choices}, got {_show(engine)}")
-    return [StaticWorker(ip=host, http_port=port, role=role, group=group, engine=kind) for host, port in addresses]
+    return [
+        StaticWorker(ip=host, http_port=port, role=role, group=group, engine=kind, grpc_port=int(status_port or 0))
+        for host, port in addresses
+    ]
 
 
 def _endpoints_of(entry: dict[str, Any], where: str, group: str) -> list[tuple[StaticWorker, str]]:
@@ -791,6 +840,7 @@ def parse_service_config(environ: Mapping[str, str]) -> ServiceConfig:
     document = {} if _blank(environ.get("MODEL_SERVICE_CONFIG")) else _load_json(environ, "MODEL_SERVICE_CONFIG")
     if not isinstance(document, dict):
         raise ConfigError(f"MODEL_SERVICE_CONFIG: expected a JSON object, got {_show(document)}")
+    _check_keys(document, _TOP_FIELDS, "MODEL_SERVICE_CONFIG")
     service_id = _service_id(document, environ)
 
     # Older form: *_endpoint at the top level, one implicit group. Both forms may appear together.
@@ -803,6 +853,7 @@ def parse_service_config(environ: Mapping[str, str]) -> ServiceConfig:
         where = f"role_endpoints[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"MODEL_SERVICE_CONFIG.{where}: expected an object, got {_show(entry)}")
+        _check_keys(entry, _ENTRY_FIELDS, f"MODEL_SERVICE_CONFIG.{where}")
         group = entry.get("group", "")
         if not isinstance(group, str):
             raise ConfigError(f"MODEL_SERVICE_CONFIG.{where}.group: expected a string, got {_show(group)}")
