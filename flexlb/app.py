@@ -24,6 +24,7 @@ from flexlb.domain import ROLE_ORDER, Role
 from flexlb.grpc_api import GrpcScheduleApi
 from flexlb.http.admin import setup_admin_routes
 from flexlb.http.auth import Api, serve_as, setup_auth
+from flexlb.http.compat import setup_compat_routes
 from flexlb.http.drain import InFlightRequests
 from flexlb.http.middleware import RequestReader, json_errors
 from flexlb.http.routes import CONTEXT, MASTER, setup_master_routes, setup_routes
@@ -216,6 +217,7 @@ def create_app(
         app.on_shutdown.append(grpc_api.shutdown)  # SIGTERM: takes no new calls, as the HTTP listener
     setup_routes(app)
     setup_admin_routes(app)
+    setup_compat_routes(app)
     setup_proxy(app, config, settings.auth)
     serve_as(app, Api.PROXY, PROXY_ROUTES)
     app.on_shutdown.append(_stop_taking_work(queue, master, in_flight, config.shutdown_timeout_ms))

@@ -33,6 +33,8 @@ def error_response(request: web.BaseRequest, status: int, message: str, *, code:
     """``status`` with ``message`` in the shape the path's clients expect; ``code``: OpenAI's snake_case code."""
     if is_openai_path(request.path):
         type_ = "invalid_request_error" if status < 500 else "server_error"
+        if status == 404 and code is None:  # no such route: OpenAI answers an unknown URL with code null
+            return json_response({"error": {"message": message, "type": type_, "param": None, "code": None}}, 404)
         code = code or _OPENAI_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
         return json_response(openai_error_body(message, type_=type_, code=code), status)
     flexlb_code = ErrorCode.STATE_UNAVAILABLE if status == 503 else ErrorCode.INVALID_REQUEST

@@ -6,7 +6,8 @@ from typing import Any
 
 import orjson
 
-from flexlb.domain import Choice, ErrorCode, Role, ScheduleRequest, ScheduleResult
+from flexlb.blocks import block_cache_keys
+from flexlb.domain import DEFAULT_BLOCK_SIZE, Choice, ErrorCode, Role, ScheduleRequest, ScheduleResult
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_SEQ_LEN = 100_000_000  # far beyond any context window: larger is a client bug
@@ -70,13 +71,35 @@ def schedule_body_limit(max_keys: int) -> int:
     return max_keys * KEY_JSON_BYTES + BODY_SLACK_BYTES
 
 
-def parse_schedule_request(data: dict[str, Any], max_keys: int = MAX_BLOCK_CACHE_KEYS) -> ScheduleRequest:
-    """Validate a schedule request body; unknown fields are ignored as in the original."""
+def _input_ids(data: dict[str, Any]) -> list[int] | None:
+    """The original frontend's ``input_ids`` (the prompt's token ids), checked; None when absent."""
+    ids = data.get("input_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or len(ids) > MAX_SEQ_LEN:
+        raise BadRequest(f"input_ids: expected a list of token ids, got {type(ids).__name__}")
+    for i, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, int) or not INT64_MIN <= token <= INT64_MAX:
+            raise BadRequest(f"input_ids[{i}]: expected a 64-bit integer token id, got {_preview(token)}")
+    return ids
+
+
+def parse_schedule_request(
+    data: dict[str, Any], max_keys: int = MAX_BLOCK_CACHE_KEYS, block_size: int = DEFAULT_BLOCK_SIZE
+) -> ScheduleRequest:
+    """Validate a schedule request body; unknown fields are ignored as in the original. Without
+    ``block_cache_keys``, ``input_ids`` (as the original's frontend sends) give them: cut into blocks of
+    ``block_size`` tokens (the fleet's) and hashed as the workers hash them; ``seq_len`` then defaults to their
+    number."""
     request_id = parse_request_id(data)
-    seq_len = int_field(data, "seq_len", required=True, low=0, high=MAX_SEQ_LEN)
+    input_ids = _input_ids(data)
+    seq_len = int_field(
+        data, "seq_len", required=input_ids is None, default=len(input_ids or ()), low=0, high=MAX_SEQ_LEN
+    )
+    priority = int_field(data, "request_priority", required=False, low=-(1 << 31), high=(1 << 31) - 1)
     keys = data.get("block_cache_keys")
     if keys is None:
-        keys = []
+        keys = [] if input_ids is None else block_cache_keys(input_ids, block_size)
     if not isinstance(keys, list):
         raise BadRequest(f"block_cache_keys: expected a list of integers, got {type(keys).__name__}")
     if len(keys) > max_keys:
@@ -100,6 +123,7 @@ def parse_schedule_request(data: dict[str, Any], max_keys: int = MAX_BLOCK_CACHE
         generate_timeout_ms=timeout,
         model=model,
         request_time_ms=request_time,
+        priority=priority,
     )
 
 

@@ -20,9 +20,10 @@ from flexlb.proxy.upstream import make_client
 from flexlb.settings import AuthSettings, FlexlbConfig
 
 MODELS_PATH = "/v1/models"
+MODEL_PATH = "/v1/models/{model_id}"  # the pattern as auth classifies it (its canonical form)
 
 
-PROXY_ROUTES = (*(route.value for route in Route), MODELS_PATH)  # the routes FLEXLB_API_KEYS guards
+PROXY_ROUTES = (*(route.value for route in Route), MODELS_PATH, MODEL_PATH)  # the routes FLEXLB_API_KEYS guards
 
 
 def setup_proxy(app: web.Application, config: FlexlbConfig, auth: AuthSettings | None = None) -> None:
@@ -45,6 +46,7 @@ def setup_proxy(app: web.Application, config: FlexlbConfig, auth: AuthSettings |
     for route in Route:
         app.router.add_post(route.value, handler_for(route))
     app.router.add_get(MODELS_PATH, list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)  # ids may hold "/": "org/model"
     app.cleanup_ctx.append(_session_lifecycle)
 
 
@@ -55,9 +57,25 @@ async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await pctx.session.close()
 
 
+def _card(pctx: ProxyContext) -> dict[str, object]:
+    return {"id": pctx.model_name, "object": "model", "created": pctx.created, "owned_by": "flexlb"}
+
+
 async def list_models(request: web.Request) -> web.Response:
     """The one model this router serves: ``servedModelName``, else the service id."""
     pctx = request.app[PROXY]
-    card = {"id": pctx.model_name, "object": "model", "created": pctx.created, "owned_by": "flexlb"}
     pctx.metrics.count_request(MODELS_PATH, 200)
-    return web.Response(body=orjson.dumps({"object": "list", "data": [card]}), content_type="application/json")
+    return web.Response(body=orjson.dumps({"object": "list", "data": [_card(pctx)]}), content_type="application/json")
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{id}``: the model's card when ``id`` is the listed name, else OpenAI's 404 model_not_found."""
+    pctx = request.app[PROXY]
+    model_id = request.match_info["model_id"]
+    if model_id == pctx.model_name:
+        pctx.metrics.count_request(MODEL_PATH, 200)
+        return web.Response(body=orjson.dumps(_card(pctx)), content_type="application/json")
+    pctx.metrics.count_request(MODEL_PATH, 404)
+    message = f"The model {model_id!r} does not exist: this router serves {pctx.model_name!r} (GET /v1/models)"
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": "model_not_found"}
+    return web.Response(body=orjson.dumps({"error": error}), status=404, content_type="application/json")
