@@ -34,7 +34,7 @@ from flexlb.master.election import current_master
 from flexlb.master.health import HealthOptions, HttpGetter
 from flexlb.master.router_health import RouterHealthChecks
 from flexlb.master.service import MasterService, default_holder
-from flexlb.metrics import MasterMetrics, SchedulerMetrics, exposition_registry
+from flexlb.metrics import MasterMetrics, SchedulerMetrics, exposition_registry, register_fleet_collector
 from flexlb.proxy import setup_proxy
 from flexlb.proxy.routes import PROXY_ROUTES
 from flexlb.queueing import QueueMetrics, QueueOptions, RequestQueue
@@ -210,6 +210,7 @@ def create_app(
         max_block_cache_keys=config.max_block_cache_keys,
         owners=_reservation_owners(settings),
     )
+    register_fleet_collector(app[CONTEXT].metrics_registry or registry, scheduler.view.all)  # healthy workers
     setup_auth(app, settings.auth, app[CONTEXT].master_host)
     grpc_api = GrpcScheduleApi.from_config(config) if config.enable_grpc_prefill_master else None
     if grpc_api is not None:  # claims its port first: one in use fails start-up before anything has started

@@ -7,9 +7,15 @@ histograms are summed over every process, live or dead; each gauge says how its 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from flexlb.domain import Role
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -119,3 +125,36 @@ class MasterMetrics:
             "Reservations dropped because the worker itself reported the request (its counts carry it from then).",
             registry=registry,
         )
+
+
+class FleetCollector(Collector):
+    """Gauges read from the router's fleet view at each scrape: the fleet is one for every router process, so any
+    process's view answers (under ``--processes N`` it is registered on the aggregate registry, beside the files)."""
+
+    def __init__(self, workers: Callable[[], Iterable[Any]]) -> None:
+        self._workers = workers  # the fleet view's worker views (``FleetView.all``)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        healthy = GaugeMetricFamily(
+            "flexlb_workers_healthy",
+            "Workers of each role in this router's fleet view that are alive (answer their status polls or health"
+            " checks) and available (below their queue and KV thresholds).",
+            labels=["role"],
+        )
+        registered = GaugeMetricFamily(
+            "flexlb_workers_registered", "Workers of each role in this router's fleet view.", labels=["role"]
+        )
+        counts = {role: [0, 0] for role in Role}
+        for view in self._workers():
+            count = counts[view.spec.role]
+            count[0] += 1
+            count[1] += bool(view.status.alive and view.status.available)
+        for role, (total, ok) in counts.items():
+            registered.add_metric([role.value], total)
+            healthy.add_metric([role.value], ok)
+        yield healthy
+        yield registered
+
+
+def register_fleet_collector(registry: CollectorRegistry, workers: Callable[[], Iterable[Any]]) -> None:
+    registry.register(FleetCollector(workers))

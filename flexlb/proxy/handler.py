@@ -30,6 +30,7 @@ from flexlb.http.wire import BadRequest
 from flexlb.proxy.context import PROXY, ProxyContext
 from flexlb.proxy.errors import ClientGone, ProxyError, error_response, from_schedule
 from flexlb.proxy.http1 import Response
+from flexlb.proxy.metrics import TIMER_KEY, RequestTimer
 from flexlb.proxy.parse import ProxiedRequest, Route, parse_request
 from flexlb.proxy.pd import PrefillRefused, UpstreamFailures, bootstrap_fields, drain, open_pair
 from flexlb.proxy.plan import forward_body, plan
@@ -63,6 +64,7 @@ async def proxy_request(request: web.Request, route: Route) -> web.StreamRespons
     status = 500
     request_id: int | None = None
     streamed = _Streamed()
+    timer = request[TIMER_KEY] = RequestTimer(route.value, pctx.model_name)
     try:
         parsed = await _parse(request, route, pctx)
         request_id = pctx.new_id()
@@ -91,6 +93,7 @@ async def proxy_request(request: web.Request, route: Route) -> web.StreamRespons
         return error_response(error, request_id)
     finally:
         pctx.metrics.count_request(route.value, status)
+        pctx.metrics.finished(timer)
 
 
 async def _parse(request: web.Request, route: Route, pctx: ProxyContext) -> ProxiedRequest:
@@ -173,6 +176,7 @@ async def _serve(
                 for wid in chosen if breakers is not None else ():
                     breakers.answered(wid, f"worker {wid}")
                 return response
+        pctx.metrics.retries_exhausted.labels(route=parsed.route.value).inc()
         raise _no_worker(None, failures)
     finally:
         # The answer was sent whole (or the client is gone), so the release does not hold it up; the handler waits for
@@ -221,6 +225,8 @@ async def _attempt(
             upstream, answering = exc.response, prefill
         else:
             drainer = asyncio.create_task(drain(prefill_response, prefill, request_id, on_late_failure))
+    timer: RequestTimer = request[TIMER_KEY]
+    timer.role = answering.role.value  # the worker whose answer the client gets (prefill, when it refused)
     try:
         response = await relay(
             request,
@@ -229,7 +235,9 @@ async def _attempt(
             stream=parsed.stream,
             request_id=request_id,
             on_mid_stream_failure=on_late_failure,
+            on_first_chunk=lambda: pctx.metrics.first_byte(timer),
         )
+        pctx.metrics.worker_answered(answering.worker_id, answering.role.value, upstream.status)
         if not response.prepared:  # an answer not streamed: sent now, so the release after it does not hold it up
             try:
                 await response.prepare(request)
@@ -258,6 +266,8 @@ def _no_worker(refusal: ProxyError | None, failures: list[UpstreamFailure]) -> P
 
 def _count_failure(pctx: ProxyContext, target: Target, reason: str, *, retried: bool) -> None:
     pctx.metrics.upstream_failures.labels(role=target.role.value, reason=reason).inc()
+    if reason != "mid_stream":  # before its headers: no answer, or a 5xx one
+        pctx.metrics.worker_answered(target.worker_id, target.role.value, 500 if reason == "http_5xx" else None)
     if retried:
         pctx.metrics.retries.labels(role=target.role.value).inc()
 

@@ -1,10 +1,32 @@
-"""Prometheus metrics of the proxy routes, on the router's registry (served by its /metrics)."""
+"""Prometheus metrics of the proxy routes, on the router's registry (served by its /metrics).
+
+Latency buckets are sized for LLM requests: a TTFT from tens of milliseconds (a cached prefix) to a minute (a long
+prompt behind a queue), a whole request up to the ten minutes of proxyResponseTimeoutMs.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TIMER_KEY = "flexlb.proxy.timer"  # the request's RequestTimer (an aiohttp request is a mapping)
+NO_WORKER = "none"  # the role label of a request no worker answered (refused, or every worker failed)
+
+
+@dataclass(slots=True)
+class RequestTimer:
+    """One proxied request's clock: started on arrival; the answering worker's role once chosen."""
+
+    route: str
+    model: str
+    started: float = field(default_factory=time.perf_counter)
+    role: str = NO_WORKER
+    first_byte: float | None = None
 
 
 class ProxyMetrics:
@@ -29,6 +51,36 @@ class ProxyMetrics:
             ["role"],
             registry=registry,
         )
+        self.retries_exhausted = Counter(
+            "flexlb_proxy_retries_exhausted_total",
+            "Requests answered 502 because every attempt's worker failed before its first byte (proxyRetries used"
+            " up), by route.",
+            ["route"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "flexlb_proxy_request_duration_seconds",
+            "Proxied requests from arrival to the end of the answer, by route, model and the answering worker's role"
+            " (none: no worker answered).",
+            ["route", "model", "role"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "flexlb_proxy_ttft_seconds",
+            "Streamed requests (2xx) from arrival to their first byte sent to the client, by route, model and the"
+            " answering worker's role.",
+            ["route", "model", "role"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.worker_requests = Counter(
+            "flexlb_proxy_worker_requests_total",
+            "Requests sent to each worker by the class of its answer's status (2xx, 4xx, 5xx; error: no answer, a"
+            " connect error, reset or timeout before its headers).",
+            ["worker", "role", "status_class"],
+            registry=registry,
+        )
 
     def count_request(self, route: str, status: int) -> None:
         """One more request on ``route`` answered ``status``; the labelled child is bound once per pair."""
@@ -36,3 +88,17 @@ class ProxyMetrics:
         if child is None:
             child = self._request_counts[route, status] = self.requests.labels(route=route, status=str(status))
         child.inc()
+
+    def first_byte(self, timer: RequestTimer) -> None:
+        """The first byte of a streamed answer went to the client."""
+        if timer.first_byte is None:
+            timer.first_byte = time.perf_counter()
+            self.ttft.labels(timer.route, timer.model, timer.role).observe(timer.first_byte - timer.started)
+
+    def finished(self, timer: RequestTimer) -> None:
+        self.duration.labels(timer.route, timer.model, timer.role).observe(time.perf_counter() - timer.started)
+
+    def worker_answered(self, worker: str, role: str, status: int | None) -> None:
+        """``worker`` answered with ``status`` (None: it did not answer)."""
+        status_class = "error" if status is None else f"{status // 100}xx"
+        self.worker_requests.labels(worker, role, status_class).inc()

@@ -32,8 +32,10 @@ async def relay(
     stream: bool,
     request_id: int,
     on_mid_stream_failure: Callable[[Target], None],
+    on_first_chunk: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
-    """Send ``upstream`` to the client: streamed when the client asked for a stream and the worker said 2xx."""
+    """Send ``upstream`` to the client: streamed when the client asked for a stream and the worker said 2xx;
+    ``on_first_chunk`` is called once the stream's first chunk is written (its TTFT)."""
     received = upstream.headers
     headers = {name: received[key] for key, name in PASSED_HEADERS if key in received}
     headers["X-Request-Id"] = str(request_id)
@@ -67,6 +69,9 @@ async def relay(
         if not chunk:
             break
         await _write(out, chunk)
+        if on_first_chunk is not None:
+            on_first_chunk()
+            on_first_chunk = None
         tail = chunk[-2:]
     try:
         await out.write_eof()
