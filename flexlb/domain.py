@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_BLOCK_SIZE = 64  # tokens per KV block when a worker has not said (RTP-LLM's seq_size_per_block)
 
@@ -204,6 +205,7 @@ class ScheduleRequest:
     # the request, so those limits do not refuse it; the chosen prefill-type worker's estimated TTFT must be within
     # this bound instead (flexlb.routing.decide). 0: the limits are hard (the schedule API, as the original).
     ttft_bound_ms: float = 0.0
+    explain: bool = False  # the decision says why (Choice.explanation): the schedule API's `debug`, the decision log
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +215,7 @@ class Choice:
     worker: WorkerView
     estimate_ttft_ms: float = 0.0
     reserve_tokens: int = 0  # tokens the reservation holds on the worker (KV it will need)
+    explanation: dict[str, Any] | None = None  # why, when the request asked (flexlb.routing.explain)
 
 
 @dataclass(slots=True)

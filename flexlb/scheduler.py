@@ -15,6 +15,7 @@ Redis again (at most once per ``probe_interval_s``), so shared scheduling resume
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from flexlb.state.view import FleetView
 from flexlb.state.view_sync import ViewSync
 
 log = logging.getLogger("flexlb.scheduler")
+# At DEBUG, every decision is logged with its best candidates and the rule that chose (flexlb.routing.explain).
+decision_log = logging.getLogger("flexlb.decision")
 
 MAX_UNWRITTEN_RELEASES = 100_000  # beyond that, the rest expire by TTL
 
@@ -273,6 +276,18 @@ class Scheduler:
     # ---- the decision itself (no I/O) ----
 
     def _decide(self, request: ScheduleRequest, hits: dict[str, int]) -> ScheduleResult:
+        logged = decision_log.isEnabledFor(logging.DEBUG)
+        if logged and not request.explain:
+            request = dataclasses.replace(request, explain=True)
+        result = self._decide_now(request, hits)
+        if logged:
+            for choice in result.choices.values():
+                decision_log.debug("request %s: %s", request.request_id, choice.explanation)
+            if not result.success:
+                decision_log.debug("request %s: %s", request.request_id, result.message)
+        return result
+
+    def _decide_now(self, request: ScheduleRequest, hits: dict[str, int]) -> ScheduleResult:
         return decide(
             request,
             self.view,

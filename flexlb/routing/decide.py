@@ -22,6 +22,7 @@ request's cache holders, not with the fleet:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from flexlb.domain import (
     WorkerView,
 )
 from flexlb.routing.eligibility import is_eligible
+from flexlb.routing.explain import explain
 from flexlb.routing.strategies import (
     PREFILL_ROLES,
     ChoiceMemory,
@@ -175,6 +177,10 @@ def decide(
                 message=f"{code.name}: the best {role.value} worker ({choice.worker.worker_id}) has an estimated TTFT "
                 f"of {choice.estimate_ttft_ms:.0f} ms, above the admission bound of {bound:.0f} ms",
             )
+        if request.explain:
+            eligible = scan.all_eligible(role)
+            why = explain(role, strategy, choice.worker, eligible, request.seq_len, options.params)
+            choice = dataclasses.replace(choice, explanation=why)
         choices[role] = choice
         scan.group = scan.group or choice.worker.spec.group
     return ScheduleResult(success=True, choices=choices)

@@ -260,3 +260,18 @@ def test_a_request_larger_than_every_workers_kv_is_refused_as_context_length_exc
             assert "the largest of the 2 alive PDFUSION workers holds 1000" in result.message
     ok = decide(ScheduleRequest(request_id=1, seq_len=900, ttft_bound_ms=5_000), fleet, opts, ChoiceMemory())
     assert ok.success  # fits the whole KV: a worker queues it until its KV frees
+
+
+def test_an_explained_decision_names_its_best_candidates_and_the_rule_that_chose() -> None:
+    fleet = _full_fleet()
+    for prune_above in (0, 32):
+        opts = options(StrategyName.SHORTEST_TTFT, Role.PDFUSION, prune_above)
+        request = ScheduleRequest(request_id=1, seq_len=100, ttft_bound_ms=5_000, explain=True)
+        result = decide(request, fleet, opts, ChoiceMemory())
+        why = result.choices[Role.PDFUSION].explanation
+        assert why is not None and why["chosen"] == "10.2.0.2:8000" and why["eligible"] == 2
+        assert why["reason"] == "the shortest estimated TTFT"
+        assert [c["worker"] for c in why["candidates"]] == ["10.2.0.2:8000", "10.2.0.1:8000"]
+        assert why["candidates"][0]["estimate_ttft_ms"] == 530.0 and why["candidates"][1]["queued_tokens"] == 40_000
+    plain = decide(ScheduleRequest(request_id=1, seq_len=100, ttft_bound_ms=5_000), fleet, opts, ChoiceMemory())
+    assert plain.choices[Role.PDFUSION].explanation is None  # only when asked: it scans every eligible worker
