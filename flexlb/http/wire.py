@@ -124,6 +124,7 @@ def parse_schedule_request(
         model=model,
         request_time_ms=request_time,
         priority=priority,
+        explain=data.get("debug") is True,  # the original frontend's flag: debug_info then says why
     )
 
 
@@ -162,6 +163,7 @@ def _server_status(role: Role, choice: Choice, request_id: int, degraded: bool) 
             "hit_cache_len": view.hit_tokens,
             "reserved_tokens": choice.reserve_tokens,
             "degraded": degraded,
+            **({"decision": choice.explanation} if choice.explanation is not None else {}),
         },
     }
 

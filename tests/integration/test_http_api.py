@@ -196,3 +196,23 @@ async def test_schedule_snapshot_and_health(router: RouterProcess, fleet: FleetS
     assert set(workers) == {PREFILL.worker_id, DECODE.worker_id}
     assert workers[PREFILL.worker_id]["pending_count"] == 1 and workers[DECODE.worker_id]["pending_tokens"] == 10
     assert snap["strategies"]["PREFILL"] == "SHORTEST_TTFT" and snap["strategies"]["DECODE"] == "WEIGHTED_CACHE"
+
+
+async def test_a_debug_request_gets_the_decision_explained(router: RouterProcess, fleet: FleetStore) -> None:
+    """Issue 11: `debug: true` (the original frontend's flag) returns each role's best candidates and the rule."""
+    request = {"request_id": 4242, "seq_len": 64, "block_cache_keys": [111, 222, 333], "debug": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{router.url}/rtp_llm/schedule", json=request) as resp:
+            answer = await resp.json()
+        await http.post(f"{router.url}/rtp_llm/release", json={"request_id": 4242})
+        async with http.post(f"{router.url}/rtp_llm/schedule", json={**request, "debug": False}) as resp:
+            plain = await resp.json()
+        await http.post(f"{router.url}/rtp_llm/release", json={"request_id": 4242})
+    by_role = {s["role"]: s["debug_info"] for s in answer["server_status"]}
+    decision = by_role["PREFILL"]["decision"]
+    assert decision["chosen"] == PREFILL.worker_id and decision["strategy"] == "SHORTEST_TTFT"
+    assert decision["reason"] == "the shortest estimated TTFT"
+    (candidate,) = decision["candidates"]
+    assert candidate["worker"] == PREFILL.worker_id and candidate["hit_tokens"] == 32
+    assert by_role["DECODE"]["decision"]["chosen"] == DECODE.worker_id
+    assert all("decision" not in s["debug_info"] for s in plain["server_status"])
