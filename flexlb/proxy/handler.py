@@ -36,6 +36,7 @@ from flexlb.proxy.pd import PrefillRefused, UpstreamFailures, bootstrap_fields, 
 from flexlb.proxy.plan import forward_body, plan
 from flexlb.proxy.relay import relay
 from flexlb.proxy.upstream import Target, UpstreamFailure, open_response
+from flexlb.proxy.usage import cached_tokens
 from flexlb.schedule_api import check_model
 from flexlb.scheduler import Scheduler
 
@@ -236,6 +237,7 @@ async def _attempt(
             request_id=request_id,
             on_mid_stream_failure=on_late_failure,
             on_first_chunk=lambda: pctx.metrics.first_byte(timer),
+            on_usage=_hit_check(pctx, choices.get(answering.role)),
         )
         pctx.metrics.worker_answered(answering.worker_id, answering.role.value, upstream.status)
         if not response.prepared:  # an answer not streamed: sent now, so the release after it does not hold it up
@@ -252,6 +254,21 @@ async def _attempt(
             # Once the decode side is done its prefill is too; if not (client gone, decode failed), cancel it.
             drainer.cancel()
             await asyncio.wait([drainer])
+
+
+def _hit_check(pctx: ProxyContext, choice: Choice | None) -> Callable[[bytes], None] | None:
+    """Compares the cached prefix the router predicted for the answering worker with what the worker reports, for
+    prefill-type workers (the ones that compute the prompt); None for the others."""
+    if choice is None or choice.worker.spec.role not in (Role.PREFILL, Role.PDFUSION):
+        return None
+    predicted, role = choice.worker.hit_tokens, choice.worker.spec.role.value
+
+    def check(data: bytes) -> None:
+        reported = cached_tokens(data)
+        if reported is not None:
+            pctx.metrics.hit_reported(role, predicted, reported)
+
+    return check
 
 
 def _no_worker(refusal: ProxyError | None, failures: list[UpstreamFailure]) -> ProxyError:

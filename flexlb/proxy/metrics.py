@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# predicted minus reported cached tokens: negative, the index missed what the engine had; positive, it claimed more
+HIT_ERROR_BUCKETS = (-4096.0, -1024.0, -256.0, -64.0, -1.0, 0.0, 64.0, 256.0, 1024.0, 4096.0)
 TIMER_KEY = "flexlb.proxy.timer"  # the request's RequestTimer (an aiohttp request is a mapping)
 NO_WORKER = "none"  # the role label of a request no worker answered (refused, or every worker failed)
 
@@ -81,6 +83,34 @@ class ProxyMetrics:
             ["worker", "role", "status_class"],
             registry=registry,
         )
+
+        self.predicted_hit_tokens = Counter(
+            "flexlb_proxy_predicted_hit_tokens_total",
+            "Cached prompt tokens the router predicted (its cache index) on the workers that answered, by role:"
+            " compare with flexlb_proxy_reported_cached_tokens_total, a drifting index shows as a gap.",
+            ["role"],
+            registry=registry,
+        )
+        self.reported_cached_tokens = Counter(
+            "flexlb_proxy_reported_cached_tokens_total",
+            "Cached prompt tokens the workers reported (usage.prompt_tokens_details.cached_tokens) for the same"
+            " requests, by role.",
+            ["role"],
+            registry=registry,
+        )
+        self.hit_error = Histogram(
+            "flexlb_proxy_hit_prediction_error_tokens",
+            "Per request: predicted minus reported cached prompt tokens, by role.",
+            ["role"],
+            buckets=HIT_ERROR_BUCKETS,
+            registry=registry,
+        )
+
+    def hit_reported(self, role: str, predicted: int, reported: int) -> None:
+        """A worker reported ``reported`` cached tokens for a request the router predicted ``predicted`` for."""
+        self.predicted_hit_tokens.labels(role).inc(predicted)
+        self.reported_cached_tokens.labels(role).inc(reported)
+        self.hit_error.labels(role).observe(predicted - reported)
 
     def count_request(self, route: str, status: int) -> None:
         """One more request on ``route`` answered ``status``; the labelled child is bound once per pair."""

@@ -14,6 +14,7 @@ from aiohttp import hdrs, web
 from flexlb.proxy.errors import ClientGone, ProxyError, sse_error_event
 from flexlb.proxy.http1 import Response
 from flexlb.proxy.upstream import UPSTREAM_ERRORS, Target
+from flexlb.proxy.usage import USAGE_MARK
 
 log = logging.getLogger("flexlb.proxy")
 
@@ -33,9 +34,11 @@ async def relay(
     request_id: int,
     on_mid_stream_failure: Callable[[Target], None],
     on_first_chunk: Callable[[], None] | None = None,
+    on_usage: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
     """Send ``upstream`` to the client: streamed when the client asked for a stream and the worker said 2xx;
-    ``on_first_chunk`` is called once the stream's first chunk is written (its TTFT)."""
+    ``on_first_chunk`` is called once the stream's first chunk is written (its TTFT), ``on_usage`` with the bytes
+    that carry the answer's ``usage`` (a 2xx body, the stream's chunk naming it), after they are sent."""
     received = upstream.headers
     headers = {name: received[key] for key, name in PASSED_HEADERS if key in received}
     headers["X-Request-Id"] = str(request_id)
@@ -47,6 +50,8 @@ async def relay(
             log.warning("request %s: %s failed while sending its answer: %r", request_id, target, exc)
             message = f"{target} failed while sending its answer: {exc!r}"
             raise ProxyError(502, message, code="upstream_failed") from None
+        if on_usage is not None and 200 <= upstream.status < 300 and USAGE_MARK in body:
+            on_usage(body)
         return web.Response(body=body, status=upstream.status, headers=headers)
 
     headers.setdefault(hdrs.CACHE_CONTROL, "no-cache")
@@ -56,6 +61,7 @@ async def relay(
     except ConnectionResetError:
         raise ClientGone from None
     tail = b"\n\n"  # the end of the last chunk sent: an error event must start on an event boundary
+    usage_chunk = b""
     while True:
         try:
             chunk = await upstream.readany()
@@ -69,6 +75,8 @@ async def relay(
         if not chunk:
             break
         await _write(out, chunk)
+        if on_usage is not None and USAGE_MARK in chunk:  # the last such chunk has the final count
+            usage_chunk = chunk
         if on_first_chunk is not None:
             on_first_chunk()
             on_first_chunk = None
@@ -77,6 +85,8 @@ async def relay(
         await out.write_eof()
     except ConnectionResetError:
         raise ClientGone from None
+    if usage_chunk and on_usage is not None:
+        on_usage(usage_chunk)
     return out
 
 
