@@ -27,6 +27,7 @@ class RunOptions:
     ignore_eos: bool = True
     worker_metrics: tuple[str, ...] = ()
     progress_interval_s: float = 1.0
+    more_targets: tuple[str, ...] = ()  # other replicas: request i goes to (target, *more_targets)[i mod n]
 
 
 @dataclass(slots=True)
@@ -61,10 +62,10 @@ class Progress:
 class _Driver:
     """Sends the specs; one task per request in flight."""
 
-    def __init__(self, specs: Sequence[RequestSpec], options: RunOptions, client: StreamingClient) -> None:
+    def __init__(self, specs: Sequence[RequestSpec], options: RunOptions, clients: Sequence[StreamingClient]) -> None:
         self.specs = specs
         self.options = options
-        self.client = client
+        self.clients = clients
         self.records: list[RequestRecord | None] = [None] * len(specs)
         self.finished = [asyncio.Event() for _ in specs]
         self.progress = Progress(len(specs))
@@ -87,7 +88,7 @@ class _Driver:
                 record.scheduled_s = spec.arrival_s
             self.records[i] = record
             self.progress.sent += 1
-            await self.client.send(spec, record, self.t0)
+            await self.clients[i % len(self.clients)].send(spec, record, self.t0)
             self.progress.done += 1
             self.progress.errors += 0 if record.ok else 1
             self.progress.output_tokens += record.output_tokens if record.ok else 0
@@ -150,9 +151,11 @@ async def run_requests(
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         before = await read_workers(session, options.worker_metrics) if options.worker_metrics else []
-        driver = _Driver(
-            specs, options, StreamingClient(session, options.target, model=options.model, ignore_eos=options.ignore_eos)
-        )
+        clients = [
+            StreamingClient(session, t, model=options.model, ignore_eos=options.ignore_eos)
+            for t in (options.target, *options.more_targets)
+        ]
+        driver = _Driver(specs, options, clients)
         run = asyncio.create_task(driver.run())
         stopped = asyncio.create_task(stop.wait())
         progress = asyncio.create_task(_report_progress(driver, options.progress_interval_s, out))

@@ -75,8 +75,13 @@ def add_run_parser(bsub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", help="JSON result file (default bench-results/run-<timestamp>.json)")
     r.add_argument("--plot", metavar="PNG", help="also write a TTFT CDF and throughput chart (needs matplotlib)")
     r.add_argument("--label", help="name of the run in tables (default <workload>@<target host:port>)")
+    add_workload_options(r)
+
+
+def add_workload_options(parser: argparse.ArgumentParser) -> None:
+    """Every workload's parameters as options, one group per workload (`bench run`, `bench peers`)."""
     for workload in WORKLOADS.values():
-        group = r.add_argument_group(f"--workload {workload.name}", workload.summary)
+        group = parser.add_argument_group(f"--workload {workload.name}", workload.summary)
         for f in dataclasses.fields(workload.params_type):
             option, dest = _option(workload, f)
             kind = type(f.default)
