@@ -212,15 +212,15 @@ def run_one(
             None if control_before is None or control_after is None else control_after - control_before,
         )
         row["interrupted"] = outcome.interrupted
-        row["processes"] = [c.describe() for c in stack.started]
         row["router_urls"] = deployment.urls
         failed = False
-        return row
     finally:
         term.line()
         if failed:
             keep_logs(stack)
         stack.close(keep_logs=failed)
+    row["processes"] = [c.describe() for c in stack.started]  # once stopped: with their exit status
+    return row
 
 
 def run_peers_bench(
