@@ -82,9 +82,12 @@ def add_peers_parser(bsub: argparse._SubParsersAction) -> None:
 
 
 def render(result: dict[str, Any]) -> str:
+    """The table, the targets and the first refusal and error reasons of each run."""
+    from flexlb.bench.tables import workload_text
+
     c = result["config"]
     lines = [
-        f"flexlb bench peers: {result['workload']}, {result['requests']} requests, {result['arrivals']}; "
+        f"flexlb bench peers: {workload_text(result)}, {result['requests']} requests, {result['arrivals']}; "
         f"{c['workers']} workers ({' '.join(c['worker_options'])}); flexlb {c['strategy']}, peers {c['policy']}; "
         f"{result['environment']['cpu_count']} CPUs, load average {result['environment']['load_average'][0]:.1f}"
         + (" [interrupted]" if result["interrupted"] else ""),
