@@ -307,6 +307,13 @@ class FlexlbConfig:
         5000, "Proxy: how long an open circuit breaker keeps its worker out, in ms.", origin="flexlb", low=1
     )
     # --- proxy mode (OpenAI / SGLang routes on the router's port, flexlb.proxy)
+    tokenizer_path: str = _opt(
+        "",
+        "Proxy: the served model's Hugging Face tokenizer, a local tokenizer.json or an already-downloaded model"
+        " directory (never downloaded); its chat template comes from tokenizer_config.json. Empty: the engines' own"
+        " POST /tokenize (cached) while the fleet has vllm / sglang workers, else the simulator's whitespace tokens.",
+        origin="flexlb",
+    )
     served_model_name: str = _opt(
         "",
         "Proxy: the model name GET /v1/models lists, accepted in requests besides the service id, and written as"

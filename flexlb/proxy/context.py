@@ -13,6 +13,7 @@ from flexlb.proxy.http1 import UpstreamPool
 from flexlb.proxy.metrics import ProxyMetrics
 from flexlb.schedule_api import RouterContext
 from flexlb.settings import FlexlbConfig
+from flexlb.tokenize import PromptTokenizer, WhitespaceTokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class ProxyContext:
     breakers: Breakers | None = None  # per-worker circuit breakers (flexlb/proxy/breaker.py); None: none
     session: UpstreamPool | None = None  # the one client to the workers, open while the app runs
     upstream_auth: UpstreamAuth = field(default_factory=UpstreamAuth)  # the Authorization each engine gets
+    tokenizer: PromptTokenizer = field(default_factory=WhitespaceTokenizer)  # prompts -> the engines' token ids
 
     @property
     def model_name(self) -> str:

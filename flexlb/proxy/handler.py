@@ -28,10 +28,10 @@ from flexlb.domain import Choice, Role, ScheduleRequest
 from flexlb.http.body import request_body
 from flexlb.http.wire import BadRequest
 from flexlb.proxy.context import PROXY, ProxyContext
-from flexlb.proxy.errors import ClientGone, ProxyError, error_response, from_schedule
+from flexlb.proxy.errors import ClientGone, ProxyError, error_response, from_schedule, invalid
 from flexlb.proxy.http1 import Response
 from flexlb.proxy.metrics import TIMER_KEY, RequestTimer
-from flexlb.proxy.parse import ProxiedRequest, Route, parse_request
+from flexlb.proxy.parse import ProxiedRequest, Route, parse_body, with_tokens
 from flexlb.proxy.pd import PrefillRefused, UpstreamFailures, bootstrap_fields, drain, open_pair
 from flexlb.proxy.plan import forward_body, plan
 from flexlb.proxy.relay import relay
@@ -39,6 +39,7 @@ from flexlb.proxy.upstream import Target, UpstreamFailure, open_response
 from flexlb.proxy.usage import cached_tokens
 from flexlb.schedule_api import check_model
 from flexlb.scheduler import Scheduler
+from flexlb.tokenize import TokenizerError
 
 log = logging.getLogger("flexlb.proxy")
 
@@ -102,13 +103,18 @@ async def _parse(request: web.Request, route: Route, pctx: ProxyContext) -> Prox
         raw = await request_body(request)
     except web.HTTPRequestEntityTooLarge as exc:
         raise ProxyError(413, f"request body too large: {exc.text}", code="request_too_large") from None
-    parsed = parse_request(route, raw)
+    parsed = parse_body(route, raw)
     try:
         check_model(pctx.router, parsed.model)
     except BadRequest:  # check_model's one refusal: a model this router does not serve
         message = f"unknown model {parsed.model!r}: this router serves {pctx.model_name!r} (GET /v1/models)"
         raise ProxyError(404, message, code="model_not_found", param="model") from None
-    return parsed
+    assert parsed.prompt is not None
+    try:  # the engine's tokens (flexlb.tokenize): its block keys are what the fleet's cache index holds
+        tokens = await pctx.tokenizer.tokens(parsed.prompt)
+    except TokenizerError as exc:
+        raise invalid(str(exc)) from None
+    return with_tokens(parsed, tokens)
 
 
 async def _serve(

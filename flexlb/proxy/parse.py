@@ -2,20 +2,23 @@
 
 The proxy reads only what it needs to schedule (the prompt, ``stream``, ``model``) and the fields whose wrong type
 would make a worker refuse the request anyway (``max_tokens``, ``stream_options``); everything else goes to the
-worker untouched. Prompts are tokenised exactly as the workers do (``flexlb.blocks``), so the router's block cache
-keys match the workers' cache.
+worker untouched. ``parse_body`` keeps the prompt as it came (``flexlb.tokenize.Prompt``); the router's tokeniser
+turns it into the engine's token ids (``with_tokens``), so the block cache keys match the workers' cache.
+``parse_request`` does both with the simulator's whitespace tokeniser.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from flexlb.blocks import TOKEN_ID_BITS, render_chat, tokenize
+from flexlb.blocks import TOKEN_ID_BITS
 from flexlb.proxy.errors import invalid
+from flexlb.tokenize.base import ChatPrompt, Prompt, TextPrompt, TokenPrompt, check_messages, whitespace_tokens
 
 TOKEN_ID_LIMIT = 1 << TOKEN_ID_BITS
 
@@ -34,13 +37,28 @@ class ProxiedRequest:
 
     route: Route
     body: dict[str, Any]
-    tokens: list[int]  # the prompt as the workers tokenise it
+    tokens: list[int]  # the prompt as the workers tokenise it (empty until ``with_tokens``)
     stream: bool
     model: str | None
     output_tokens: int = 0  # max_tokens / max_completion_tokens / sampling_params.max_new_tokens; 0 = not given
+    prompt: Prompt | None = None  # the prompt as the client sent it
 
 
 def parse_request(route: Route, raw: bytes) -> ProxiedRequest:
+    """``parse_body`` and the simulator's whitespace tokens (``flexlb.blocks``)."""
+    parsed = parse_body(route, raw)
+    assert parsed.prompt is not None
+    return with_tokens(parsed, whitespace_tokens(parsed.prompt))
+
+
+def with_tokens(parsed: ProxiedRequest, tokens: list[int]) -> ProxiedRequest:
+    """``parsed`` with its prompt's tokens; ProxyError (400) when the prompt has none."""
+    if not tokens:
+        raise invalid("the prompt is empty: it has no tokens", _prompt_param(parsed.route))
+    return dataclasses.replace(parsed, tokens=tokens)
+
+
+def parse_body(route: Route, raw: bytes) -> ProxiedRequest:
     """Validate ``raw`` for ``route``; raise ProxyError (400) naming the field that is wrong."""
     body = _json_object(raw)
     model = body.get("model")
@@ -50,18 +68,17 @@ def parse_request(route: Route, raw: bytes) -> ProxiedRequest:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid(f"stream_options: expected an object, got {_kind(options)}", "stream_options")
+    prompt: Prompt
     if route is Route.CHAT:
-        tokens = _chat_tokens(body)
+        prompt = _chat_prompt(body)
         _positive_int(body, "max_completion_tokens", "max_completion_tokens")
         _positive_int(body, "max_tokens", "max_tokens")
     elif route is Route.COMPLETIONS:
-        tokens = _prompt_tokens(body.get("prompt"))
+        prompt = _completion_prompt(body.get("prompt"))
         _positive_int(body, "max_tokens", "max_tokens")
     else:
-        tokens = _generate_tokens(body)
-    if not tokens:
-        raise invalid("the prompt is empty: it has no tokens", _prompt_param(route))
-    return ProxiedRequest(route, body, tokens, stream, model, _output_tokens(route, body))
+        prompt = _generate_prompt(body)
+    return ProxiedRequest(route, body, [], stream, model, _output_tokens(route, body), prompt)
 
 
 def _output_tokens(route: Route, body: dict[str, Any]) -> int:
@@ -86,7 +103,7 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _chat_tokens(body: dict[str, Any]) -> list[int]:
+def _chat_prompt(body: dict[str, Any]) -> ChatPrompt:
     messages = body.get("messages")
     if messages is None:
         raise invalid("messages: required, a non-empty array of message objects", "messages")
@@ -94,21 +111,21 @@ def _chat_tokens(body: dict[str, Any]) -> list[int]:
         got = "an empty array" if messages == [] else _kind(messages)
         raise invalid(f"messages: expected a non-empty array of message objects, got {got}", "messages")
     try:
-        return tokenize(render_chat(messages))
-    except ValueError as exc:  # render_chat names the message and field
+        return ChatPrompt(check_messages(messages))
+    except ValueError as exc:  # check_messages names the message and field
         raise invalid(str(exc), "messages") from None
 
 
-def _prompt_tokens(prompt: Any) -> list[int]:
+def _completion_prompt(prompt: Any) -> TextPrompt | TokenPrompt:
     """``/v1/completions`` prompt: a string, token ids, or a one-element batch of either."""
     if prompt is None:
         raise invalid("prompt: required", "prompt")
     if isinstance(prompt, str):
-        return tokenize(prompt)
+        return TextPrompt(prompt)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        return _prompt_tokens(prompt[0])
+        return _completion_prompt(prompt[0])
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        return _token_ids(prompt, "prompt")
+        return TokenPrompt(tuple(_token_ids(prompt, "prompt")))
     raise invalid(
         "prompt: expected a string or an array of token ids (batches of several prompts are not supported: "
         "send one request per prompt)",
@@ -116,7 +133,7 @@ def _prompt_tokens(prompt: Any) -> list[int]:
     )
 
 
-def _generate_tokens(body: dict[str, Any]) -> list[int]:
+def _generate_prompt(body: dict[str, Any]) -> TextPrompt | TokenPrompt:
     """SGLang ``/generate``: ``text`` or ``input_ids``; ``sampling_params.max_new_tokens``."""
     sampling = body.get("sampling_params")
     if sampling is not None:
@@ -127,9 +144,9 @@ def _generate_tokens(body: dict[str, Any]) -> list[int]:
         text = body["text"]
         if not isinstance(text, str):
             raise invalid(f"text: expected a string (batches are not supported), got {_kind(text)}", "text")
-        return tokenize(text)
+        return TextPrompt(text)
     if body.get("input_ids") is not None:
-        return _token_ids(body["input_ids"], "input_ids")
+        return TokenPrompt(tuple(_token_ids(body["input_ids"], "input_ids")))
     raise invalid("text or input_ids: required", "text")
 
 

@@ -16,6 +16,7 @@ from flexlb.proxy.context import PROXY, ProxyContext, ProxyOptions
 from flexlb.proxy.handler import handler_for
 from flexlb.proxy.metrics import ProxyMetrics
 from flexlb.proxy.parse import Route
+from flexlb.proxy.tokenizer import proxy_tokenizer
 from flexlb.proxy.upstream import make_client
 from flexlb.settings import AuthSettings, FlexlbConfig
 
@@ -43,6 +44,7 @@ def setup_proxy(app: web.Application, config: FlexlbConfig, auth: AuthSettings |
         upstream_auth=UpstreamAuth.from_settings(auth or AuthSettings()),
     )
     app[PROXY].breakers = Breakers(config.breaker_failure_threshold, config.breaker_cooldown_ms / 1000)
+    app[PROXY].tokenizer = proxy_tokenizer(config, router, app[PROXY].upstream_auth)
     for route in Route:
         app.router.add_post(route.value, handler_for(route))
     app.router.add_get(MODELS_PATH, list_models)
@@ -55,6 +57,7 @@ async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
     pctx.session = make_client(pctx.options.connect_timeout_s)
     yield
     await pctx.session.close()
+    await pctx.tokenizer.close()
 
 
 def _card(pctx: ProxyContext) -> dict[str, object]:

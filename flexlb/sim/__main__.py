@@ -23,6 +23,8 @@ from flexlb.domain import Role
 from flexlb.sim.engine import EngineConfig
 from flexlb.sim.metrics import SIM_DIALECTS
 from flexlb.sim.protocol import LOAD_FORMATS
+from flexlb.sim.tokens import use_tokenizer
+from flexlb.tokenize.base import TokenizerError
 
 
 def _role(text: str) -> Role:
@@ -63,6 +65,12 @@ def add_sim_worker_options(parser: argparse.ArgumentParser, *, required: bool = 
         help="the engine it passes for: rtp_llm serves RTP-LLM's status gRPC and flexlb_sim_* metrics; vllm and "
         "sglang serve that engine's /metrics names and no status RPC, as the real engines (default rtp_llm)",
     )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="tokenise as the model whose tokenizer.json (and tokenizer_config.json's chat template) is at PATH, a"
+        " local file or model directory (default: one token per whitespace-separated word)",
+    )
     for f in dataclasses.fields(EngineConfig):
         option = f"--{f.name.replace('_', '-')}"
         if f.name == "role":
@@ -94,7 +102,8 @@ def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
             raise ValueError("--grpc-port applies to one worker; with --count each worker's is its HTTP port + 1")
         if count > 1 and not 0 < args.port <= 65536 - 2 * count:
             raise ValueError(f"--port {args.port} with --count {count}: ports must stay below 65536")
-    except ValueError as exc:
+        use_tokenizer(getattr(args, "tokenizer", None))
+    except (ValueError, TokenizerError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     try:

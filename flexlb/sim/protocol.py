@@ -11,7 +11,9 @@ from typing import Any
 
 import orjson
 
-from flexlb.blocks import render_chat, tokenize
+from flexlb.blocks import render_chat
+from flexlb.sim.tokens import chat_tokens, text_tokens, token_strs_available
+from flexlb.tokenize.base import TokenizerError
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 128  # OpenAI's chat default is "up to the context"; a bounded default keeps KV sane
@@ -107,7 +109,7 @@ def parse_chat_request(body: dict[str, Any], served_model: str) -> GenerationPar
     """``POST /v1/chat/completions``: messages rendered with ``render_chat`` and tokenised."""
     _check_model(body, served_model)
     _check_n(body)
-    tokens = tokenize(_chat_prompt(body.get("messages")))
+    tokens = _chat_tokens(body.get("messages"))
     names = ("max_completion_tokens", "max_tokens")  # the newer name wins when both are sent, as in vLLM
     return _params(body, tokens, _max_tokens(body, names, DEFAULT_CHAT_MAX_TOKENS))
 
@@ -118,7 +120,7 @@ def parse_generate_request(body: dict[str, Any]) -> GenerationParams:
         text = body["text"]
         if not isinstance(text, str):
             raise ApiError(400, "text: expected a string (batches are not supported)", param="text")
-        tokens = tokenize(text)
+        tokens = text_tokens(text)
     elif body.get("input_ids") is not None:
         tokens = _token_ids(body["input_ids"], "input_ids")
     else:
@@ -139,6 +141,7 @@ class Tokenized:
     prompts: list[str]  # the text each prompt tokenises to (for a chat, the rendered messages)
     batch: bool
     return_token_strs: bool
+    tokens: list[list[int]]  # each prompt's tokens
 
 
 def parse_tokenize_request(body: dict[str, Any], served_model: str) -> Tokenized:
@@ -147,17 +150,26 @@ def parse_tokenize_request(body: dict[str, Any], served_model: str) -> Tokenized
     _check_model(body, served_model)
     strs = _optional_bool(body, "return_token_strs")
     if body.get("messages") is not None:
-        return Tokenized([_chat_prompt(body["messages"])], False, strs)
+        return Tokenized([_chat_prompt(body["messages"])], False, strs, [_chat_tokens(body["messages"])])
     for name in ("prompt", "text"):
         value = body.get(name)
         if value is None:
             continue
         if isinstance(value, str):
-            return Tokenized([value], False, strs)
+            return Tokenized([value], False, strs, [text_tokens(value)])
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            return Tokenized(value, True, strs)
+            return Tokenized(value, True, strs, [text_tokens(v) for v in value])
         raise ApiError(400, f"{name}: expected a string or a non-empty array of strings", param=name)
     raise ApiError(400, "prompt, text or messages: required", param="prompt")
+
+
+def _chat_tokens(messages: Any) -> list[int]:
+    """The chat's tokens as this worker's model tokenises it; a 400 naming the bad message otherwise."""
+    _chat_prompt(messages)
+    try:
+        return chat_tokens(messages)
+    except TokenizerError as exc:  # the chat template refused it, as a real engine would
+        raise ApiError(400, str(exc), param="messages") from None
 
 
 def _chat_prompt(messages: Any) -> str:
@@ -211,7 +223,7 @@ def _prompt_tokens(prompt: Any) -> list[int]:
     if prompt is None:
         raise ApiError(400, "prompt: required", param="prompt")
     if isinstance(prompt, str):
-        return tokenize(prompt)
+        return text_tokens(prompt)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         return _prompt_tokens(prompt[0])  # a one-element batch
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
@@ -389,20 +401,22 @@ def request_kv_transfer(body: dict[str, Any]) -> dict[str, Any] | None:
 
 def tokenize_body(tok: Tokenized, max_model_len: int) -> dict[str, Any]:
     """vLLM's TokenizeResponse; for a batch, SGLang's (``tokens``, ``count`` and ``token_strs`` per prompt)."""
-    tokens = [tokenize(text) for text in tok.prompts]
-    words = [text.split() for text in tok.prompts]  # one token per whitespace-separated word
+    tokens = tok.tokens
+    # one token per whitespace-separated word with the whitespace tokeniser; a real tokenizer's pieces are not served
+    strs = tok.return_token_strs and token_strs_available()
+    words = [text.split() for text in tok.prompts]
     if tok.batch:
         return {
             "tokens": tokens,
             "count": [len(t) for t in tokens],
             "max_model_len": max_model_len,
-            "token_strs": words if tok.return_token_strs else None,
+            "token_strs": words if strs else None,
         }
     return {
         "tokens": tokens[0],
         "count": len(tokens[0]),
         "max_model_len": max_model_len,
-        "token_strs": words[0] if tok.return_token_strs else None,
+        "token_strs": words[0] if strs else None,
     }
 
 

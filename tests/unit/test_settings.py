@@ -73,6 +73,7 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "healthSuccessThreshold": 2,
     "breakerFailureThreshold": 3,
     "breakerCooldownMs": 5000,
+    "tokenizerPath": "",
     "servedModelName": "",
     "proxyAdmissionTtftMs": 5_000,
     "proxyQueueTimeoutMs": 60_000,
