@@ -88,17 +88,22 @@ def to_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def block_cache_keys(tokens: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE) -> list[int]:
+def block_cache_keys(
+    tokens: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, parent: int | None = None
+) -> list[int]:
     """Chained hash of every full block of ``tokens``: key i depends on blocks 0..i.
 
     As the reference: h = 0; for each token t of a full block, ``h ^= hash(t) + 0x9e3779b97f4a7c15 + (h << 12) +
     (h >> 32)`` in uint64 arithmetic (logical shifts, wrap-around sums); after each block h is appended as a signed
     int64 (Java ``long``). A partial last block gets no key.
+
+    ``parent``: the key of the block before ``tokens[0]`` (the chain continues from it, as a KV event's
+    ``parent_block_hash`` says); None: ``tokens`` starts the prompt.
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     keys: list[int] = []
-    h = 0
+    h = 0 if parent is None else parent & MASK64  # a key is h itself, read as signed: its state is recoverable
     m, g = MASK64, GOLDEN64
     full = len(tokens) - len(tokens) % block_size
     for start in range(0, full, block_size):

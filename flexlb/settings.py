@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 from flexlb.domain import EngineKind, Role, WorkerSpec
+from flexlb.kv_events.endpoint import KvEventsEndpoint, kv_events_endpoint
 from flexlb.state.redis_url import RedisUrlError, parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -673,6 +674,7 @@ class StaticWorker:
     group: str = ""
     engine: EngineKind = EngineKind.RTP_LLM
     grpc_port: int = 0  # the endpoint's worker_status_port; 0: http_port + 1
+    kv_events: KvEventsEndpoint | None = None  # where it publishes KV events (the master subscribes); None: none
 
     @property
     def worker_id(self) -> str:
@@ -713,7 +715,9 @@ _ENDPOINT_KEYS: Final[Mapping[str, Role]] = {
 _SUPPORTED_ENDPOINT_TYPES: Final = frozenset({"SPECIFIEDIPPORTLIST", "SPECIFIEDIPPORT"})  # squashed
 # Keys of each level of MODEL_SERVICE_CONFIG; any other key is an error naming the closest of these (a typo such as
 # "prefil_endpoint" would otherwise start a router with no workers). Keys of the original flexlb ignores: warned.
-_ENDPOINT_FIELDS: Final = frozenset({"address", "protocol", "path", "type", "engine", "worker_status_port"})
+_ENDPOINT_FIELDS: Final = frozenset(
+    {"address", "protocol", "path", "type", "engine", "worker_status_port", "kv_events", "kv_events_replay"}
+)
 _ENTRY_FIELDS: Final = frozenset({"group", *_ENDPOINT_KEYS})
 _TOP_FIELDS: Final = frozenset({"service_id", "role_endpoints", *_ENDPOINT_KEYS})
 _IGNORED_SERVICE_KEYS: Final[Mapping[str, str]] = {
@@ -813,9 +817,26 @@ def _endpoint(raw: object, where: str, role: Role, group: str) -> list[StaticWor
         choices = ", ".join(f'"{k.value}"' for k in EngineKind)
         raise ConfigError(f"{where}.engine: expected one of {choices}, got {_show(engine)}")
     return [
-        StaticWorker(ip=host, http_port=port, role=role, group=group, engine=kind, grpc_port=int(status_port or 0))
+        StaticWorker(
+            ip=host,
+            http_port=port,
+            role=role,
+            group=group,
+            engine=kind,
+            grpc_port=int(status_port or 0),
+            kv_events=_kv_events(raw, host, f"{where}.kv_events", single=len(addresses) == 1),
+        )
         for host, port in addresses
     ]
+
+
+def _kv_events(raw: Mapping[str, Any], host: str, where: str, *, single: bool) -> KvEventsEndpoint | None:
+    if raw.get("kv_events") is None:
+        return None
+    try:
+        return kv_events_endpoint(raw["kv_events"], raw.get("kv_events_replay"), host, where, single=single)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _endpoints_of(entry: dict[str, Any], where: str, group: str) -> list[tuple[StaticWorker, str]]:

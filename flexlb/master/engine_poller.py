@@ -1,7 +1,7 @@
 """The master's poller of one vLLM or SGLang worker: ``GET /health`` every ``healthCheckIntervalMs`` (with failure and
 success thresholds) and its load from the engine's own API every ``engineMetricsIntervalMs``, written with the term's
-epoch as the RTP-LLM poller writes (``flexlb.master.poller``). Such a worker has no cache index yet: its prefix hits are
-not looked up (KV events are a later piece).
+epoch as the RTP-LLM poller writes (``flexlb.master.poller``). Such a worker has no cache polls: its prefix hits are
+only its in-flight blocks (``inflight:``) unless it publishes KV events (``flexlb.master.kv_events``).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class EnginePoller:
         self._health_failed = metrics.polls.labels(rpc="health", result="failed")
         self._load_ok = metrics.polls.labels(rpc="load", result="ok")
         self._load_failed = metrics.polls.labels(rpc="load", result="failed")
+        self.on_forget: Callable[[], None] | None = None  # told when the worker was forgotten (its index emptied)
         self.reset()
 
     def reset(self) -> None:
@@ -133,6 +134,8 @@ class EnginePoller:
                 log.warning("%s unhealthy for %.1fs: released %s reservations", self.name, now - silent_since, released)
                 self.forgotten = True
                 self.written = None
+                if self.on_forget is not None:
+                    self.on_forget()
 
     async def read_load(self) -> None:
         try:

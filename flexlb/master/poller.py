@@ -18,13 +18,15 @@ import logging
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from flexlb.domain import WorkerSpec, WorkerView
+from flexlb.kv_events.endpoint import KvEventsEndpoint
 from flexlb.master.engine_load import dialect_for
 from flexlb.master.engine_poller import EnginePoller
 from flexlb.master.health import HealthOptions, HttpGetter
+from flexlb.master.kv_events import KvEventsSubscriber
 from flexlb.master.reconcile import (
     Hysteresis,
     StatusUpdate,
@@ -123,6 +125,8 @@ class WorkerPoller:
         self._cache_failed = metrics.polls.labels(rpc="cache", result="failed")
         self._alive_gauge = metrics.worker_alive.labels(worker=spec.worker_id, role=role)
         self._alive_shown: int | None = None
+        self.poll_cache = True  # False: its KV events keep its cache index (flexlb.master.kv_events)
+        self.on_forget: Callable[[], None] | None = None  # told when the worker was forgotten (its index emptied)
 
     @property
     def name(self) -> str:
@@ -152,7 +156,8 @@ class WorkerPoller:
         busy: bool | None = True
         try:
             busy = await self._poll_status()
-            if busy is not None and cache_poll_due(self.track, self.clock(), self.options.cache_min_interval_s):
+            due = self.poll_cache and cache_poll_due(self.track, self.clock(), self.options.cache_min_interval_s)
+            if busy is not None and due:
                 await self._poll_cache()
             if self._redis_failing:
                 self._redis_failing = False
@@ -281,6 +286,8 @@ class WorkerPoller:
             track.forgotten = True
             track.restart()
             track.cache_keys = frozenset()  # forget_worker emptied the set in Redis
+            if self.on_forget is not None:
+                self.on_forget()
 
     async def close(self) -> None:
         await self.client.close()
@@ -296,6 +303,7 @@ class MasterDuties:
         metrics: MasterMetrics,
         client_factory: ClientFactory = WorkerStatusClient.for_worker,
         clock: Clock = time.monotonic,
+        kv_events: Mapping[str, KvEventsEndpoint] | None = None,
     ) -> None:
         self.store = store
         self.options = options
@@ -303,6 +311,9 @@ class MasterDuties:
         self.client_factory = client_factory
         self.clock = clock
         self.pollers: dict[str, tuple[WorkerPoller | EnginePoller, asyncio.Task[None]]] = {}
+        # worker id -> where it publishes KV events: its subscriber keeps its cache index, exactly
+        self.kv_events = dict(kv_events or {})
+        self.subscribers: dict[str, tuple[KvEventsSubscriber, asyncio.Task[None]]] = {}
         self._http: HttpGetter | None = None  # of the HTTP-polled workers: made on the loop that runs the duties
         self._stale = asyncio.Event()
         self._redis_gate: asyncio.Semaphore | None = None  # made on the loop that runs the duties
@@ -350,6 +361,19 @@ class MasterDuties:
                 task = asyncio.create_task(self._run_poller(poller), name=f"poll {wid}")
                 self.pollers[wid] = (poller, task)
                 log.info("polling %s at %s", poller.name, poller.address)
+                endpoint = self.kv_events.get(wid)
+                if endpoint is not None:
+                    self._subscribe(poller, endpoint, epoch)
+
+    def _subscribe(self, poller: WorkerPoller | EnginePoller, endpoint: KvEventsEndpoint, epoch: int) -> None:
+        """Follow the worker's KV events: its cache index from them, not from cache polls or nothing."""
+        spec = poller.spec
+        subscriber = KvEventsSubscriber(spec.worker_id, spec.role.value, endpoint, self.store, epoch)
+        poller.on_forget = subscriber.forgotten
+        if isinstance(poller, WorkerPoller):
+            poller.poll_cache = False
+        task = asyncio.create_task(self._run_subscriber(subscriber), name=f"kv events {spec.worker_id}")
+        self.subscribers[spec.worker_id] = (subscriber, task)
 
     def _poller(self, view: WorkerView, epoch: int, gate: asyncio.Semaphore) -> WorkerPoller | EnginePoller:
         """The engine kind's poller: RTP-LLM's status gRPC, or the engine's HTTP API (vLLM, SGLang)."""
@@ -380,7 +404,24 @@ class MasterDuties:
                 poller.reset()
                 await asyncio.sleep(self.options.membership_interval_s)
 
+    async def _run_subscriber(self, subscriber: KvEventsSubscriber) -> None:
+        while True:
+            try:
+                await subscriber.run()
+            except StaleEpoch as exc:
+                log.warning("%s: write refused: %s", subscriber.name, exc)
+                self._stale.set()
+                return
+            except Exception:
+                log.exception("%s: subscriber failed; restarting it", subscriber.name)
+                await asyncio.sleep(self.options.membership_interval_s)
+
     async def _stop(self, worker_id: str) -> None:
+        sub = self.subscribers.pop(worker_id, None)
+        if sub is not None:
+            sub[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sub[1]
         poller, task = self.pollers.pop(worker_id)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -395,9 +436,10 @@ class MasterDuties:
     async def _stop_all(self) -> None:
         # Cancel every poller first, then wait for all: one at a time, each wait would take a loop iteration that
         # the others still running fill, which with a thousand workers is many seconds.
-        for _, task in self.pollers.values():
+        tasks = [task for _, task in (*self.pollers.values(), *self.subscribers.values())]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*(task for _, task in self.pollers.values()), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for wid in list(self.pollers):
             await self._stop(wid)
         if self._http is not None:

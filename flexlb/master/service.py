@@ -51,7 +51,10 @@ class MasterService:
             renew_interval_ms=config.master_renew_interval_ms,
             clock=clock,
         )
-        self.duties = MasterDuties(self.store, PollOptions.from_settings(settings), metrics, client_factory, clock)
+        kv_events = {w.worker_id: w.kv_events for w in settings.service.endpoints if w.kv_events is not None}
+        self.duties = MasterDuties(
+            self.store, PollOptions.from_settings(settings), metrics, client_factory, clock, kv_events=kv_events
+        )
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

@@ -17,10 +17,12 @@ import sys
 from collections.abc import Sequence
 
 import uvloop
+import zmq
 
 from flexlb.cli_options import port
 from flexlb.domain import Role
 from flexlb.sim.engine import EngineConfig
+from flexlb.sim.kv_events import KvEventPublisher, drop_range
 from flexlb.sim.metrics import SIM_DIALECTS
 from flexlb.sim.protocol import LOAD_FORMATS
 from flexlb.sim.tokens import use_tokenizer
@@ -71,6 +73,13 @@ def add_sim_worker_options(parser: argparse.ArgumentParser, *, required: bool = 
         help="tokenise as the model whose tokenizer.json (and tokenizer_config.json's chat template) is at PATH, a"
         " local file or model directory (default: one token per whitespace-separated word)",
     )
+    parser.add_argument(
+        "--kv-events-port",
+        type=port,
+        help="--engine vllm|sglang: publish the cache's KV events on ZMQ PUB tcp://HOST:PORT, as vLLM's"
+        " --kv-events-config, with the replay ROUTER socket on PORT + 1 (default: no events)",
+    )
+    parser.add_argument("--kv-events-drop", metavar="A:B", help=argparse.SUPPRESS)  # test hook: lose batches A..B
     for f in dataclasses.fields(EngineConfig):
         option = f"--{f.name.replace('_', '-')}"
         if f.name == "role":
@@ -102,6 +111,8 @@ def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
             raise ValueError("--grpc-port applies to one worker; with --count each worker's is its HTTP port + 1")
         if count > 1 and not 0 < args.port <= 65536 - 2 * count:
             raise ValueError(f"--port {args.port} with --count {count}: ports must stay below 65536")
+        if getattr(args, "kv_events_port", None) and (count > 1 or getattr(args, "engine", "rtp_llm") == "rtp_llm"):
+            raise ValueError("--kv-events-port applies to one worker with --engine vllm or sglang")
         use_tokenizer(getattr(args, "tokenizer", None))
     except (ValueError, TokenizerError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -109,7 +120,7 @@ def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the handler below is installed
             uvloop.run(_serve(config, args))
-    except OSError as exc:  # a port in use: say so without a traceback
+    except (OSError, zmq.ZMQError) as exc:  # a port in use: say so without a traceback
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -136,7 +147,7 @@ async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
     if dialect != "rtp_llm":
         await run_engine_worker(
             config, args.host, args.port, args.model, dialect=dialect, load_format=args.load_format, stop=stop,
-            api_key=getattr(args, "api_key", None),
+            api_key=getattr(args, "api_key", None), kv_events=_kv_events(args),
         )  # fmt: skip
         return
     await run_sim_worker(
@@ -149,6 +160,14 @@ async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
         stop=stop,
         api_key=getattr(args, "api_key", None),
     )
+
+
+def _kv_events(args: argparse.Namespace) -> KvEventPublisher | None:
+    events_port = getattr(args, "kv_events_port", None)
+    if not events_port:
+        return None
+    drop = getattr(args, "kv_events_drop", None)
+    return KvEventPublisher(args.host, events_port, drop=drop_range(drop) if drop else None)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from flexlb.sim.engine import EngineConfig, SimEngine
 from flexlb.sim.http_api import SIM, SimContext, create_sim_app
+from flexlb.sim.kv_events import KvEventPublisher
 from flexlb.sim.metrics import SIM_DIALECTS, dialect_registry
 
 log = logging.getLogger("flexlb.sim.dialect")
@@ -34,19 +35,26 @@ async def run_engine_worker(
     load_format: str = "sglang",
     stop: asyncio.Event | None = None,
     api_key: str | None = None,
+    kv_events: KvEventPublisher | None = None,
 ) -> None:
     """Serve one worker passing for ``dialect`` (vllm or sglang) on HTTP ``port`` until ``stop`` is set; ``api_key``
-    as ``run_sim_worker``'s."""
+    as ``run_sim_worker``'s; ``kv_events``: publish the cache's KV events there (vLLM's ``--kv-events-config``)."""
     if dialect not in SIM_DIALECTS or dialect == "rtp_llm":
         raise ValueError(f"engine: vllm or sglang, not {dialect!r} (rtp_llm workers: run_sim_worker)")
-    app = create_sim_app(SimEngine(config), model_name, load_format=load_format, api_key=api_key)
+    engine = SimEngine(config)
+    app = create_sim_app(engine, model_name, load_format=load_format, api_key=api_key)
     use_dialect(app[SIM], dialect)
+    if kv_events is not None:
+        await kv_events.start()
+        engine.publish_kv_events(kv_events)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()  # starts the engine
     try:
+        await runner.setup()  # starts the engine
         await web.TCPSite(runner, host, port).start()
         log.info("simulated %s worker passing for %s, %r on http://%s:%d", config.role.value, dialect, model_name,
                  host, port)  # fmt: skip
         await (stop or asyncio.Event()).wait()
     finally:
         await runner.cleanup()
+        if kv_events is not None:
+            await kv_events.stop()

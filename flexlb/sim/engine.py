@@ -20,9 +20,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from flexlb.blocks import block_cache_keys, splitmix64
+from flexlb.blocks import block_cache_keys, splitmix64, to_int64
 from flexlb.domain import DEFAULT_BLOCK_SIZE, Role
 from flexlb.sim.kv_cache import PrefixKVCache
+from flexlb.sim.kv_events import KvEventSink
 from flexlb.sim.status import CacheStatus, EngineCounters, EngineStatus, TaskInfo
 
 log = logging.getLogger("flexlb.sim")
@@ -84,6 +85,12 @@ class EngineConfig:
         return self.decode_step_ms_base + self.decode_step_ms_per_seq * batch_size
 
 
+def engine_block_hash(key: int) -> int:
+    """The simulated engine's own hash of a cached block: not flexlb's key (a real engine's differs too), so its KV
+    events' subscriber must hash the tokens itself."""
+    return to_int64(splitmix64(key ^ 0x6B76_6576_656E_7473))
+
+
 class EngineError(Exception):
     """A request the engine refuses; the message says why."""
 
@@ -135,6 +142,7 @@ class EngineRequest:
         self._seed = seed
         self._prefilled = False
         self._pinned: list[int] = []  # cache blocks this request pins
+        self._tokens: Sequence[int] = ()  # the prompt (for the KV events of its blocks)
         self._reserved = 0  # anonymous blocks this request holds
         self._out: asyncio.Queue[object] = asyncio.Queue()
 
@@ -202,6 +210,20 @@ class SimEngine:
         self._stopped = False
         self._busy_until: float | None = None  # real-clock deadline of the last step; None after idling
         self._last_step_ms = 0.0
+        self._events: KvEventSink | None = None
+
+    def publish_kv_events(self, sink: KvEventSink) -> None:
+        """Tell ``sink`` every block this engine's cache stores and evicts, and every clear (vLLM's KV events)."""
+        self._events = sink
+        self.cache.on_evict = lambda key: sink.removed([engine_block_hash(key)])
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block (vLLM's ``POST /reset_prefix_cache``); False while running requests pin some."""
+        if not self.cache.clear():
+            return False
+        if self._events is not None:
+            self._events.cleared()
+        return True
 
     # ---- lifecycle ----
 
@@ -265,6 +287,8 @@ class SimEngine:
         else:
             keys = list(block_keys)
         req = EngineRequest(request_id, len(tokens), keys, produce, cfg.block_size, self._seed(tokens, keys))
+        if self._events is not None:
+            req._tokens = tokens
         req.arrival_ms = self.now_ms()
         self._waiting[request_id] = req
         self._admit()
@@ -519,9 +543,30 @@ class SimEngine:
         # Their reserved blocks turn into cache blocks: releasing first leaves room, so the insert evicts nothing.
         self.cache.release(len(new))
         req._reserved -= len(new)
+        fresh = [key not in self.cache for key in new] if self._events is not None else []
         inserted = self.cache.insert(new, pin=True)
         req._pinned.extend(new[:inserted])
         req._prefilled = True
+        if self._events is not None:
+            self._publish_stored(req, fresh[:inserted])
+
+    def _publish_stored(self, req: EngineRequest, fresh: list[bool]) -> None:
+        """A BlockStored per run of blocks this prompt newly cached (with its parent and tokens, as vLLM's)."""
+        assert self._events is not None
+        size, first = self.config.block_size, req.matched_blocks
+        i = 0
+        while i < len(fresh):
+            if not fresh[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(fresh) and fresh[j]:
+                j += 1
+            start, end = first + i, first + j  # block indexes in the prompt
+            parent = engine_block_hash(req.block_keys[start - 1]) if start > 0 else None
+            hashes = [engine_block_hash(k) for k in req.block_keys[start:end]]
+            self._events.stored(hashes, parent, list(req._tokens[start * size : end * size]), size)
+            i = j
 
     def _emit(self, req: EngineRequest) -> None:
         i = req.completion_tokens

@@ -96,6 +96,9 @@ def add_sim_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions/render", render_completion)
     app.router.add_post("/v1/chat/completions/render", render_chat)
     app.router.add_post("/tokenize", tokenize_handler)
+    for path in ("/reset_prefix_cache", "/flush_cache"):  # vLLM's, SGLang's
+        app.router.add_post(path, reset_prefix_cache)
+    app.router.add_get("/sim/cache", cache_keys)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
@@ -321,6 +324,20 @@ async def tokenize_handler(request: web.Request) -> web.Response:
     ctx = sim_context(request)
     tok = p.parse_tokenize_request(await _read_object(request), ctx.model_name)
     return json_response(p.tokenize_body(tok, ctx.engine.config.total_kv_tokens))
+
+
+async def cache_keys(request: web.Request) -> web.Response:
+    """The simulator's own: the block keys its cache holds now (what an exact index must hold), and its version."""
+    cache = sim_context(request).engine.cache
+    return json_response({"keys": sorted(cache.keys()), "version": cache.version})
+
+
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """vLLM ``POST /reset_prefix_cache`` / SGLang ``POST /flush_cache``: drop every cached block (AllBlocksCleared);
+    400 while running requests hold some, as vLLM refuses then."""
+    if not sim_context(request).engine.reset_prefix_cache():
+        raise p.ApiError(400, "cannot reset the prefix cache while requests are running")
+    return web.Response(text="")
 
 
 async def render_completion(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ reserved (held by a running request without a key yet: its uncomputed prompt blo
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 
 class PrefixKVCache:
@@ -25,6 +25,7 @@ class PrefixKVCache:
         self._pins: dict[int, int] = {}  # pinned cached blocks -> number of running requests holding them
         self._reserved = 0
         self._version = 0
+        self.on_evict: Callable[[int], None] | None = None  # told each evicted key (the KV events publisher)
 
     # ---- sizes ----
 
@@ -163,4 +164,15 @@ class PrefixKVCache:
             return False  # the pool is smaller than the chain being inserted: keep its head
         del self._lru[victim]
         self._version += 1
+        if self.on_evict is not None:
+            self.on_evict(victim)
+        return True
+
+    def clear(self) -> bool:
+        """Drop every cached block (vLLM's reset_prefix_cache); False, changing nothing, while a request pins some."""
+        if self._pins:
+            return False
+        if self._lru:
+            self._lru.clear()
+            self._version += 1
         return True
