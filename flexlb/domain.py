@@ -228,3 +228,6 @@ class ScheduleResult:
     choices: dict[Role, Choice] = field(default_factory=dict)
     degraded: bool = False  # chosen from the local snapshot while Redis was unreachable
     attempts: int = 1
+    # refused while workers that could take the request exist but are busy (at their limits, or above the admission
+    # bound): waiting helps. False for a fleet with no such worker (none registered, alive or fresh).
+    busy: bool = False

@@ -56,6 +56,7 @@ class _Entry:
     attempts: int = 0
     answered: bool = False
     overtaken: int = 0  # requests behind this one placed before it
+    busy_only: bool = False  # waits only while the fleet's workers are busy; answered at once when none could take it
 
 
 class QueueMetrics:
@@ -137,8 +138,12 @@ class RequestQueue:
             entry = self._queue.popleft()
             self._answer(entry, _failure(ErrorCode.REQUEST_CANCELLED, "the router is shutting down"), "cancelled")
 
-    async def schedule(self, request: ScheduleRequest, *, hold: bool | None = None) -> ScheduleResult:
-        """Schedule ``request``; when it finds no capacity and ``hold`` (default: queue mode), wait in the queue."""
+    async def schedule(
+        self, request: ScheduleRequest, *, hold: bool | None = None, busy_only: bool = False
+    ) -> ScheduleResult:
+        """Schedule ``request``; when it finds no capacity and ``hold`` (default: queue mode), wait in the queue.
+        ``busy_only``: wait only while workers that could take it are busy (ScheduleResult.busy): a fleet with no
+        such worker (none registered, alive or fresh) is answered at once, as the peers' routers do."""
         hold = self.options.enabled if hold is None else hold
         attempts = 0
         last = "none yet: queued behind earlier requests"
@@ -146,7 +151,7 @@ class RequestQueue:
             last = f"none yet: {self.scheduler.in_flight} requests in flight, {self._permits()} admitted at once"
         elif not (hold and self._queue):  # never overtake requests already waiting
             result = await self.scheduler.schedule(request)
-            if result.success or not hold or not result.code.retryable:
+            if result.success or not hold or not result.code.retryable or (busy_only and not result.busy):
                 return result
             attempts, last = 1, result.message
         if self._stopped:  # no dispatcher would try it again
@@ -157,7 +162,13 @@ class RequestQueue:
                 ErrorCode.QUEUE_FULL, f"queue full ({self.options.max_size} requests waiting); last attempt: {last}"
             )
         now = self._clock()
-        entry = _Entry(request, deadline=now + request.generate_timeout_ms / 1000, enqueued=now, attempts=attempts)
+        entry = _Entry(
+            request,
+            deadline=now + request.generate_timeout_ms / 1000,
+            enqueued=now,
+            attempts=attempts,
+            busy_only=busy_only,
+        )
         self._queue.append(entry)
         self.metrics.size.set(len(self._queue))
         self._kick.set()
@@ -259,7 +270,7 @@ class RequestQueue:
         """Answer ``head`` with the result of an attempt when it is final; False leaves it in place to retry."""
         head.attempts += 1
         retries_left = not self.options.max_retries or head.attempts <= self.options.max_retries
-        final = result.success or not result.code.retryable or not retries_left
+        final = result.success or not result.code.retryable or not retries_left or (head.busy_only and not result.busy)
         if not final:
             return False
         self._remove(head)

@@ -244,6 +244,7 @@ class Scheduler:
             code=code,
             message=f"{code.name}: reservation refused {self.options.retries + 1} times, last {refusal}",
             attempts=self.options.retries + 1,
+            busy=True,  # other routers took the capacity first
         )
 
     def _inflight_blocks(self, request: ScheduleRequest, result: ScheduleResult, hits: dict[str, int]) -> list[int]:

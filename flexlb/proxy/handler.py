@@ -146,8 +146,8 @@ async def _serve(
             # The first attempt may wait in the router's queue (admission by estimated wait, or queue mode); a retry
             # does not: with its failed workers excluded it could wait for capacity that never comes.
             if attempt == 0 and router.queue is not None:
-                hold = bool(pctx.options.admission_ttft_ms) or None  # None: as queue mode says
-                result = await router.queue.schedule(schedule_request, hold=hold)
+                admission = bool(pctx.options.admission_ttft_ms)
+                result = await router.queue.schedule(schedule_request, hold=admission or None, busy_only=admission)
             else:
                 result = await router.scheduler.schedule(schedule_request)
             if not result.success and tripped:

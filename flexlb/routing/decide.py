@@ -166,13 +166,19 @@ def decide(
                 code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
                 return ScheduleResult(success=False, code=code, message=f"{code.name}: {too_large}")
             code = NO_WORKER_CODE[role]
-            why = why_none(role, fleet.workers(role), scan.group, request.exclude_workers, fresh_after_ms)
-            return ScheduleResult(success=False, code=code, message=f"{code.name}: {why}")
+            registered = fleet.workers(role)
+            why = why_none(role, registered, scan.group, request.exclude_workers, fresh_after_ms)
+            busy = any(
+                v.status.alive and v.status.updated_ms >= fresh_after_ms and v.worker_id not in request.exclude_workers
+                for v in registered
+            )
+            return ScheduleResult(success=False, code=code, message=f"{code.name}: {why}", busy=busy)
         bound = request.ttft_bound_ms
         if bound and role in PREFILL_ROLES and choice.estimate_ttft_ms > bound:
             code = NO_WORKER_CODE[role]
             return ScheduleResult(
                 success=False,
+                busy=True,
                 code=code,
                 message=f"{code.name}: the best {role.value} worker ({choice.worker.worker_id}) has an estimated TTFT "
                 f"of {choice.estimate_ttft_ms:.0f} ms, above the admission bound of {bound:.0f} ms",

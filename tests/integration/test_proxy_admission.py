@@ -86,3 +86,15 @@ async def test_control_with_hard_limits_the_same_burst_is_partly_refused(
     _, routers = await _fleet(start_sim_worker, start_master, start_router, real_store, admission=0)
     answers = await _burst(routers, 200)
     assert any(status == 503 for status, _ in answers)
+
+
+async def test_with_no_worker_that_could_take_it_the_answer_is_at_once(start_router: Any) -> None:
+    """Admission holds a request only while workers that could take it are busy: with none registered the proxy
+    answers 503 at once (within the client's 10 s here, far below the 60 s queue timeout), as the peers do."""
+    router = start_router({"servedModelName": MODEL})
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with http.post(f"{router.url}/v1/chat/completions", data=orjson.dumps(body)) as resp:
+            assert resp.status == 503
+            error = (await resp.json())["error"]
+    assert error["code"] == "no_available_worker", error
