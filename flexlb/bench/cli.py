@@ -112,6 +112,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from flexlb.bench.control_cli import add_control_parser
 
     add_control_parser(bsub)
+    from flexlb.bench.chaos import add_chaos_parser
+
+    add_chaos_parser(bsub)
     from flexlb.bench.peers_cli import add_peers_parser
 
     add_peers_parser(bsub)
@@ -134,6 +137,10 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         from flexlb.bench.control_cli import cmd_control
 
         return cmd_control(args, settings)
+    if args.bench_cmd == "chaos":
+        from flexlb.bench.chaos import cmd_chaos
+
+        return cmd_chaos(args)
     if args.bench_cmd == "peers":
         from flexlb.bench.peers_cli import cmd_peers
 
