@@ -31,6 +31,7 @@ from flexlb.domain import Role
 from flexlb.embedded_redis import free_port, free_port_pair
 from flexlb.readiness import NotReady, wait_http_ready
 
+START_ATTEMPTS = 3
 MODEL = "flexlb-sim"  # the simulated workers' served model name and flexlb's service id, sent in every request
 
 
@@ -173,6 +174,36 @@ def _send(
     return asyncio.run(main())
 
 
+def _start(
+    target: pp.RouterTarget,
+    binaries: dict[str, str],
+    params: PeersParams,
+    interrupts: Interrupts,
+    keep_logs: Callable[[Stack], None],
+) -> tuple[Stack, Deployment]:
+    """A fresh deployment of ``target``; started again (new ports) when a start fails, e.g. when another program
+    took a port between its choice and its bind, which happens on a machine shared with other work."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        stack = Stack(startup_timeout_s=params.startup_timeout_s, checkpoint=interrupts.check)
+        name = f"peers-{target.router}-x{target.replicas}-{os.urandom(3).hex()}"
+        try:
+            if target.router == pp.FLEXLB:
+                return stack, start_flexlb(stack, params, target.replicas, MODEL)  # its service id is its model name
+            peer = pp.PEERS[target.router]
+            return stack, start_peer(stack, params, peer, binaries[peer.name], target.replicas, name)
+        except StackError:
+            last = attempt == START_ATTEMPTS
+            if last:
+                keep_logs(stack)
+            stack.close(keep_logs=last)
+            if last:
+                raise
+        except BaseException:
+            stack.close()
+            raise
+    raise AssertionError("unreachable")
+
+
 def run_one(
     target: pp.RouterTarget,
     binaries: dict[str, str],
@@ -185,16 +216,14 @@ def run_one(
     keep_logs: Callable[[Stack], None],
 ) -> dict[str, Any]:
     """One run on fresh processes; they are all stopped before it returns."""
-    stack = Stack(startup_timeout_s=params.startup_timeout_s, checkpoint=interrupts.check)
-    name = f"peers-{target.router}-x{target.replicas}-{os.urandom(3).hex()}"
+    term.overwrite(f"{title} starting ...")
+    try:
+        stack, deployment = _start(target, binaries, params, interrupts, keep_logs)
+    except StackError:
+        term.line()
+        raise
     failed = True
     try:
-        term.overwrite(f"{title} starting ...")
-        if target.router == pp.FLEXLB:
-            deployment = start_flexlb(stack, params, target.replicas, MODEL)  # its service id is its model name
-        else:
-            peer = pp.PEERS[target.router]
-            deployment = start_peer(stack, params, peer, binaries[peer.name], target.replicas, name)
         interrupts.check()
         cpu_before, control_before = _cpu(deployment.routers), _cpu(deployment.control)
         outcome = _send(specs, arrivals, deployment, params, interrupts, term, title)
