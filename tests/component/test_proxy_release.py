@@ -43,7 +43,7 @@ class GatedScheduler:
         self.done = asyncio.Event()  # a release finished
         self.fail = False  # releases raise
         self.last_snapshot = None  # the block size: the default
-        self.view = SimpleNamespace(block_size=lambda: 64)
+        self.view = SimpleNamespace(block_size=lambda: 64, all=lambda: iter(()))  # no vLLM workers: whitespace tokens
 
     async def schedule(self, request: ScheduleRequest) -> ScheduleResult:
         self.scheduling.set()
