@@ -298,6 +298,6 @@ def render_targets(targets: Sequence[Target]) -> list[str]:
     rows = []
     for t in targets:
         j = t.to_json()
-        digits = 3 if "hit ratio" in t.name else 1
-        rows.append([t.name, f"{j['goal'].split()[0]} {num(t.goal, digits)}", num(t.value, digits), j["result"]])
+        show = pct if "hit ratio" in t.name else num
+        rows.append([t.name, f"{j['goal'].split()[0]} {show(t.goal)}", show(t.value), j["result"]])
     return table(rows, ["target", "goal", "measured", "result"], [False, True, True, False]) if rows else []

@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import os
 import random
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +103,17 @@ def render(result: dict[str, Any]) -> str:
     targets = pp.render_targets(pp.check_targets(result["combined"], result["peers"]))
     if targets:
         lines += ["", *targets]
+    reasons: dict[str, Counter[str]] = {}
     for run in result["runs"]:
-        for reason, count in list(run["refused_reasons"].items())[:2] + list(run["error_reasons"].items())[:2]:
-            lines.append(f"{run['label']} repeat {run['repeat']}: {count} x {reason}")
+        counts = reasons.setdefault(run["label"], Counter())
+        for reason, count in [*run["refused_reasons"].items(), *run["error_reasons"].items()]:
+            status, sep, text = reason.partition(": ")
+            counts[status + sep + re.sub(r"\d+", "N", text)] += count  # one line for one refusal of any size
+    shown = [(label, counts) for label, counts in reasons.items() if counts]
+    if shown:
+        lines += ["", "refused and failed requests, over all runs:"]
+    for label, counts in shown:
+        lines += [f"  {label}: {count} x {reason}" for reason, count in counts.most_common(3)]
     return "\n".join(lines) + "\n"
 
 
