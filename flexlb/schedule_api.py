@@ -72,7 +72,7 @@ async def run_schedule(
     owners = ctx.owners
     new_slot = False
     try:
-        req = parse_schedule_request(await body, ctx.max_block_cache_keys, ctx.scheduler.view.block_size())
+        req = parse_schedule_request(await body, ctx.max_block_cache_keys, lambda: ctx.scheduler.view.block_size())
         check_model(ctx, req.model)
         if owners is not None:
             ttl_ms = max(1, min(ctx.scheduler.options.reservation_ttl_ms, req.generate_timeout_ms))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -84,13 +85,19 @@ def _input_ids(data: dict[str, Any]) -> list[int] | None:
     return ids
 
 
+def _default_block_size() -> int:
+    return DEFAULT_BLOCK_SIZE
+
+
 def parse_schedule_request(
-    data: dict[str, Any], max_keys: int = MAX_BLOCK_CACHE_KEYS, block_size: int = DEFAULT_BLOCK_SIZE
+    data: dict[str, Any],
+    max_keys: int = MAX_BLOCK_CACHE_KEYS,
+    block_size: Callable[[], int] = _default_block_size,
 ) -> ScheduleRequest:
     """Validate a schedule request body; unknown fields are ignored as in the original. Without
     ``block_cache_keys``, ``input_ids`` (as the original's frontend sends) give them: cut into blocks of
-    ``block_size`` tokens (the fleet's) and hashed as the workers hash them; ``seq_len`` then defaults to their
-    number."""
+    ``block_size()`` tokens (the fleet's; asked only then) and hashed as the workers hash them; ``seq_len`` then
+    defaults to their number."""
     request_id = parse_request_id(data)
     input_ids = _input_ids(data)
     seq_len = int_field(
@@ -99,7 +106,7 @@ def parse_schedule_request(
     priority = int_field(data, "request_priority", required=False, low=-(1 << 31), high=(1 << 31) - 1)
     keys = data.get("block_cache_keys")
     if keys is None:
-        keys = [] if input_ids is None else block_cache_keys(input_ids, block_size)
+        keys = [] if input_ids is None else block_cache_keys(input_ids, block_size())
     if not isinstance(keys, list):
         raise BadRequest(f"block_cache_keys: expected a list of integers, got {type(keys).__name__}")
     if len(keys) > max_keys:

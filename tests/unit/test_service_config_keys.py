@@ -90,7 +90,7 @@ def test_a_dns_name_without_a_port_says_a_port_is_needed() -> None:
 
 def test_input_ids_give_the_block_keys_with_the_fleets_block_size() -> None:
     ids = list(range(100))
-    req = parse_schedule_request({"request_id": 1, "input_ids": ids}, block_size=16)
+    req = parse_schedule_request({"request_id": 1, "input_ids": ids}, block_size=lambda: 16)
     assert req.seq_len == 100 and list(req.block_cache_keys) == block_cache_keys(ids, 16)
     assert len(req.block_cache_keys) == 6
     given = parse_schedule_request({"request_id": 1, "input_ids": ids, "seq_len": 100, "block_cache_keys": [5]})
