@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 # predicted minus reported cached tokens: negative, the index missed what the engine had; positive, it claimed more
 HIT_ERROR_BUCKETS = (-4096.0, -1024.0, -256.0, -64.0, -1.0, 0.0, 64.0, 256.0, 1024.0, 4096.0)
-TIMER_KEY = "flexlb.proxy.timer"  # the request's RequestTimer (an aiohttp request is a mapping)
 NO_WORKER = "none"  # the role label of a request no worker answered (refused, or every worker failed)
 
 
@@ -29,6 +29,9 @@ class RequestTimer:
     started: float = field(default_factory=time.perf_counter)
     role: str = NO_WORKER
     first_byte: float | None = None
+
+
+TIMER_KEY = web.RequestKey("flexlb_proxy_timer", RequestTimer)  # the request's RequestTimer
 
 
 class ProxyMetrics:
