@@ -178,7 +178,9 @@ class EmbeddedSentinel(_Servers):
 
     def _replica_known(self) -> bool:
         replicas = self.client(self.sentinel).sentinel_slaves(self.master_name)
-        return any(r.get("is_slave") and not r.get("is_sdown") and r.get("master-link-status") == "ok" for r in replicas)
+        return any(
+            r.get("is_slave") and not r.get("is_sdown") and r.get("master-link-status") == "ok" for r in replicas
+        )
 
     def primary_port(self) -> int:
         _, port = self.client(self.sentinel).execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.master_name)
