@@ -7,6 +7,12 @@ it wakes up. The master also keeps a lease by its
 own monotonic clock, from the moment it *sent* its last successful renew: when that lease runs out it stops
 considering itself master (``is_master`` turns false at once) even if Redis cannot be reached to tell it so.
 
+Presence: a contender keeps one connection to Redis named ``flexlb-master:<id>`` (an id per process) and marks the
+lock it holds ``[presence <id>]``. A process that dies (SIGKILL, a crash) loses that connection at once; a standby
+that finds the lock's holder marked and its connection gone takes the lock over at once (lua/lock_take_over.lua, a
+new epoch) instead of waiting for the TTL. A paused process keeps its connection, so its lock expires by the TTL as
+before. Plain Redis and unix sockets only: on a cluster or through Sentinel the TTL alone decides.
+
 Run ``python -m flexlb.master.election --help`` for a probe process used by the integration tests.
 """
 
@@ -16,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 import time
@@ -23,7 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from flexlb.state.keys import ServiceKeys
@@ -38,6 +45,13 @@ OnDeposed = Callable[[], Awaitable[None]]
 
 # What a failed round trip to Redis can raise: the caller keeps its lease until its local clock says otherwise.
 _REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+PRESENCE_NAME = "flexlb-master:"  # + the process's presence id: the presence connection's client name
+_PRESENCE_MARK = re.compile(r" \[presence ([0-9a-f]+)\]$")  # at the end of the lock's holder
+
+
+def holder_name(holder: str) -> str:
+    """The lock's holder description without its presence mark."""
+    return _PRESENCE_MARK.sub("", holder)
 
 
 def parse_lock_value(value: str) -> tuple[str, int, str]:
@@ -52,7 +66,7 @@ async def current_master(redis: Redis, keys: ServiceKeys) -> tuple[str | None, i
     if value is None:
         return None, int(epoch or 0)
     _, lock_epoch, holder = parse_lock_value(_text(value))
-    return holder, lock_epoch
+    return holder_name(holder), lock_epoch
 
 
 async def fenced_set(scripts: Scripts, keys: ServiceKeys, epoch: int, target: str, fields: Mapping[str, Any]) -> None:
@@ -63,6 +77,12 @@ async def fenced_set(scripts: Scripts, keys: ServiceKeys, epoch: int, target: st
     reply = await scripts.call("fenced_set", [keys.master_epoch, target], args)
     if reply != 1:
         raise StaleEpoch(_text(reply[1]))
+
+
+def _plain_connection(pool: ConnectionPool) -> bool:
+    """TCP or a unix socket to one server: a connection of its own can stand for this process (not a cluster's or
+    Sentinel's routing pool)."""
+    return pool.connection_class.__name__ in ("Connection", "HiredisPackingConnection", "UnixDomainSocketConnection")
 
 
 def _text(value: str | bytes) -> str:
@@ -102,6 +122,8 @@ class MasterElection:
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()  # set while run() is not running
         self._idle.set()
+        self._presence: Redis | None = None  # the connection named after our presence id (module docstring)
+        self._presence_id = uuid.uuid4().hex[:16]
 
     @property
     def is_master(self) -> bool:
@@ -123,6 +145,10 @@ class MasterElection:
                     await asyncio.wait_for(self._stopping.wait(), delay)
         finally:
             await self._leave(on_deposed)
+            if self._presence is not None:
+                with contextlib.suppress(*_REDIS_FAILURES):
+                    await self._presence.aclose()
+                self._presence = None
             self._idle.set()
 
     async def stop(self) -> None:
@@ -138,6 +164,7 @@ class MasterElection:
         if self._master:
             await self._renew(on_deposed)
         if not self._master:
+            await self._ensure_presence()  # named before the lock is ours: a standby never sees us without it
             await self._try_acquire(on_elected)
         interval = self.renew_interval_ms / 1000
         if self._master:
@@ -173,20 +200,73 @@ class MasterElection:
             reply = await self._scripts.call(
                 "lock_acquire",
                 [self._keys.master_lock, self._keys.master_epoch],
-                [self._token, self.ttl_ms, self.holder],
+                [self._token, self.ttl_ms, self._lock_holder],
             )
         except _REDIS_FAILURES as exc:
             log.warning("acquire failed (holder=%s): %r", self.holder, exc)
             return
         if reply[0] != 1:
-            self._note_other_master(_text(reply[2]), int(reply[1]))
-            return
+            self._note_other_master(holder_name(_text(reply[2])), int(reply[1]))
+            reply = await self._take_over_if_gone()
+            if reply is None or reply[0] != 1:
+                return
         self._master, self._epoch = True, int(reply[1])
         self._lease_end = sent + self.ttl_ms / 1000
         self._observed = None
         log.info("elected master: holder=%s epoch=%d", self.holder, self._epoch)
         self._duties = asyncio.ensure_future(on_elected(self._epoch))
         self._duties.add_done_callback(self._log_duties_end)
+
+    @property
+    def _lock_holder(self) -> str:
+        return self.holder + (f" [presence {self._presence_id}]" if self._presence is not None else "")
+
+    async def _ensure_presence(self) -> None:
+        """Keep the connection named after this process's presence id open (a PING per round: redis-py names it
+        again when it reconnects), when the client allows one."""
+        pool = getattr(self._redis, "connection_pool", None)
+        if type(self._redis) is not Redis or pool is None or not _plain_connection(pool):
+            return
+        try:
+            if self._presence is None:
+                kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "client_name"}
+                named = ConnectionPool(
+                    connection_class=pool.connection_class, client_name=PRESENCE_NAME + self._presence_id, **kwargs
+                )
+                self._presence = Redis(connection_pool=named, single_connection_client=True)
+            await self._presence.ping()
+        except _REDIS_FAILURES as exc:
+            log.warning("presence connection failed (holder=%s): %r; a takeover waits for the TTL", self.holder, exc)
+
+    async def _take_over_if_gone(self) -> list[Any] | None:
+        """The lock's reply when its holder, marked with a presence connection, has none any more (it died): the
+        lock is taken over now, with a new epoch; None when the holder is there (or cannot be told)."""
+        if self._presence is None:
+            return None
+        try:
+            value = await self._redis.get(self._keys.master_lock)
+            if value is None:
+                return None
+            _, _, holder = parse_lock_value(_text(value))
+            mark = _PRESENCE_MARK.search(holder)
+            if mark is None:
+                return None  # a holder without presence (an older version): its TTL decides
+            names = {_text(c.get("name") or "") for c in await self._redis.client_list()}
+            if PRESENCE_NAME + mark[1] in names:
+                return None
+            reply = await self._scripts.call(
+                "lock_take_over",
+                [self._keys.master_lock, self._keys.master_epoch],
+                [_text(value), self._token, self.ttl_ms, self._lock_holder],
+            )
+        except _REDIS_FAILURES as exc:
+            log.warning("takeover check failed (holder=%s): %r", self.holder, exc)
+            return None
+        if reply[0] == 1:
+            log.warning(
+                "took the master lock over from %s: its connection to Redis closed (the process is gone)", holder
+            )
+        return reply
 
     def _note_other_master(self, holder: str, epoch: int) -> None:
         if self._observed != (holder, epoch):

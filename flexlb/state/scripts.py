@@ -23,6 +23,7 @@ SCRIPT_NAMES = (
     "lock_acquire",
     "lock_renew",
     "lock_release",
+    "lock_take_over",
     "fenced_set",
     "master_status",
     "master_cache",

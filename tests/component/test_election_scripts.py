@@ -170,6 +170,7 @@ async def test_every_election_script_touches_one_cluster_slot(scripts: Scripts, 
         ("lock_acquire", [keys.master_lock, keys.master_epoch]),
         ("lock_renew", [keys.master_lock]),
         ("lock_release", [keys.master_lock]),
+        ("lock_take_over", [keys.master_lock, keys.master_epoch]),
         ("fenced_set", [keys.master_epoch, f"{keys.prefix}:election_probe"]),
     ]:
         assert len({key_slot(k.encode()) for k in script_keys}) == 1, name
@@ -298,3 +299,20 @@ async def test_stop_releases_the_lock_and_cancels_the_duties(any_redis: aioredis
     assert task.done() and rec.events == [f"elected {e.epoch}", "deposed"] and rec.duties_cancelled == 1
     assert await current_master(any_redis, keys) == (None, e.epoch)
     await task
+
+
+async def test_a_take_over_replaces_only_the_term_seen_gone(
+    any_redis: aioredis.Redis, scripts: Scripts, keys: ServiceKeys
+) -> None:
+    """lua/lock_take_over.lua: a standby that saw the holder's presence connection gone replaces exactly that term,
+    with a higher epoch; a term renewed or replaced since is left alone."""
+    _, first = await acquire(scripts, keys, "a", holder="a [presence 01]")
+    seen = await any_redis.get(keys.master_lock)
+    take = [keys.master_lock, keys.master_epoch]
+    stale = f"zz|{first - 1}|someone"
+    assert await scripts.call("lock_take_over", take, [stale, "b", TTL, "b"]) == [0, first, "a [presence 01]"]
+    won, epoch = await scripts.call("lock_take_over", take, [seen, "b", TTL, "b [presence 02]"])
+    assert won == 1 and epoch > first
+    assert await any_redis.get(keys.master_lock) == f"b|{epoch}|b [presence 02]"
+    assert await any_redis.pttl(keys.master_lock) > 0  # the lock keeps a TTL
+    assert await renew(scripts, keys, "a", first) == 0  # the old term cannot renew

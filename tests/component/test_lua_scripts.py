@@ -238,8 +238,8 @@ async def test_every_script_call_touches_one_cluster_slot(store: FleetStore) -> 
     await store.sweep([P1.worker_id, D1.worker_id])
     await store.release(5)
     await store.remove_worker(P2.worker_id)
-    own_tests = {"lock_acquire", "lock_renew", "lock_release", "fenced_set"}  # checked in their own tests, as are
-    own_tests |= {"master_status", "master_cache", "master_forget"}  # the master's writes
+    own_tests = {"lock_acquire", "lock_renew", "lock_release", "lock_take_over", "fenced_set"}  # in their own tests, as
+    own_tests |= {"master_status", "master_cache", "master_forget"}  # are the master's writes
     assert {name for name, _ in seen} == set(SCRIPT_NAMES) - own_tests
     for name, keys in seen:
         assert len({key_slot(k.encode()) for k in keys}) == 1, (name, keys)

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from flexlb.embedded_redis import EmbeddedRedis
-from flexlb.master.election import parse_lock_value
+from flexlb.master.election import holder_name, parse_lock_value
 from flexlb.state.keys import ServiceKeys
 
 TTL_MS = 1000
@@ -100,7 +100,7 @@ class Fleet:
         if value is None:
             return None
         _, epoch, holder = parse_lock_value(value)
-        return holder, epoch
+        return holder_name(holder), epoch
 
     def wait_for(self, what: str, check: Callable[[], object], timeout_s: float = 10.0) -> object:
         deadline = time.monotonic() + timeout_s
@@ -234,6 +234,21 @@ def test_a_killed_master_is_replaced_within_ttl_plus_one_renew_interval(fleet_fa
     assert fleet.lock_holder() == (new, new_epoch)
     assert sorted(p for p, _ in fleet.masters()) == sorted([new, old])  # the killed one never printed DEPOSED
     fleet.wait_for("the new master's write", lambda: fleet.redis.hget(fleet.probe_key, "holder") == new)
+
+
+def test_a_killed_masters_lock_is_taken_over_before_its_ttl(fleet_factory) -> None:
+    """Issue 10 bug 8 (takeover waited for the TTL): a SIGKILLed master's presence connection closes at once, and a
+    standby takes the lock over then, with a higher epoch, long before the TTL ends."""
+    ttl_ms = 30_000  # so long that a takeover by expiry cannot happen within the test's wait below
+    fleet = fleet_factory(n=2, ttl_ms=ttl_ms)
+    old, old_epoch = first_master(fleet)
+    fleet.probes[old].process.send_signal(signal.SIGKILL)
+    fleet.probes[old].process.wait()
+    new, new_epoch, _ = fleet.new_master(old_epoch)  # waits 10 s at most: a third of the TTL
+    assert new != old and new_epoch > old_epoch
+    assert fleet.lock_holder() == (new, new_epoch)
+    fleet.wait_for("the new master's write", lambda: fleet.redis.hget(fleet.probe_key, "holder") == new)
+    assert "took the master lock over" in fleet.probes[new].stderr()
 
 
 def test_a_terminated_master_releases_the_lock_for_an_immediate_handover(fleet_factory) -> None:
