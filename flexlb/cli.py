@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flexlb.demo.cli import add_demo_parser
 
     add_demo_parser(sub)
+    from flexlb.up import add_up_parser
+
+    add_up_parser(sub)
     for command in {id(p): p for p in sub.choices.values()}.values():
         _add_log_options(command, top=False)
     return parser
@@ -359,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flexlb.demo.cli import cmd_demo
 
             return cmd_demo(args)
+        if args.command == "up":
+            from flexlb.up import cmd_up
+
+            return cmd_up(args)
     except (ConfigError, UsageError, FlagError, RedisNotInstalled) as exc:
         print(f"flexlb: error: {exc}", file=sys.stderr)
         return 2

@@ -159,9 +159,12 @@ class Stack:
         router_config: Mapping[str, Any],
         *,
         master: bool = True,
+        router_port: int | None = None,
+        router_processes: int = 1,
     ) -> Service:
         """Start workers, a master (unless ``master`` is false) and routers; return once all answer /health and
-        the fleet's status in Redis shows every worker polled (alive, with its configured KV)."""
+        the fleet's status in Redis shows every worker polled (alive, with its configured KV). ``router_port``: the
+        first router's port (else a free one); ``router_processes``: each router's ``--processes``."""
         workers = []
         for i, role in enumerate(roles):
             try:
@@ -183,8 +186,10 @@ class Stack:
             service.master = self._spawn(f"{service_id}-master", command, env)
         config = orjson.dumps(dict(router_config)).decode()
         for i in range(routers):
-            port = free_port()
+            port = router_port if router_port and i == 0 else free_port()
             command = [*FLEXLB, "serve", "--host", "127.0.0.1", "--port", str(port), "--advertise", f"127.0.0.1:{port}"]
+            if router_processes > 1:
+                command += ["--processes", str(router_processes)]
             child = self._spawn(f"{service_id}-router{i}", command, {**env, "FLEXLB_CONFIG": config})
             service.routers.append(Router(child, port))
         waits = [(w.url, w.child) for w in workers]
