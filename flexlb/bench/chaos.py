@@ -49,7 +49,7 @@ from flexlb.demo.processes import Child, stop_all
 from flexlb.demo.stack import FLEXLB, Stack, StackError, clean_environment
 from flexlb.domain import ErrorCode, Role
 from flexlb.embedded_redis import RedisNotInstalled, free_port, free_port_pair
-from flexlb.master.election import parse_lock_value
+from flexlb.master.election import holder_name, parse_lock_value
 from flexlb.readiness import NotReady, wait_http_ready
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import script_source
@@ -322,7 +322,7 @@ class ChaosFleet:
         if value is None:
             return None
         _, epoch, holder = parse_lock_value(value)
-        return holder, epoch
+        return holder_name(holder), epoch
 
     async def holder_member(self) -> tuple[Member, int]:
         held = await poll(self.lock_holder, "a master holding the lock", 15.0)
