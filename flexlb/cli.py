@@ -171,13 +171,21 @@ def cmd_master(args: argparse.Namespace, settings: Settings) -> int:
 
     if settings.redis_url is None:
         raise UsageError("set REDIS_URL to the fleet's Redis: the master polls workers for routers that share it")
+    try:  # the port first, as for a router: a port in use is one clear error before anything starts
+        sock = listen(args.host, args.port)
+    except PortInUse as exc:
+        raise UsageError(str(exc)) from None
     uvloop.install()
     app = create_master_app(settings, holder=args.holder)
+    port = sock.getsockname()[1]
     print(
-        f"flexlb: master candidate for service {settings.service.service_id!r}; health on http://{args.host}:{args.port}",
+        f"flexlb: master candidate for service {settings.service.service_id!r}; health on http://{args.host}:{port}",
         flush=True,
     )
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    try:
+        web.run_app(app, sock=sock, print=None, access_log=None)
+    finally:
+        sock.close()
     return 0
 
 

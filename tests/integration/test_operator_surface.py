@@ -45,6 +45,18 @@ async def test_a_port_in_use_is_refused_at_start_in_both_modes(
     assert await healthy(first.url)  # the first keeps serving, alone
 
 
+async def test_a_master_on_a_port_in_use_is_refused_at_start(redis_server: EmbeddedRedis, start_router: Any) -> None:
+    """`flexlb master` too: one clear error, no traceback, no hang (it used to keep running past 60 s)."""
+    first = start_router()
+    env = {**os.environ, "REDIS_URL": redis_server.url}
+    command = [*CLI, "master", "--host", "127.0.0.1", "--port", str(first.port)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"cannot listen on 127.0.0.1:{first.port} (--port): Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert await healthy(first.url)
+
+
 def test_a_port_out_of_range_is_refused(redis_server: EmbeddedRedis) -> None:
     done = second_router(redis_server.url, 105537)
     assert done.returncode == 2 and "port 105537 is out of range 0-65535" in done.stderr
