@@ -27,7 +27,7 @@ from flexlb.routing import ChoiceMemory, DecisionOptions, StrategyName, Strategy
 from flexlb.routing.decide import orders_per_role
 from flexlb.routing.strategies import PREFILL_ROLES
 from flexlb.state.errors import REDIS_UNAVAILABLE
-from flexlb.state.store import FleetStore
+from flexlb.state.store import FleetStore, PrefixHits
 from flexlb.state.view import FleetView
 from flexlb.state.view_sync import ViewSync
 
@@ -189,11 +189,13 @@ class Scheduler:
     async def _schedule_shared(self, request: ScheduleRequest, ttl_ms: int) -> ScheduleResult:
         if not self.view_sync.running:  # no tail following the stream (not started, or reconnecting): read inline
             await self.view_sync.catch_up()
-        hits = await self.store.lookup_prefix(request.block_cache_keys) if self._needs_lookup(request) else {}
+        looked_up = self._needs_lookup(request)
+        hits = await self.store.lookup_prefix(request.block_cache_keys) if looked_up else {}
         refusal = ""
         refused_role: Role | None = None
         caught_up = not self.view_sync.running
-        probe = self._probe_block(request, hits)  # once: a moved prefix costs at most one more lookup
+        # once: a moved prefix costs at most one more lookup
+        probe = self._probe_block(request, hits) if looked_up else None
         attempt = 0
         while attempt <= self.options.retries:
             attempt += 1
@@ -257,14 +259,14 @@ class Scheduler:
                 return list(request.block_cache_keys[hits.get(choice.worker.worker_id, 0) :])
         return []
 
-    def _probe_block(self, request: ScheduleRequest, hits: dict[str, int]) -> int | None:
+    def _probe_block(self, request: ScheduleRequest, hits: PrefixHits) -> int | None:
         """The request's first block no worker held at the lookup: if it is held elsewhere by the time of the
         reservation, a concurrent request of the same new prefix went there first (lua/reserve.lua)."""
-        if not self.options.inflight_ttl_ms or not self._needs_lookup(request):
+        if not self.options.inflight_ttl_ms:
             return None
         # the first block nobody held: beyond every match, and beyond what a sample of a popular prefix's holders
         # missed (held_by_any), so a block someone held all along is not taken for a moved prefix
-        best = max(max(hits.values(), default=0), getattr(hits, "held_by_any", 0))
+        best = max(max(hits.values(), default=0), hits.held_by_any)
         return request.block_cache_keys[best] if best < len(request.block_cache_keys) else None
 
     def _needs_lookup(self, request: ScheduleRequest) -> bool:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import orjson
 
+from flexlb.bench.argtypes import int_at_least
+from flexlb.cli_options import port
 from flexlb.demo.interrupts import Interrupts
 from flexlb.demo.params import WORKER_OPTIONS
 from flexlb.demo.stack import Service, Stack, StackError
@@ -28,15 +30,17 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
         help="start a working local fleet (redis-server, master, router, simulated workers); Ctrl-C stops it",
         description=__doc__,
     )
-    up.add_argument("--port", type=int, default=7001, help="the router's port (default 7001)")
-    up.add_argument("--workers", type=int, default=4, help="simulated workers (default 4; with --pd: half each)")
+    up.add_argument("--port", type=port, default=7001, help="the router's port (default 7001; 0: a free one)")
+    up.add_argument(
+        "--workers", type=int_at_least(1), default=4, help="simulated workers (default 4; with --pd: half each)"
+    )
     up.add_argument("--pd", action="store_true", help="prefill and decode workers instead of fused (pdfusion) ones")
-    up.add_argument("--routers", type=int, default=1, help="router processes sharing the port (default 1)")
+    up.add_argument("--routers", type=int_at_least(1), default=1, help="router processes sharing the port (default 1)")
 
 
 def cmd_up(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
-    if not 0 < args.port < 65536 or args.workers < 1 or args.routers < 1 or (args.pd and args.workers < 2):
-        print("flexlb up: --port 1..65535, --workers >= 1 (>= 2 with --pd), --routers >= 1", file=sys.stderr)
+    if args.pd and args.workers < 2:
+        print("flexlb up: --pd needs --workers 2 or more (a prefill and a decode worker at least)", file=sys.stderr)
         return 2
     roles = (
         [Role.PREFILL] * (args.workers // 2) + [Role.DECODE] * (args.workers - args.workers // 2)
