@@ -218,6 +218,15 @@ class Choice:
     explanation: dict[str, Any] | None = None  # why, when the request asked (flexlb.routing.explain)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStay:
+    """A request's time in the router's queue (flexlb.queueing), for its ``debug_info``."""
+
+    waited_ms: float
+    position: int  # 1 = it entered at the head: the requests ahead of it, plus one
+    depth: int  # requests in the queue when it left, itself included
+
+
 @dataclass(slots=True)
 class ScheduleResult:
     """Outcome of scheduling one request over all roles."""
@@ -231,3 +240,4 @@ class ScheduleResult:
     # refused while workers that could take the request exist but are busy (at their limits, or above the admission
     # bound): waiting helps. False for a fleet with no such worker (none registered, alive or fresh).
     busy: bool = False
+    queue: QueueStay | None = None  # set when it waited in the router's queue

@@ -10,7 +10,8 @@ waiting crowd costs a few attempts per fleet change, not one per waiter: the dis
 announces freed capacity (FleetEvents: a release anywhere, a master status write) and at least every ``recheck_s``
 in case a message was missed. Answers: QUEUE_FULL at once when the queue holds ``maxQueueSize``; QUEUE_TIMEOUT when
 its ``generate_timeout`` passes while queued; a client that goes away is taken out of the queue (and a reservation
-made for it meanwhile is released).
+made for it meanwhile is released). A request that waited carries its QueueStay (wait, position at entry, depth
+when it left) in its result: the schedule API's ``debug_info``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from flexlb.admission import AdmissionControl
-from flexlb.domain import ErrorCode, ScheduleRequest, ScheduleResult
+from flexlb.domain import ErrorCode, QueueStay, ScheduleRequest, ScheduleResult
 from flexlb.scheduler import Scheduler
 from flexlb.state.events import FleetEvents
 
@@ -57,6 +58,7 @@ class _Entry:
     answered: bool = False
     overtaken: int = 0  # requests behind this one placed before it
     busy_only: bool = False  # waits only while the fleet's workers are busy; answered at once when none could take it
+    position: int = 1  # requests ahead of it when it entered, plus one
 
 
 class QueueMetrics:
@@ -72,6 +74,12 @@ class QueueMetrics:
             "Time requests spent in the queue, by outcome.",
             ["outcome"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
+        self.position = Histogram(
+            "flexlb_queue_position",
+            "Where requests entered the queue (1 = at its head): the requests ahead of them, plus one.",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000, 10_000),
             registry=registry,
         )
         self.rejected = Counter(
@@ -168,9 +176,11 @@ class RequestQueue:
             enqueued=now,
             attempts=attempts,
             busy_only=busy_only,
+            position=len(self._queue) + 1,
         )
         self._queue.append(entry)
         self.metrics.size.set(len(self._queue))
+        self.metrics.position.observe(entry.position)
         self._kick.set()
         try:
             return await entry.future
@@ -314,9 +324,12 @@ class RequestQueue:
             )
 
     def _answer(self, entry: _Entry, result: ScheduleResult, outcome: str) -> None:
+        """Answer ``entry``, taken out of the queue already."""
         self.metrics.size.set(len(self._queue))
-        self.metrics.wait.labels(outcome=outcome).observe(self._clock() - entry.enqueued)
+        waited = self._clock() - entry.enqueued
+        self.metrics.wait.labels(outcome=outcome).observe(waited)
         result.attempts = entry.attempts
+        result.queue = QueueStay(waited * 1000, entry.position, len(self._queue) + 1)
         entry.answered = True
         if not entry.future.done():
             entry.future.set_result(result)

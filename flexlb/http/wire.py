@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from flexlb.blocks import block_cache_keys
-from flexlb.domain import DEFAULT_BLOCK_SIZE, Choice, ErrorCode, Role, ScheduleRequest, ScheduleResult
+from flexlb.domain import DEFAULT_BLOCK_SIZE, Choice, ErrorCode, QueueStay, Role, ScheduleRequest, ScheduleResult
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_SEQ_LEN = 100_000_000  # far beyond any context window: larger is a client bug
@@ -146,7 +146,9 @@ def error_body(code: ErrorCode, message: str, *, master_host: str | None = None)
     }
 
 
-def _server_status(role: Role, choice: Choice, request_id: int, degraded: bool) -> dict[str, Any]:
+def _server_status(
+    role: Role, choice: Choice, request_id: int, degraded: bool, queue: QueueStay | None
+) -> dict[str, Any]:
     view = choice.worker
     spec, status = view.spec, view.status
     return {
@@ -163,7 +165,7 @@ def _server_status(role: Role, choice: Choice, request_id: int, degraded: bool) 
         "debug_info": {
             "running_batch_size": status.running,
             "queue_size": status.waiting + view.pending_count,
-            "waiting_time_ms": 0,
+            "waiting_time_ms": 0 if queue is None else round(queue.waited_ms),
             "available_kv_cache_len": max(view.kv_free, 0) if status.kv_total > 0 else 0,
             "estimate_ttft_ms": round(choice.estimate_ttft_ms, 3),
             "estimate_tpot_ms": status.step_latency_ms,
@@ -171,15 +173,22 @@ def _server_status(role: Role, choice: Choice, request_id: int, degraded: bool) 
             "reserved_tokens": choice.reserve_tokens,
             "degraded": degraded,
             **({"decision": choice.explanation} if choice.explanation is not None else {}),
+            **({"queue": _queue_info(queue)} if queue is not None and choice.explanation is not None else {}),
         },
     }
+
+
+def _queue_info(queue: QueueStay) -> dict[str, Any]:
+    return {"waited_ms": round(queue.waited_ms, 1), "position": queue.position, "depth": queue.depth}
 
 
 def schedule_body(result: ScheduleResult, request_id: int, *, master_host: str | None) -> dict[str, Any]:
     if not result.success:
         return error_body(result.code, result.message, master_host=master_host)
     return {
-        "server_status": [_server_status(r, c, request_id, result.degraded) for r, c in result.choices.items()],
+        "server_status": [
+            _server_status(r, c, request_id, result.degraded, result.queue) for r, c in result.choices.items()
+        ],
         "success": True,
         "code": int(ErrorCode.OK),
         "error_message": "",
