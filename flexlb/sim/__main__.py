@@ -79,6 +79,16 @@ def add_sim_worker_options(parser: argparse.ArgumentParser, *, required: bool = 
         help="--engine vllm|sglang: publish the cache's KV events on ZMQ PUB tcp://HOST:PORT, as vLLM's"
         " --kv-events-config, with the replay ROUTER socket on PORT + 1 (default: no events)",
     )
+    parser.add_argument(
+        "--kv-wait-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="PD, SGLang's way: a prefill worker records each request's bootstrap room at the bootstrap server its"
+        " bootstrap_host:bootstrap_port names (python -m flexlb.sim.bootstrap) once the KV is computed, and a decode"
+        " worker waits up to SECONDS there before its first token, then fails the request naming the room and the"
+        " prefill (default 0: no bootstrap server; a decode worker takes the KV as transferred at once)",
+    )
     parser.add_argument("--kv-events-drop", metavar="A:B", help=argparse.SUPPRESS)  # test hook: lose batches A..B
     for f in dataclasses.fields(EngineConfig):
         option = f"--{f.name.replace('_', '-')}"
@@ -113,6 +123,9 @@ def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
             raise ValueError(f"--port {args.port} with --count {count}: ports must stay below 65536")
         if getattr(args, "kv_events_port", None) and (count > 1 or getattr(args, "engine", "rtp_llm") == "rtp_llm"):
             raise ValueError("--kv-events-port applies to one worker with --engine vllm or sglang")
+        kv_wait = getattr(args, "kv_wait_timeout", 0.0)
+        if kv_wait < 0 or (kv_wait > 0 and (count > 1 or getattr(args, "engine", "rtp_llm") != "rtp_llm")):
+            raise ValueError("--kv-wait-timeout: a non-negative number of seconds, for one --engine rtp_llm worker")
         use_tokenizer(getattr(args, "tokenizer", None))
     except (ValueError, TokenizerError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -159,6 +172,7 @@ async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
         load_format=args.load_format,
         stop=stop,
         api_key=getattr(args, "api_key", None),
+        kv_wait_timeout_s=getattr(args, "kv_wait_timeout", 0.0),
     )
 
 

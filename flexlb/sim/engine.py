@@ -4,6 +4,10 @@ One asyncio task runs engine iterations like a real engine does: admit waiting r
 ``max_concurrency`` and KV blocks), then either one batched prefill step or, when no prompt is waiting for prefill, one
 decode step over every running sequence. Each step sleeps for the modelled compute time, so a client over HTTP
 measures a real TTFT and TPOT. Statuses report the engine's own state (see ``flexlb.sim.status``).
+
+A DECODE worker takes a prompt's KV as transferred: at admission, or, for a request submitted ``kv_pending``, once
+``kv_ready`` says its prefill peer computed it, plus the transfer of the tokens it does not hold itself (SGLang's
+PD disaggregation: the decode side pre-allocates the KV, then waits on the transfer from the bootstrap room).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class EngineConfig:
     prefill_batch_tokens: int = 8192  # uncached tokens per prefill step (a longer prompt runs alone)
     decode_step_ms_base: float = 8.0
     decode_step_ms_per_seq: float = 0.5
+    kv_transfer_ms_per_token: float = 0.002  # DECODE, kv_pending: transfer of each prompt token it does not hold
     time_scale: float = 1.0  # real seconds per model second: 0.1 runs ten times faster
     finished_keep: int = 1024  # finished tasks kept for status pollers
 
@@ -68,7 +73,13 @@ class EngineConfig:
         for name in ("prefill_tokens_per_ms", "time_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("max_queue", "prefill_overhead_ms", "decode_step_ms_base", "decode_step_ms_per_seq"):
+        for name in (
+            "max_queue",
+            "prefill_overhead_ms",
+            "decode_step_ms_base",
+            "decode_step_ms_per_seq",
+            "kv_transfer_ms_per_token",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must not be negative, got {getattr(self, name)}")
 
@@ -107,6 +118,10 @@ class EngineStopped(EngineError):
     pass
 
 
+class KvTransferFailed(EngineError):
+    """A DECODE request whose prefill's KV never arrived (the message names the room and the prefill)."""
+
+
 class RequestState(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -141,6 +156,9 @@ class EngineRequest:
         self.iterate_count = 0
         self._seed = seed
         self._prefilled = False
+        self._kv_pending = False  # DECODE: admitted without KV until kv_ready() and the transfer
+        self._kv_arrived = False  # kv_ready() was called (the transfer starts at admission if it had not)
+        self._settled = asyncio.Event()  # its prompt's KV is in the cache, or it ended without
         self._pinned: list[int] = []  # cache blocks this request pins
         self._tokens: Sequence[int] = ()  # the prompt (for the KV events of its blocks)
         self._reserved = 0  # anonymous blocks this request holds
@@ -181,6 +199,11 @@ class EngineRequest:
     async def text(self) -> str:
         return "".join([piece async for piece in self.stream()])
 
+    async def prefilled(self) -> bool:
+        """Wait until the prompt's KV is computed (True) or the request ended without it (False)."""
+        await self._settled.wait()
+        return self._prefilled
+
 
 class SimEngine:
     """The engine: ``start()``, ``submit()`` requests, read ``status()`` / ``cache_status()``, ``stop()``."""
@@ -211,6 +234,7 @@ class SimEngine:
         self._busy_until: float | None = None  # real-clock deadline of the last step; None after idling
         self._last_step_ms = 0.0
         self._events: KvEventSink | None = None
+        self._transfers: set[asyncio.Task[None]] = set()  # KV transfers in flight (kept: the loop holds weak refs)
 
     def publish_kv_events(self, sink: KvEventSink) -> None:
         """Tell ``sink`` every block this engine's cache stores and evicts, and every clear (vLLM's KV events)."""
@@ -241,6 +265,8 @@ class SimEngine:
     async def stop(self) -> None:
         """Stop iterating; live requests end with EngineStopped and release their KV."""
         self._stopped = True
+        for transfer in list(self._transfers):
+            transfer.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -260,10 +286,15 @@ class SimEngine:
         *,
         request_id: int | None = None,
         block_keys: Sequence[int] | None = None,
+        kv_pending: bool = False,
     ) -> EngineRequest:
-        """Queue a request. Raises QueueFull, RequestTooLarge, EngineStopped or ValueError (bad arguments)."""
+        """Queue a request. Raises QueueFull, RequestTooLarge, EngineStopped or ValueError (bad arguments).
+
+        ``kv_pending`` (DECODE only): its prompt's KV comes from a prefill peer; it decodes after ``kv_ready``."""
         if self._stopped:
             raise EngineStopped("the engine is stopped")
+        if kv_pending and self.config.role is not Role.DECODE:
+            raise ValueError(f"kv_pending: only a DECODE worker waits for KV, this one is {self.config.role.value}")
         if not tokens:
             raise ValueError("the prompt is empty")
         if max_tokens <= 0:
@@ -289,6 +320,7 @@ class SimEngine:
         req = EngineRequest(request_id, len(tokens), keys, produce, cfg.block_size, self._seed(tokens, keys))
         if self._events is not None:
             req._tokens = tokens
+        req._kv_pending = kv_pending
         req.arrival_ms = self.now_ms()
         self._waiting[request_id] = req
         self._admit()
@@ -311,6 +343,27 @@ class SimEngine:
         self._record_end(req, RequestState.CANCELLED)
         self._counters.cancelled += 1
         req._out.put_nowait(_END)
+        self._admit()
+        self._wakeup.set()
+        return True
+
+    def kv_ready(self, request: EngineRequest) -> None:
+        """The prefill peer of a ``kv_pending`` request computed its KV: transfer it (now, or at admission)."""
+        if request.done or not request._kv_pending or request._kv_arrived:
+            return
+        request._kv_arrived = True
+        if request.state is RequestState.RUNNING:
+            self._start_transfer(request)
+
+    def kv_failed(self, request: EngineRequest, error: KvTransferFailed) -> bool:
+        """End a ``kv_pending`` request whose KV will not come: its stream raises ``error``. False if not live."""
+        if not self._is_live(request.request_id):
+            return False
+        self._drop(request)
+        request.finish_reason = "cancelled"
+        self._record_end(request, RequestState.CANCELLED)
+        self._counters.kv_failures += 1
+        request._out.put_nowait(error)
         self._admit()
         self._wakeup.set()
         return True
@@ -461,8 +514,12 @@ class SimEngine:
             c.prompt_tokens += req.prompt_tokens
             c.cached_tokens += req.cached_tokens
             c.queue_time_ms += req.admitted_ms - req.arrival_ms
-            if self.config.role is Role.DECODE:
+            if self.config.role is not Role.DECODE:
+                continue
+            if not req._kv_pending:
                 self._cache_prompt(req)  # the KV arrives by transfer: no prefill compute
+            elif req._kv_arrived:
+                self._start_transfer(req)
 
     def _allocate(self, req: EngineRequest) -> bool:
         """Pin the cached prefix and reserve the rest of the request's blocks, or change nothing."""
@@ -483,7 +540,7 @@ class SimEngine:
         batch: list[EngineRequest] = []
         tokens = 0
         for req in self._running.values():
-            if req._prefilled:
+            if req._prefilled or req._kv_pending:
                 continue
             if batch and tokens + req.uncached_tokens > self.config.prefill_batch_tokens:
                 break
@@ -535,6 +592,23 @@ class SimEngine:
         self._last_step_ms = ms
         self._counters.iterations += 1
 
+    def _start_transfer(self, req: EngineRequest) -> None:
+        task = asyncio.create_task(self._transfer(req), name=f"sim-kv-transfer-{req.request_id}")
+        self._transfers.add(task)
+        task.add_done_callback(self._transfers.discard)
+
+    async def _transfer(self, req: EngineRequest) -> None:
+        """The KV of the prompt tokens this worker does not hold arrives; then the request joins the decode batch."""
+        ms = req.uncached_tokens * self.config.kv_transfer_ms_per_token
+        await self._sleep(ms * self.config.time_scale / 1000.0)
+        if req.state is not RequestState.RUNNING:
+            return  # cancelled during the transfer
+        req._kv_pending = False
+        self._counters.kv_transfer_ms += ms
+        self._counters.kv_wait_ms += self.now_ms() - req.arrival_ms
+        self._cache_prompt(req)
+        self._wakeup.set()
+
     # ---- per-request bookkeeping ----
 
     def _cache_prompt(self, req: EngineRequest) -> None:
@@ -547,6 +621,7 @@ class SimEngine:
         inserted = self.cache.insert(new, pin=True)
         req._pinned.extend(new[:inserted])
         req._prefilled = True
+        req._settled.set()
         if self._events is not None:
             self._publish_stored(req, fresh[:inserted])
 
@@ -586,6 +661,7 @@ class SimEngine:
 
     def _drop(self, req: EngineRequest) -> None:
         """Take a live request out of the queue or the batch and free what it holds."""
+        req._settled.set()
         self._waiting.pop(req.request_id, None)
         self._running.pop(req.request_id, None)
         self.cache.unpin(req._pinned)

@@ -32,11 +32,13 @@ from flexlb.sim.engine import (
     EngineError,
     EngineRequest,
     EngineStopped,
+    KvTransferFailed,
     QueueFull,
     RequestTooLarge,
     SimEngine,
 )
 from flexlb.sim.grpc_service import GRPC_SHUTDOWN_GRACE_S, start_grpc_server
+from flexlb.sim.kv_transfer import PdLink
 from flexlb.sim.metrics import sim_registry
 
 log = logging.getLogger("flexlb.sim.http")
@@ -54,6 +56,7 @@ class SimContext:
     created: int  # epoch seconds: the model's "created" in /v1/models
     load_format: str  # GET /get_load's default shape: "sglang" or "vllm"
     engine_id: str  # this worker's id in the kv_transfer_params it hands out (a new one per process)
+    pd: PdLink | None = None  # PD KV hand-over through the bootstrap server; None: a decode takes the KV at once
 
 
 SIM = web.AppKey("sim", SimContext)
@@ -67,16 +70,24 @@ def sim_context(request: web.Request) -> SimContext:
 
 
 def create_sim_app(
-    engine: SimEngine, model_name: str = "flexlb-sim", *, load_format: str = "sglang", api_key: str | None = None
+    engine: SimEngine,
+    model_name: str = "flexlb-sim",
+    *,
+    load_format: str = "sglang",
+    api_key: str | None = None,
+    kv_wait_timeout_s: float = 0.0,
 ) -> web.Application:
     """The worker's app; it starts the engine on startup and stops it on cleanup. ``load_format`` is the default
     shape of ``GET /get_load`` (``p.LOAD_FORMATS``); ``api_key``: required as ``Authorization: Bearer`` (as an
-    engine started with ``--api-key``)."""
+    engine started with ``--api-key``); ``kv_wait_timeout_s`` > 0: PD requests hand their KV over through the
+    bootstrap server their bootstrap fields name (``flexlb.sim.kv_transfer``), a decode waiting at most that long."""
     if load_format not in p.LOAD_FORMATS:
         raise ValueError(f"load_format: one of {', '.join(p.LOAD_FORMATS)}, not {load_format!r}")
     middlewares = [json_errors] if api_key is None else [json_errors, require_api_key(api_key)]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SIM] = new_sim_context(engine, model_name, load_format)
+    if kv_wait_timeout_s > 0:
+        app[SIM].pd = PdLink(kv_wait_timeout_s)
     app.cleanup_ctx.append(_engine_lifecycle)
     add_sim_routes(app)
     return app
@@ -125,12 +136,15 @@ async def run_sim_worker(
     load_format: str = "sglang",
     stop: asyncio.Event | None = None,
     api_key: str | None = None,
+    kv_wait_timeout_s: float = 0.0,
 ) -> None:
     """Serve one simulated worker: HTTP on ``port`` and the status gRPC on ``grpc_port`` (default ``port + 1``),
     on this event loop, until ``stop`` is set or the task is cancelled; then shut both down and stop the engine."""
     engine = SimEngine(config)
     grpc_port = default_grpc_port(port) if grpc_port is None else grpc_port
-    app = create_sim_app(engine, model_name, load_format=load_format, api_key=api_key)
+    app = create_sim_app(
+        engine, model_name, load_format=load_format, api_key=api_key, kv_wait_timeout_s=kv_wait_timeout_s
+    )
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()  # starts the engine
     try:
@@ -147,10 +161,12 @@ async def run_sim_worker(
 
 
 async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    engine = app[SIM].engine
-    await engine.start()
+    ctx = app[SIM]
+    await ctx.engine.start()
     yield
-    await engine.stop()
+    await ctx.engine.stop()
+    if ctx.pd is not None:
+        await ctx.pd.close()
 
 
 # ---- errors ----
@@ -201,9 +217,9 @@ def require_api_key(api_key: str) -> Any:
     return check_api_key
 
 
-def _submit(engine: SimEngine, params: p.GenerationParams) -> EngineRequest:
+def _submit(engine: SimEngine, params: p.GenerationParams, *, kv_pending: bool = False) -> EngineRequest:
     try:
-        return engine.submit(params.tokens, params.max_tokens, request_id=params.request_id)
+        return engine.submit(params.tokens, params.max_tokens, request_id=params.request_id, kv_pending=kv_pending)
     except QueueFull as exc:
         raise p.ApiError(503, str(exc), type_="server_error", code="queue_full") from None
     except EngineStopped as exc:
@@ -218,13 +234,48 @@ async def _read_object(request: web.Request) -> dict[str, Any]:
     return p.parse_json_object(await request.read())
 
 
+async def _start(
+    request: web.Request, ctx: SimContext, params: p.GenerationParams, body: dict[str, Any]
+) -> EngineRequest:
+    """Submit the request; in a PD pair (``ctx.pd`` and usable bootstrap fields), a PREFILL worker records its
+    room at the bootstrap server once the KV is computed, and a DECODE worker waits for that before it decodes.
+    A decode whose prefill fails or never answers fails with 504 ``kv_transfer_failed``, naming both."""
+    room = p.bootstrap_room(body) if ctx.pd is not None else None
+    role = ctx.engine.config.role
+    if ctx.pd is None or room is None or role is Role.PDFUSION:
+        return _submit(ctx.engine, params)
+    host, port = _local_address(request)
+    worker = f"{host}:{port}"
+    if role is Role.PREFILL:
+        try:
+            req = _submit(ctx.engine, params)
+        except p.ApiError as exc:
+            ctx.pd.report_refused(room, worker, f"HTTP {exc.status}: {exc.message}")
+            raise
+        ctx.pd.report_prefill(req, room, worker)
+        return req
+    req = _submit(ctx.engine, params, kv_pending=True)  # admitted now: its KV is allocated while it waits
+    try:
+        await ctx.pd.wait_prefill(room)
+    except KvTransferFailed as exc:
+        ctx.engine.kv_failed(req, exc)
+        log.warning("request %s on decode worker %s: %s", req.request_id, worker, exc)
+        raise p.ApiError(504, str(exc), type_="server_error", code="kv_transfer_failed") from None
+    except BaseException:  # the client went away while it waited
+        ctx.engine.cancel(req)
+        raise
+    ctx.engine.kv_ready(req)
+    return req
+
+
 # ---- generation ----
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     ctx = sim_context(request)
-    params = p.parse_completion_request(await _read_object(request), ctx.model_name)
-    req = _submit(ctx.engine, params)
+    body = await _read_object(request)
+    params = p.parse_completion_request(body, ctx.model_name)
+    req = await _start(request, ctx, params, body)
     rid, model, created = f"cmpl-{req.request_id}", ctx.model_name, int(time.time())
     if not params.stream:
         text = await _collect(request, ctx.engine, req)
@@ -244,8 +295,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = sim_context(request)
-    params = p.parse_chat_request(await _read_object(request), ctx.model_name)
-    req = _submit(ctx.engine, params)
+    body = await _read_object(request)
+    params = p.parse_chat_request(body, ctx.model_name)
+    req = await _start(request, ctx, params, body)
     rid, model, created = f"chatcmpl-{req.request_id}", ctx.model_name, int(time.time())
     if not params.stream:
         text = await _collect(request, ctx.engine, req)
@@ -268,8 +320,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def generate(request: web.Request) -> web.StreamResponse:
     """SGLang's native API; streamed events carry the text so far."""
     ctx = sim_context(request)
-    params = p.parse_generate_request(await _read_object(request))
-    req = _submit(ctx.engine, params)
+    body = await _read_object(request)
+    params = p.parse_generate_request(body)
+    req = await _start(request, ctx, params, body)
     rid = str(req.request_id)
 
     def body(text: str, produced: int, finish: str | None) -> dict[str, Any]:
@@ -299,8 +352,9 @@ def _usage(req: EngineRequest) -> dict[str, Any]:
 def _handover(request: web.Request, req: EngineRequest) -> dict[str, Any] | None:
     """On a PREFILL worker, the ``kv_transfer_params`` a vLLM-style PD router passes on to the decode worker.
 
-    A DECODE worker needs nothing from them: its engine takes every prompt's KV as transferred (no prefill compute),
-    so the ``kv_transfer_params`` a decode request carries are accepted and otherwise ignored."""
+    A DECODE worker needs nothing from them: its engine takes every prompt's KV as transferred (no prefill compute;
+    SGLang-style requests can wait for it, see ``_start``), so the ``kv_transfer_params`` a decode request carries
+    are accepted and otherwise ignored."""
     ctx = sim_context(request)
     if ctx.engine.config.role is not Role.PREFILL:
         return None

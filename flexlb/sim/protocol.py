@@ -22,7 +22,8 @@ TOKEN_ID_LIMIT = 1 << 31
 INT64_MAX = (1 << 63) - 1
 LOAD_FORMATS = ("sglang", "vllm")  # GET /get_load: SGLang's per-rank list, or vLLM router's {"load": n}
 # Sampling and PD fields that sglang-router and vllm-router add to requests: accepted, whatever their type, and ignored
-# (kv_transfer_params is read leniently: only a PREFILL worker's response carries one, see kv_transfer_params()).
+# (kv_transfer_params is read leniently: only a PREFILL worker's response carries one, see kv_transfer_params(); the
+# bootstrap fields too: a worker started with a KV wait timeout reads usable ones, see bootstrap_room()).
 ROUTER_EXTRA_FIELDS = (
     "no_stop_trim",
     "ignore_eos",  # the simulator never stops early: it always produces max_tokens
@@ -391,6 +392,31 @@ def kv_transfer_params(engine_id: str, block_ids: list[int], host: str, port: in
         "remote_port": port,
         "tp_size": 1,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapRoom:
+    """SGLang's PD fields of a request: the prefill worker's host, its bootstrap port and the room both sides use."""
+
+    host: str
+    port: int
+    room: int
+
+    @property
+    def address(self) -> str:
+        """The bootstrap server's ``host:port``."""
+        return f"{self.host}:{self.port}"
+
+
+def bootstrap_room(body: dict[str, Any]) -> BootstrapRoom | None:
+    """The request's bootstrap fields when all three are usable (a host, a port, a room in [0, 2**64)), else None:
+    like every router field, odd values are ignored, never an error."""
+    host, port, room = body.get("bootstrap_host"), body.get("bootstrap_port"), body.get("bootstrap_room")
+    if not isinstance(host, str) or not host or not _is_int(port) or not _is_int(room):
+        return None
+    if not 0 < port < 1 << 16 or not 0 <= room < 1 << 64:
+        return None
+    return BootstrapRoom(host, port, room)
 
 
 def request_kv_transfer(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -74,4 +74,7 @@ class EngineCounters:
     prefill_tokens: int = 0  # prompt tokens actually computed
     prefill_time_ms: float = 0.0  # time spent in prefill steps
     decode_time_ms: float = 0.0  # time spent in decode steps
+    kv_wait_ms: float = 0.0  # DECODE, kv_pending: arrival until the prefill's KV landed, summed
+    kv_transfer_ms: float = 0.0  # DECODE, kv_pending: of which the transfer itself
+    kv_failures: int = 0  # DECODE, kv_pending: requests whose prefill's KV never came
     iterations: int = 0
