@@ -20,7 +20,8 @@ workload through the routers' OpenAI proxy in turn, reads the workers' own count
 next strategy. The oracle row is a lower bound from the simulator's cost model (see flexlb/bench/oracle.py).
 
 Default fleet: 4 PDFUSION workers (each prefills and decodes, as a vLLM or SGLang fleet without disaggregation).
---prefill-workers / --decode-workers run PREFILL + DECODE workers behind the PD proxy instead.
+--pd (or --prefill-workers / --decode-workers) runs PREFILL + DECODE workers behind the PD proxy instead; a decode
+worker waits for its prefill's KV through a bootstrap server, so the client's TTFT shows where the prefill ran.
 
 Exit status: 0 when every request succeeded, 1 when any failed, 2 when the stack could not start or an option is
 wrong, 130 when interrupted (SIGINT / SIGTERM; every process it started is stopped, what finished is written).
@@ -53,6 +54,9 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--routers", type=int_at_least(1), default=2, help="router processes, used in turn (default 2)")
     d.add_argument("--workers", type=int_at_least(1), help="PDFUSION workers (default 4)")
+    d.add_argument(
+        "--pd", action="store_true", help="a disaggregated fleet: 4 PREFILL + 2 DECODE workers behind the PD proxy"
+    )
     d.add_argument("--prefill-workers", type=int_at_least(1), help="PREFILL workers of a disaggregated fleet (4)")
     d.add_argument("--decode-workers", type=int_at_least(1), help="DECODE workers of a disaggregated fleet (2)")
     d.add_argument("--concurrency", type=int_at_least(1), default=8, help="requests in flight (default 8)")
@@ -74,12 +78,10 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def params_from(args: argparse.Namespace) -> DemoParams:
-    if args.workers is not None and (args.prefill_workers is not None or args.decode_workers is not None):
-        raise ValueError("--workers (a PDFUSION fleet) does not go with --prefill-workers / --decode-workers")
-    if args.prefill_workers is not None or args.decode_workers is not None:
-        fleet = Fleet(args.prefill_workers or 4, args.decode_workers or 2)
-    else:
-        fleet = Fleet(args.workers or 4)
+    pd = getattr(args, "pd", False) or args.prefill_workers is not None or args.decode_workers is not None
+    if args.workers is not None and pd:
+        raise ValueError("--workers (a PDFUSION fleet) does not go with --pd / --prefill-workers / --decode-workers")
+    fleet = Fleet(args.prefill_workers or 4, args.decode_workers or 2) if pd else Fleet(args.workers or 4)
     requests = args.requests if args.requests is not None else QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS
     return DemoParams(
         workload=args.workload,

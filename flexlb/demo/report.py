@@ -147,6 +147,12 @@ def render_table(result: dict[str, Any]) -> str:
         "(their own counters); busiest worker: its share of their requests",
         "oracle: a lower bound from the simulator's cost model: perfect fleet-wide cache, no queueing, no HTTP",
     ]
+    if fleet["decode_workers"]:
+        lines.append(
+            "disaggregated fleet: each decode worker starts after its prefill's KV arrived (through the bootstrap "
+            "room, plus a per-token transfer), so the client's TTFT includes where and how fast the prefill ran; the "
+            "oracle's bound leaves the transfer and the decode worker's first step out"
+        )
     if not result["oracle"]["ttft_comparable"]:
         lines.append(
             "disaggregated fleet: the simulated decode worker starts decoding without waiting for the prefill, so "

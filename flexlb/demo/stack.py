@@ -30,6 +30,9 @@ from flexlb.settings import ENV_VARS, FlexlbConfig
 from flexlb.state.keys import ServiceKeys
 
 FLEXLB = (sys.executable, "-m", "flexlb.cli", "--log-level", "WARNING")
+BOOTSTRAP = (sys.executable, "-m", "flexlb.sim.bootstrap", "--log-level", "WARNING")
+# A disaggregated service's decode workers wait this long for their prefill's KV before failing the request.
+KV_WAIT_TIMEOUT_S = 30.0
 _ENDPOINT_KEY = {Role.PREFILL: "prefill_endpoint", Role.DECODE: "decode_endpoint", Role.PDFUSION: "pd_fusion_endpoint"}
 # What the caller's environment could change in a child's configuration: the demo sets what it means instead.
 _CONFIG_VARIABLES = frozenset({v.name for v in ENV_VARS} | {f.name.upper() for f in dataclasses.fields(FlexlbConfig)})
@@ -78,6 +81,7 @@ class Service:
     workers: list[Worker]
     routers: list[Router]
     master: Child | None
+    bootstrap: Child | None = None  # a disaggregated service's PD bootstrap server (flexlb.sim.bootstrap)
 
     @property
     def children(self) -> list[Child]:
@@ -85,6 +89,7 @@ class Service:
             *(r.child for r in self.routers),
             *([self.master] if self.master else []),
             *(w.child for w in self.workers),
+            *([self.bootstrap] if self.bootstrap else []),
         ]
 
     def model_service_config(self) -> str:
@@ -164,7 +169,18 @@ class Stack:
     ) -> Service:
         """Start workers, a master (unless ``master`` is false) and routers; return once all answer /health and
         the fleet's status in Redis shows every worker polled (alive, with its configured KV). ``router_port``: the
-        first router's port (else a free one); ``router_processes``: each router's ``--processes``."""
+        first router's port (else a free one); ``router_processes``: each router's ``--processes``.
+
+        With PREFILL and DECODE workers, also a PD bootstrap server whose port is the routers' ``bootstrapPort``: a
+        decode worker waits there for its prefill's KV, so the client's TTFT includes the prefill."""
+        bootstrap: Child | None = None
+        pd_args: list[str] = []
+        if Role.PREFILL in roles and Role.DECODE in roles:
+            bootstrap_port = free_port()
+            command = [*BOOTSTRAP, "--port", str(bootstrap_port)]
+            bootstrap = self._spawn(f"{service_id}-bootstrap", command)
+            router_config = {**router_config, "bootstrapPort": bootstrap_port}
+            pd_args = ["--kv-wait-timeout", f"{KV_WAIT_TIMEOUT_S:g}"]
         workers = []
         for i, role in enumerate(roles):
             try:
@@ -172,8 +188,9 @@ class Stack:
             except OSError as exc:
                 raise StackError(str(exc)) from None
             command = [*FLEXLB, "sim-worker", "--role", role.value.lower(), "--port", str(port), *options[role].argv()]
+            command += pd_args if role is not Role.PDFUSION else []
             workers.append(Worker(self._spawn(f"{service_id}-{role.value.lower()}{i}", command), role, port))
-        service = Service(service_id, workers, [], None)
+        service = Service(service_id, workers, [], None, bootstrap)
         env = clean_environment(
             {
                 "REDIS_URL": self.redis_url,
@@ -193,6 +210,8 @@ class Stack:
             child = self._spawn(f"{service_id}-router{i}", command, {**env, "FLEXLB_CONFIG": config})
             service.routers.append(Router(child, port))
         waits = [(w.url, w.child) for w in workers]
+        if bootstrap is not None:
+            waits.append((f"http://127.0.0.1:{_port_of(bootstrap.command)}", bootstrap))
         if service.master is not None:
             waits.append((f"http://127.0.0.1:{_port_of(service.master.command)}", service.master))
         waits += [(r.url, r.child) for r in service.routers]
