@@ -1,5 +1,6 @@
 """`flexlb up`: one command to a working local fleet - its own redis-server, a `flexlb master`, a router (``--routers``
-processes on one port) and simulated workers (fused, or prefill + decode with ``--pd``), serving the OpenAI API and
+processes on one port) and simulated workers (fused, or prefill + decode with ``--pd``, whose decode workers wait for
+their prefill's KV through a bootstrap server, flexlb.sim.bootstrap), serving the OpenAI API and
 the schedule API at a printed URL with copy-paste examples. Ctrl-C (or SIGTERM), at any moment, stops every process
 it started. The processes are the demo's (flexlb.demo.stack): one launcher."""
 
@@ -89,9 +90,15 @@ def banner(stack: Stack, service: Service) -> str:
         "max_tokens=16).choices[0].message.content)"
     )
     workers = ", ".join(f"{w.role.value} {w.url}" for w in service.workers)
+    pd = (
+        [f"PD: each decode worker waits for its prefill's KV through the bootstrap server {service.bootstrap_url}"]
+        if service.bootstrap_url is not None
+        else []
+    )
     return "\n".join(
         [
             f"flexlb up: serving on {url}  (model {MODEL!r}; redis {stack.redis_url}; workers: {workers})",
+            *pd,
             "",
             f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{chat}'",
             f"  python -c '{client}'",

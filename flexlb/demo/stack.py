@@ -92,6 +92,10 @@ class Service:
             *([self.bootstrap] if self.bootstrap else []),
         ]
 
+    @property
+    def bootstrap_url(self) -> str | None:
+        return None if self.bootstrap is None else f"http://127.0.0.1:{_port_of(self.bootstrap.command)}"
+
     def model_service_config(self) -> str:
         by_role: dict[Role, list[str]] = {}
         for w in self.workers:
@@ -211,7 +215,7 @@ class Stack:
             service.routers.append(Router(child, port))
         waits = [(w.url, w.child) for w in workers]
         if bootstrap is not None:
-            waits.append((f"http://127.0.0.1:{_port_of(bootstrap.command)}", bootstrap))
+            waits.append((str(service.bootstrap_url), bootstrap))
         if service.master is not None:
             waits.append((f"http://127.0.0.1:{_port_of(service.master.command)}", service.master))
         waits += [(r.url, r.child) for r in service.routers]
