@@ -333,8 +333,8 @@ class _Call:
         self.got_headers = False
 
 
-class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, on_lost: Callable[[_ClientProtocol], None]) -> None:
+class ClientProtocol(asyncio.Protocol):
+    def __init__(self, on_lost: Callable[[ClientProtocol], None]) -> None:
         self._on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
@@ -453,7 +453,9 @@ class _ClientProtocol(asyncio.Protocol):
         if not call.future.done():
             call.future.set_exception(exc)
 
-    def call(self, path_block: bytes, message: bytes, timeout_s: float) -> asyncio.Future[bytes]:
+    def call(self, path_block: bytes, message: bytes, timeout_s: float | None) -> asyncio.Future[bytes]:
+        """Send one call; its future ends with the reply. ``timeout_s`` None: no timer, the caller ends an overdue
+        call with :meth:`expire` (the status ticker checks its calls' deadlines itself, one timer fewer a call)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         sid = self.next_stream
@@ -462,7 +464,8 @@ class _ClientProtocol(asyncio.Protocol):
             self.closed = True  # ids run out some day: the next call opens a new connection
         call = _Call(future)
         self.calls[sid] = call
-        call.timer = loop.call_later(timeout_s, self._expire, sid, True)
+        if timeout_s is not None:
+            call.timer = loop.call_later(timeout_s, self._expire, sid, True)
         assert self.transport is not None
         sid_bytes = sid.to_bytes(4)
         n, body = len(path_block), grpc_message(message)
@@ -476,6 +479,10 @@ class _ClientProtocol(asyncio.Protocol):
             )
         )  # fmt: skip
         return future
+
+    def expire(self, sid: int) -> None:
+        """End call ``sid`` with DEADLINE_EXCEEDED now, if it is still open."""
+        self._expire(sid)
 
     def _expire(self, sid: int, first: bool = False) -> None:
         call = self.calls.get(sid)
@@ -522,8 +529,8 @@ class LiteChannel:
         self.authority = f"{host}:{port}".encode()
         self.reconnect_backoff_s = reconnect_backoff_s
         self.connect_timeout_s = connect_timeout_s
-        self._protocol: _ClientProtocol | None = None
-        self._connecting: asyncio.Future[_ClientProtocol] | None = None
+        self._protocol: ClientProtocol | None = None
+        self._connecting: asyncio.Future[ClientProtocol] | None = None
         self._down_until = 0.0
         self._down_reason = ""
         self._blocks: dict[str, bytes] = {}
@@ -546,13 +553,13 @@ class LiteChannel:
             self._blocks[path] = block
         return block
 
-    async def _connect(self) -> _ClientProtocol:
+    async def _connect(self) -> ClientProtocol:
         if time.monotonic() < self._down_until:
             raise RpcFailed(UNAVAILABLE, self._down_reason)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, protocol = await loop.create_connection(lambda: _ClientProtocol(self._lost), self.host, self.port)
+                _, protocol = await loop.create_connection(lambda: ClientProtocol(self._lost), self.host, self.port)
                 await protocol.ready
         except (OSError, TimeoutError, RpcFailed) as exc:
             self._down_until = time.monotonic() + self.reconnect_backoff_s
@@ -560,9 +567,19 @@ class LiteChannel:
             raise RpcFailed(UNAVAILABLE, self._down_reason) from None
         return protocol
 
-    def _lost(self, protocol: _ClientProtocol) -> None:
+    def _lost(self, protocol: ClientProtocol) -> None:
         if self._protocol is protocol:
             self._protocol = None
+
+    def start(self, path: str, message: bytes) -> tuple[ClientProtocol, int, asyncio.Future[bytes]] | None:
+        """The call sent on the open connection as a bare future, without a coroutine or timer of its own (the
+        status ticker's polls: flexlb.master.ticker): (connection, stream id, future); the caller ends it when
+        overdue (``connection.expire(stream id)``). None when no connection is open (:meth:`call` opens one)."""
+        protocol = self._protocol
+        if self._closed or protocol is None or protocol.closed:
+            return None
+        sid = protocol.next_stream
+        return protocol, sid, protocol.call(self.header_block(path), message, None)
 
     async def call(self, path: str, message: bytes, timeout_s: float) -> bytes:
         if self._closed:

@@ -5,8 +5,10 @@ our calls in flight, each with a deadline. Every write is fenced by the term's e
 write is refused (:class:`StaleEpoch`) and :class:`MasterDuties` stops all polling.
 
 Idle workers cost little: a worker whose status did not change since the last poll is polled less often, the
-interval doubling from ``status_interval_s`` up to ``idle_interval_s``; the first reply that shows a change (or a
-failed poll) brings it back to ``status_interval_s``. An unchanged status is not written to Redis, except once per
+interval doubling from ``status_interval_s`` up to ``idle_interval_s`` (warm), and ``cold_interval_s`` once it has
+not changed for ``cold_after_s`` (cold); the first reply that shows a change (or a failed poll) brings it back to
+``status_interval_s``. The polls of RTP-LLM workers are sent by one :class:`~flexlb.master.ticker.StatusTicker`,
+which takes quiet replies without waking the poller. An unchanged status is not written to Redis, except once per
 ``heartbeat_s`` so ``updated_ms`` shows the master still sees the worker.
 """
 
@@ -37,8 +39,10 @@ from flexlb.master.reconcile import (
     quiet_reply,
     reconcile_status,
 )
+from flexlb.master.ticker import StatusTicker
 from flexlb.master.worker_client import WorkerStatusClient, WorkerUnreachable
 from flexlb.metrics import MasterMetrics
+from flexlb.proto.flexlb_worker_pb2 import WorkerStatusPB
 from flexlb.scheduler import REDIS_UNAVAILABLE
 from flexlb.settings import Settings
 from flexlb.state.store import FleetStore, StaleEpoch
@@ -54,7 +58,11 @@ class PollOptions:
     status_interval_s: float = 0.02
     # the longest interval between two polls of a worker whose status does not change: bounds how late the first
     # change of an idle worker is seen (the freshness of `flexlb bench control`)
-    idle_interval_s: float = 0.1
+    idle_interval_s: float = 0.06
+    # unchanged this long: cold, polled every cold_interval_s (a cold worker's first change shows that late at worst;
+    # a request a router sent it is in the routers' view at once, as its reservation)
+    cold_after_s: float = 10.0
+    cold_interval_s: float = 0.5
     deadline_s: float = 0.1
     cache_min_interval_s: float = 0.05
     cache_max_interval_s: float = 3.0
@@ -74,6 +82,9 @@ class PollOptions:
         c = settings.flexlb
         return cls(
             status_interval_s=settings.sync_status_interval_ms / 1000,
+            idle_interval_s=c.status_idle_interval_ms / 1000,
+            cold_after_s=c.status_cold_after_ms / 1000,
+            cold_interval_s=c.status_cold_interval_ms / 1000,
             deadline_s=settings.sync_request_timeout_ms / 1000,
             cache_min_interval_s=c.cache_sync_min_interval_ms / 1000,
             cache_max_interval_s=c.cache_sync_max_interval_ms / 1000,
@@ -103,9 +114,11 @@ class WorkerPoller:
         metrics: MasterMetrics,
         clock: Clock = time.monotonic,
         redis_gate: asyncio.Semaphore | None = None,
+        ticker: StatusTicker | None = None,
     ) -> None:
         self.spec = spec
         self.client = client
+        self.ticker = ticker  # sends this worker's polls and takes its quiet replies (None: the poller does)
         self.store = store
         self.epoch = epoch
         self.options = options
@@ -116,6 +129,7 @@ class WorkerPoller:
         self._started = clock()
         self._redis_failing = False
         self.interval_s = options.status_interval_s  # until the next status poll: grows while nothing changes
+        self.changed_at = clock()  # when its status last changed (or a poll failed): cold after a while
         # shared by the pollers of a term: 1,250 workers changing at once must not open 1,250 Redis connections
         self._gate = redis_gate or asyncio.Semaphore(max(1, options.redis_concurrency))
         role = spec.role.value
@@ -142,20 +156,66 @@ class WorkerPoller:
 
     async def run(self) -> None:
         """Poll until cancelled; raises StaleEpoch when a newer master exists."""
-        clock, sleep = self.clock, asyncio.sleep
+        clock, sleep, ticker = self.clock, asyncio.sleep, self.ticker
         # a fleet registered at once would otherwise be polled in lockstep bursts
         await sleep(random.uniform(0.0, self.options.status_interval_s))
+        due = clock()
         while True:
+            if ticker is not None:
+                news = await ticker.next_news(self, due)
+                reply = news.status or news.error
+                if reply is not None:
+                    started = clock()
+                    await self.handle(reply)
+                    due = started + self.interval_s
+                    continue
             started = clock()
-            await self.poll_once()
-            await sleep(max(0.0, self.interval_s - (clock() - started)))
+            await self.poll_once()  # no ticker, or no open light connection: the call itself (it connects)
+            due = started + self.interval_s
+            await sleep(max(0.0, due - clock()))
+
+    def take_quiet(self, status: WorkerStatusPB, now: float) -> bool:
+        """Take a reply in the ticker's callback when it needs no work here: the worker's status did not change,
+        no heartbeat and no cache poll is due (``interval_s`` grows). False: nothing was taken, :meth:`handle` it."""
+        track, options = self.track, self.options
+        if track.failures or self._redis_failing:
+            return False
+        if track.written is not None and now - track.written_at >= options.heartbeat_s:
+            return False
+        if self.poll_cache and cache_poll_due(track, now, options.cache_min_interval_s):
+            return False
+        if not quiet_reply(track, status):
+            return False
+        self._status_ok.inc()
+        track.last_ok = now
+        self.interval_s = self._quiet_interval(now)
+        return True
+
+    def _quiet_interval(self, now: float) -> float:
+        """The next interval after a reply that changed nothing: doubling up to ``idle_interval_s``, then
+        ``cold_interval_s`` once the status has not changed for ``cold_after_s``."""
+        o = self.options
+        if now - self.changed_at >= o.cold_after_s:
+            return max(o.cold_interval_s, o.idle_interval_s)
+        return min(o.idle_interval_s, max(self.interval_s, o.status_interval_s) * 2)
 
     async def poll_once(self) -> bool:
         """One status poll, and a cache poll when it is due. Returns whether the worker's status changed;
         ``interval_s`` is set accordingly."""
+        try:
+            reply: WorkerStatusPB | WorkerUnreachable = await self.client.get_worker_status(
+                self.track.finished_version, self.options.deadline_s
+            )
+        except WorkerUnreachable as exc:
+            reply = exc
+        return await self.handle(reply)
+
+    async def handle(self, reply: WorkerStatusPB | WorkerUnreachable) -> bool:
+        """What :meth:`poll_once` does with the worker's reply (or its failure): write what changed, poll its cache
+        when due. Returns whether the worker's status changed; ``interval_s`` is set accordingly."""
         busy: bool | None = True
         try:
-            busy = await self._poll_status()
+            busy = await self._poll_status(reply)
             due = self.poll_cache and cache_poll_due(self.track, self.clock(), self.options.cache_min_interval_s)
             if busy is not None and due:
                 await self._poll_cache()
@@ -170,18 +230,20 @@ class WorkerPoller:
         options = self.options
         if busy:  # changed: follow it closely
             self.interval_s = options.status_interval_s
-        else:  # unchanged, or failed (a dead or overloaded worker gains nothing from faster polls)
+            self.changed_at = self.clock()
+        elif busy is False:
+            self.interval_s = self._quiet_interval(self.clock())
+        else:  # failed: a dead or overloaded worker gains nothing from faster polls, and must not go cold
+            self.changed_at = self.clock()
             self.interval_s = min(options.idle_interval_s, max(self.interval_s, options.status_interval_s) * 2)
         return bool(busy)
 
-    async def _poll_status(self) -> bool | None:
-        """Poll and write the status: True when it changed, False when not, None when the poll failed."""
+    async def _poll_status(self, status: WorkerStatusPB | WorkerUnreachable) -> bool | None:
+        """Write the polled status: True when it changed, False when not, None when the poll failed."""
         track, now = self.track, self.clock()
-        try:
-            status = await self.client.get_worker_status(track.finished_version, self.options.deadline_s)
-        except WorkerUnreachable as exc:
+        if isinstance(status, WorkerUnreachable):
             self._status_failed.inc()
-            await self._on_failure(exc, now)
+            await self._on_failure(status, now)
             return None
         self._status_ok.inc()
         if not track.failures and quiet_reply(track, status):
@@ -317,6 +379,8 @@ class MasterDuties:
         self._http: HttpGetter | None = None  # of the HTTP-polled workers: made on the loop that runs the duties
         self._stale = asyncio.Event()
         self._redis_gate: asyncio.Semaphore | None = None  # made on the loop that runs the duties
+        self._ticker: StatusTicker | None = None  # of the term: sends the polls of the RTP-LLM workers
+        self._ticker_task: asyncio.Task[None] | None = None
 
     async def run(self, epoch: int) -> None:
         """The duties of the term ``epoch``: until cancelled, or until a newer master shows up."""
@@ -325,6 +389,8 @@ class MasterDuties:
         self.metrics.is_master.set(1)
         log.info("master duties start: epoch %d", epoch)
         known_version: str | None = None
+        self._ticker = StatusTicker(clock=self.clock)
+        self._ticker_task = asyncio.create_task(self._ticker.run(), name="status ticker")
         try:
             while not self._stale.is_set():
                 try:
@@ -380,7 +446,9 @@ class MasterDuties:
         spec, o = view.spec, self.options
         if spec.engine.speaks_status_rpc:
             client = self.client_factory(spec)
-            return WorkerPoller(spec, client, self.store, epoch, o, self.metrics, self.clock, gate)
+            # the ticker drives the real client's light connection; any other client (tests) is called directly
+            ticker = self._ticker if isinstance(client, WorkerStatusClient) else None
+            return WorkerPoller(spec, client, self.store, epoch, o, self.metrics, self.clock, gate, ticker)
         if self._http is None:
             self._http = HttpGetter(o.health.timeout_s)
         return EnginePoller(
@@ -437,6 +505,9 @@ class MasterDuties:
         # Cancel every poller first, then wait for all: one at a time, each wait would take a loop iteration that
         # the others still running fill, which with a thousand workers is many seconds.
         tasks = [task for _, task in (*self.pollers.values(), *self.subscribers.values())]
+        if self._ticker_task is not None:
+            tasks.append(self._ticker_task)
+            self._ticker_task = self._ticker = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

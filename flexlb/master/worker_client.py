@@ -12,6 +12,7 @@ from the start.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
@@ -19,7 +20,7 @@ from typing import Any, Literal, TypeVar
 import grpc
 
 from flexlb.domain import Role, WorkerSpec
-from flexlb.master.grpc_lite import LiteChannel, RpcFailed, Unsupported
+from flexlb.master.grpc_lite import ClientProtocol, LiteChannel, RpcFailed, Unsupported
 from flexlb.proto.flexlb_worker_pb2 import (
     CacheStatusPB,
     CacheVersionPB,
@@ -108,15 +109,38 @@ class WorkerStatusClient:
             self._stub = RpcServiceStub(self._channel)
         return self._stub
 
+    def _status_request(self, latest_finished_version: int) -> bytes:
+        request = self._requests.get(latest_finished_version)
+        if request is None:
+            if len(self._requests) > 8:
+                self._requests.clear()
+            request = StatusVersionPB(latest_finished_version=latest_finished_version).SerializeToString()
+            self._requests[latest_finished_version] = request
+        return request
+
+    def start_status(self, latest_finished_version: int) -> tuple[ClientProtocol, int, asyncio.Future[bytes]] | None:
+        """A status call sent now on the open light connection, without a deadline (``LiteChannel.start``), read
+        with :meth:`status_reply`; None when there is none (not connected yet, or switched to grpcio): then
+        :meth:`get_worker_status` is the way."""
+        if self._lite is None:
+            return None
+        return self._lite.start(_STATUS_PATH, self._status_request(latest_finished_version))
+
+    def status_reply(self, call: asyncio.Future[bytes]) -> WorkerStatusPB | None:
+        """The status a finished :meth:`start_status` call brought; raises WorkerUnreachable; None when the
+        light transport cannot read this worker (:meth:`get_worker_status` switches it to grpcio)."""
+        try:
+            return WorkerStatusPB.FromString(call.result())
+        except RpcFailed as exc:
+            code = grpc_code(exc.code)
+            raise WorkerUnreachable(self.address, "GetWorkerStatus", code, exc.detail, self.role) from exc
+        except (Unsupported, asyncio.CancelledError):
+            return None
+
     async def get_worker_status(self, latest_finished_version: int, deadline_s: float) -> WorkerStatusPB:
         """The worker's status; its ``finished_task_list`` holds tasks finished after ``latest_finished_version``."""
         if self._lite is not None:
-            request = self._requests.get(latest_finished_version)
-            if request is None:
-                if len(self._requests) > 8:
-                    self._requests.clear()
-                request = StatusVersionPB(latest_finished_version=latest_finished_version).SerializeToString()
-                self._requests[latest_finished_version] = request
+            request = self._status_request(latest_finished_version)
             try:
                 return WorkerStatusPB.FromString(await self._lite.call(_STATUS_PATH, request, deadline_s))
             except RpcFailed as exc:
