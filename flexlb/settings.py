@@ -265,6 +265,32 @@ class FlexlbConfig:
         origin="flexlb",
         low=1,
     )
+    status_idle_interval_ms: int = _opt(
+        60,
+        "Longest interval between two status polls of a worker whose status stopped changing, in ms: bounds how late"
+        " its first change shows (warm workers: changed within the last statusColdAfterMs).",
+        origin="flexlb",
+        low=1,
+    )
+    status_cold_after_ms: int = _opt(
+        10_000,
+        "A worker whose status did not change for this long is polled every statusColdIntervalMs, in ms.",
+        origin="flexlb",
+        low=0,
+    )
+    status_cold_interval_ms: int = _opt(
+        500,
+        "Status poll interval of a cold worker, in ms; set it to statusIdleIntervalMs to poll every worker as often.",
+        origin="flexlb",
+        low=1,
+    )
+    poll_shards: int = _opt(
+        1,
+        "Shards the workers' polling is split into, each polled by whichever process holds its lease; 1: the master"
+        " polls every worker. Every process of a service must use the same value.",
+        origin="flexlb",
+        low=1,
+    )
     cache_sync_min_interval_ms: int = _opt(
         50, "Cache keys are polled this often while a worker's cache changes, in ms.", origin="flexlb", low=1
     )
