@@ -31,6 +31,7 @@ from flexlb.admission import AdmissionControl
 from flexlb.domain import ErrorCode, QueueStay, ScheduleRequest, ScheduleResult
 from flexlb.scheduler import Scheduler
 from flexlb.state.events import FleetEvents
+from flexlb.state.waiting import Waiter, WaitingBoard
 
 log = logging.getLogger("flexlb.queue")
 
@@ -46,6 +47,7 @@ class QueueOptions:
     admission_interval_s: float = 0.01  # how often permits follow the water level (resourceCheckIntervalMs)
     skip_ahead: int = 8  # requests behind a head that cannot be placed that are tried in the same round
     max_overtakes: int = 16  # a request overtaken this often is not overtaken again (no starvation)
+    max_defers: int = 16  # rounds a waiter of another router that is not placed holds this router's back
 
 
 @dataclass(eq=False, slots=True)
@@ -59,6 +61,7 @@ class _Entry:
     overtaken: int = 0  # requests behind this one placed before it
     busy_only: bool = False  # waits only while the fleet's workers are busy; answered at once when none could take it
     position: int = 1  # requests ahead of it when it entered, plus one
+    waiter: Waiter | None = None  # its place in the fleet's arrival order (None: not on the board)
 
 
 class QueueMetrics:
@@ -119,6 +122,10 @@ class RequestQueue:
         self._task: asyncio.Task[None] | None = None
         self._attempt: tuple[_Entry, asyncio.Future[ScheduleResult]] | None = None  # the head's schedule under way
         self._stopped = False
+        self._board: WaitingBoard | None = events.waiting if events is not None else None
+        self._held_back: dict[str, int] = {}  # other routers' waiters -> fleet events they held this router's back
+        self._held_at = -1  # the events generation of the last check
+        self._leaving: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -145,6 +152,8 @@ class RequestQueue:
         while self._queue:
             entry = self._queue.popleft()
             self._answer(entry, _failure(ErrorCode.REQUEST_CANCELLED, "the router is shutting down"), "cancelled")
+        if self._leaving:  # off the fleet's order before the Redis client closes
+            await asyncio.wait(set(self._leaving))
 
     async def schedule(
         self, request: ScheduleRequest, *, hold: bool | None = None, busy_only: bool = False
@@ -178,15 +187,18 @@ class RequestQueue:
             busy_only=busy_only,
             position=len(self._queue) + 1,
         )
-        self._queue.append(entry)
-        self.metrics.size.set(len(self._queue))
-        self.metrics.position.observe(entry.position)
-        self._kick.set()
         try:
+            if self._board is not None:  # before it joins the queue: it is ordered from its first attempt on
+                entry.waiter = await self._board.enter(request.request_id, _size(entry))
+            self._queue.append(entry)
+            self.metrics.size.set(len(self._queue))
+            self.metrics.position.observe(entry.position)
+            self._kick.set()
             return await entry.future
         finally:
             if not entry.answered:  # the client went away (this task was cancelled): leave the queue
                 entry.answered = True
+                self._leave_board(entry)
                 self._remove(entry)
                 self._kick.set()  # those behind it may go now
                 self.metrics.rejected.labels(reason="cancelled").inc()
@@ -251,9 +263,13 @@ class RequestQueue:
         generation = self.events.generation if self.events is not None else 0  # events from here on wake us
         self._kick.clear()  # and so do arrivals from here on
         passed: list[_Entry] = []
-        for entry in self._window():
+        window = self._window()
+        earlier = await self._earlier_elsewhere(window)
+        for entry in window:
             if passed and _size(entry) >= min(_size(e) for e in passed):
                 continue  # no smaller than one that found no room: it would not fit either, and FIFO holds
+            if _held_back(entry, earlier):
+                continue  # another router's earlier waiter goes first: it is woken by the same event
             attempt = asyncio.ensure_future(self.scheduler.schedule(entry.request))
             self._attempt = (entry, attempt)
             # Shielded: stop() cancels the dispatcher, not a reservation Redis may be making; it settles the attempt.
@@ -265,6 +281,30 @@ class RequestQueue:
                 return  # the head may fit now: start again from it
             passed.append(entry)
         await self._wait_for_change(generation)
+
+    async def _earlier_elsewhere(self, window: list[_Entry]) -> list[Waiter]:
+        """Other routers' waiters that arrived before some of ``window`` and may hold them back: not those that
+        stayed there through ``max_defers`` fleet events (capacity came and they were not placed: stuck, say behind
+        their router's admission), so nothing waits on another router for ever."""
+        arrivals = [e.waiter.arrival_ms for e in window if e.waiter is not None]
+        if self._board is None or not arrivals:
+            return []
+        generation = self.events.generation if self.events is not None else 0
+        step = int(generation != self._held_at)  # rounds woken by an arrival or the re-check do not count
+        self._held_at = generation
+        earlier = await self._board.earlier_elsewhere(max(arrivals))
+        held = {w.member: self._held_back.get(w.member, 0) + step for w in earlier}
+        self._held_back = held  # those placed or gone are forgotten
+        return [w for w in earlier if held[w.member] <= self.options.max_defers]
+
+    def _leave_board(self, entry: _Entry) -> None:
+        """Take ``entry`` off the fleet's order, in the background (its answer does not wait for Redis)."""
+        if self._board is None or entry.waiter is None:
+            return
+        task = asyncio.ensure_future(self._board.leave(entry.waiter))
+        entry.waiter = None
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
 
     def _window(self) -> list[_Entry]:
         """The requests tried in one round: the head and up to ``skip_ahead`` behind it, ending at the first one that
@@ -331,6 +371,7 @@ class RequestQueue:
         result.attempts = entry.attempts
         result.queue = QueueStay(waited * 1000, entry.position, len(self._queue) + 1)
         entry.answered = True
+        self._leave_board(entry)
         if not entry.future.done():
             entry.future.set_result(result)
 
@@ -338,6 +379,13 @@ class RequestQueue:
         with contextlib.suppress(ValueError):
             self._queue.remove(entry)
         self.metrics.size.set(len(self._queue))
+
+
+def _held_back(entry: _Entry, earlier: list[Waiter]) -> bool:
+    """An earlier waiter elsewhere no larger than ``entry`` (a larger one that finds no room holds back no smaller
+    one, as in this router's own queue)."""
+    mine = entry.waiter
+    return mine is not None and any(w.arrival_ms < mine.arrival_ms and w.size <= _size(entry) for w in earlier)
 
 
 def _size(entry: _Entry) -> int:

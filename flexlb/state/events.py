@@ -3,7 +3,8 @@
 The master publishes ``status <worker> <version>`` on every status write and release.lua publishes
 ``released <worker,...>`` when capacity comes back, so a router that waits for capacity (queue mode) is woken by the
 fleet instead of reading Redis in a loop. Pub/sub is fire-and-forget: a message lost while the subscription
-reconnects is covered by the waiters' own periodic re-check, never relied on for correctness.
+reconnects is covered by the waiters' own periodic re-check, never relied on for correctness. Woken at once, the
+routers' queues keep the fleet's arrival order through ``waiting`` (flexlb.state.waiting).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from redis.asyncio import Redis
 
 from flexlb.state.keys import ServiceKeys
+from flexlb.state.waiting import WaitingBoard
 from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.events")
@@ -31,6 +33,7 @@ class FleetEvents:
         self.received = 0  # messages since start (tests and /schedule_snapshot)
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.waiting = WaitingBoard(redis, keys)  # the fleet-wide order of queued requests (flexlb.queueing)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fleet events")
@@ -39,6 +42,7 @@ class FleetEvents:
         if self._task is not None:
             await cancel_until_done(self._task)
             self._task = None
+        await self.waiting.stop()
 
     @property
     def generation(self) -> int:
