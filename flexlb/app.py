@@ -23,12 +23,13 @@ from flexlb.discovery import register_static_workers
 from flexlb.domain import ROLE_ORDER, Role
 from flexlb.grpc_api import GrpcScheduleApi
 from flexlb.http.admin import setup_admin_routes
-from flexlb.http.auth import Api, serve_as, setup_auth
+from flexlb.http.auth import CLIENT, Api, serve_as, setup_auth
 from flexlb.http.compat import setup_compat_routes
 from flexlb.http.drain import InFlightRequests
+from flexlb.http.fast_path import FastPath
 from flexlb.http.middleware import RequestReader, json_errors
 from flexlb.http.routes import CONTEXT, MASTER, setup_master_routes, setup_routes
-from flexlb.http.server import WATCH, ConnectionWatch, ReadTimeouts
+from flexlb.http.server import FRONT, WATCH, ConnectionWatch, ReadTimeouts
 from flexlb.http.wire import schedule_body_limit
 from flexlb.master.election import current_master
 from flexlb.master.health import HealthOptions, HttpGetter
@@ -212,6 +213,17 @@ def create_app(
     )
     register_fleet_collector(app[CONTEXT].metrics_registry or registry, scheduler.view.all)  # healthy workers
     setup_auth(app, settings.auth, app[CONTEXT].master_host)
+    if config.http_fast_path:
+        fast = FastPath(
+            app[CONTEXT],
+            app[CLIENT],
+            in_flight,
+            app[WATCH],
+            read_timeouts(config),
+            {"/rtp_llm/schedule": schedule_body_limit(config.max_block_cache_keys), "/rtp_llm/release": MAX_BODY_BYTES},
+        )
+        app[FRONT] = fast
+        app.on_shutdown.append(fast.shutdown)  # before the drain below: idle connections close first
     grpc_api = GrpcScheduleApi.from_config(config) if config.enable_grpc_prefill_master else None
     if grpc_api is not None:  # claims its port first: one in use fails start-up before anything has started
         app.cleanup_ctx.append(grpc_api.bind)

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -163,17 +164,23 @@ def api_of(app: web.Application, request: web.Request) -> Api | None:
     )
 
 
-def refusal_response(api: Api, refusal: Refusal, master_host: str | None = None) -> web.Response:
-    """The refusal in the API's own error shape: OpenAI's for the proxy, the schedule API's JSON for the others."""
+def refusal_answer(api: Api, refusal: Refusal, master_host: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The refusal's JSON body in the API's own error shape (OpenAI's for the proxy, the schedule API's for the
+    others) and its headers."""
     if api is Api.PROXY:
         kind = "invalid_request_error"  # what OpenAI answers for a missing or wrong key
         error = {"message": refusal.message, "type": kind, "param": None, "code": refusal.openai_code}
-        body = {"error": error}
+        body: dict[str, Any] = {"error": error}
     else:
         body = error_body(refusal.code, refusal.message, master_host=master_host)
-    headers = {"WWW-Authenticate": 'Bearer realm="flexlb"'} if refusal.status == 401 else None
+    headers = {"WWW-Authenticate": 'Bearer realm="flexlb"'} if refusal.status == 401 else {}
+    return body, headers
+
+
+def refusal_response(api: Api, refusal: Refusal, master_host: str | None = None) -> web.Response:
+    body, headers = refusal_answer(api, refusal, master_host)
     return web.Response(
-        body=orjson.dumps(body), status=refusal.status, content_type="application/json", headers=headers
+        body=orjson.dumps(body), status=refusal.status, content_type="application/json", headers=headers or None
     )
 
 

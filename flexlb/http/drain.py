@@ -23,7 +23,8 @@ AIOHTTP_SHUTDOWN_TIMEOUT_S = 5.0  # aiohttp's own wait, a backstop: drain() has 
 
 
 class InFlightRequests:
-    """The tasks of the requests being handled; ``middleware`` must be the outermost middleware."""
+    """The tasks of the requests being handled; ``middleware`` must be the outermost middleware (the fast path,
+    flexlb/http/fast_path.py, adds its own)."""
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -32,16 +33,22 @@ class InFlightRequests:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def add(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+
+    def discard(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._changed.set()
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
+        self.add(task)
         try:
             return await handler(request)
         finally:
-            self._tasks.discard(task)
-            self._changed.set()
+            self.discard(task)
 
     async def drain(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for the requests in flight to finish, then cancel the others and wait (a bounded

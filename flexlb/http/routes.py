@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -47,30 +48,54 @@ async def read_object(request: web.Request) -> dict[str, Any]:
     return parse_json_object(await request_body(request))
 
 
-async def schedule(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A JSON answer, whatever the server that sends it (aiohttp here, flexlb/http/fast_path.py for the hot
+    routes)."""
+
+    body: dict[str, Any]
+    status: int = 200
+    headers: dict[str, str] | None = None
+
+
+async def schedule_answer(ctx: RouterContext, body: bytes, client: str) -> Answer:
+    """POST /rtp_llm/schedule: raises what the app's json_errors answers (Redis unreachable: 503)."""
     try:
-        req, result = await run_schedule(ctx, read_object(request), client=client_of(request))
+        req, result = await run_schedule(ctx, _object(body), client=client)
     except BadRequest as exc:
-        return bad_request(exc, ctx)
+        return Answer(error_body(exc.code, exc.message, master_host=ctx.master_host), exc.status)
     retry_after = RETRY_AFTER_S.get(result.code)
-    return json_response(
+    return Answer(
         schedule_body(result, req.request_id, master_host=ctx.master_host),
         http_status_for(result.code),
         None if retry_after is None else {"Retry-After": str(retry_after)},
     )
 
 
-async def release(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
+async def release_answer(ctx: RouterContext, body: bytes, client: str) -> Answer:
+    """POST /rtp_llm/release."""
     try:
-        data = await read_object(request)
+        data = parse_json_object(body)
         request_id = parse_request_id(data)
         check_model(ctx, data.get("model") if isinstance(data.get("model"), str) else None)
-        released = await run_release(ctx, request_id, client_of(request))
+        released = await run_release(ctx, request_id, client)
     except BadRequest as exc:
-        return bad_request(exc, ctx)
-    return json_response({"success": True, "code": 200, "request_id": request_id, "released": released})
+        return Answer(error_body(exc.code, exc.message, master_host=ctx.master_host), exc.status)
+    return Answer({"success": True, "code": 200, "request_id": request_id, "released": released})
+
+
+async def _object(body: bytes) -> dict[str, Any]:
+    return parse_json_object(body)
+
+
+async def schedule(request: web.Request) -> web.Response:
+    answer = await schedule_answer(request.app[CONTEXT], await request_body(request), client_of(request))
+    return json_response(answer.body, answer.status, answer.headers)
+
+
+async def release(request: web.Request) -> web.Response:
+    answer = await release_answer(request.app[CONTEXT], await request_body(request), client_of(request))
+    return json_response(answer.body, answer.status, answer.headers)
 
 
 async def schedule_snapshot(request: web.Request) -> web.Response:
@@ -111,6 +136,7 @@ def worker_json(view: Any) -> dict[str, Any]:
         "grpc_port": spec.effective_grpc_port,
         "group": spec.group,
         "max_concurrency": spec.max_concurrency,
+        "engine": spec.engine.value,
         "alive": status.alive,
         "available": status.available,
         "running": status.running,

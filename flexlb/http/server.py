@@ -25,6 +25,8 @@ from typing import Any
 from aiohttp import web
 
 WATCH = web.AppKey("connection_watch", "ConnectionWatch")
+# what answers a connection before aiohttp does: an object with wrap(factory) -> factory (flexlb/http/fast_path.py)
+FRONT = web.AppKey("connection_front", object)
 LINGER_S = 1.0  # after an early answer (408, 413): unread body bytes drained this long, so the answer is not reset
 
 
@@ -116,10 +118,17 @@ class _WatchedSite(web.TCPSite):
     """A TCPSite whose connections go through the app's ConnectionWatch."""
 
     def __init__(
-        self, runner: web.AppRunner, watch: ConnectionWatch, host: str, port: int, sock: socket.socket | None
+        self,
+        runner: web.AppRunner,
+        watch: ConnectionWatch,
+        host: str,
+        port: int,
+        sock: socket.socket | None,
+        front: Any = None,
     ) -> None:
         super().__init__(runner, host, port, reuse_port=True)
         self._watch = watch
+        self._front = front
         self._sock = sock  # already bound and listening (a router alone: exclusive, flexlb/ports.py)
 
     async def start(self) -> None:
@@ -127,12 +136,13 @@ class _WatchedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
+        factory = self._watch.wrap(server)
+        if self._front is not None:
+            factory = self._front.wrap(factory)
         if self._sock is not None:
-            self._server = await loop.create_server(self._watch.wrap(server), sock=self._sock, backlog=self._backlog)
+            self._server = await loop.create_server(factory, sock=self._sock, backlog=self._backlog)
             return
-        self._server = await loop.create_server(
-            self._watch.wrap(server), self._host, self._port, backlog=self._backlog, reuse_port=True
-        )
+        self._server = await loop.create_server(factory, self._host, self._port, backlog=self._backlog, reuse_port=True)
 
 
 def runner_options(timeouts: ReadTimeouts) -> dict[str, Any]:
@@ -144,15 +154,16 @@ def serve(
     app: web.Application, host: str, port: int, *, sock: socket.socket | None = None, **runner_kwargs: Any
 ) -> None:
     """``web.run_app(app, host=host, port=port, reuse_port=True, ...)`` with the app's ConnectionWatch on every
-    connection (``app[WATCH]``, set by create_app): the same start-up, signals and shutdown as run_app. ``sock``:
-    listen on that socket instead (bound before anything started, so a port in use fails first)."""
+    connection (``app[WATCH]``, set by create_app), behind ``app[FRONT]`` when set: the same start-up, signals and
+    shutdown as run_app. ``sock``: listen on that socket instead (bound before anything started, so a port in use
+    fails first)."""
     watch = app[WATCH]
 
     async def main() -> None:
         runner = web.AppRunner(app, handle_signals=True, **runner_kwargs)
         await runner.setup()
         try:
-            await _WatchedSite(runner, watch, host, port, sock).start()
+            await _WatchedSite(runner, watch, host, port, sock, app.get(FRONT)).start()
             await asyncio.Event().wait()  # until SIGTERM / SIGINT raise GracefulExit
         finally:
             await runner.cleanup()

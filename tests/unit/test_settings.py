@@ -58,6 +58,7 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "shutdownTimeoutMs": 30_000,
     "httpHeaderTimeoutMs": 10_000,
     "httpBodyTimeoutMs": 15_000,
+    "httpFastPath": True,
     "httpIdleTimeoutMs": 30_000,
     "maxBlockCacheKeys": 65_536,
     "contendForMaster": True,
