@@ -3,7 +3,8 @@
 - The original FlexLB's ``POST /rtp_llm/notify_master`` (``{"reqIp", "roleId"}``: "re-read who the master is"):
   flexlb reads the master lock from Redis on every ask, so it answers with the current holder and epoch, as
   ``/rtp_llm/master/info`` does; a schedule-API route.
-- The original's ``POST /rtp_llm/update_log_level`` (``{"log_level": "debug"}``): this process's log level; an admin
+- The original's ``POST /rtp_llm/update_log_level`` (``{"log_level": "debug"}``): the log level of every router
+  process of the service (over Redis pub/sub, flexlb.state.log_level), answered with how many applied it; an admin
   route.
 - SGLang's router (smg) and vllm-router's ``POST /add_worker?url=``, ``POST /remove_worker?url=`` and
   ``GET /list_workers``: aliases of the admin API (``/rtp_llm/workers``), admin routes with its token, its checks.
@@ -12,9 +13,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from flexlb.cli_options import FlagError, worker_address
 from flexlb.domain import Role
@@ -24,6 +29,7 @@ from flexlb.http.body import request_body
 from flexlb.http.routes import CONTEXT, bad_request, json_response, lock_info, worker_json
 from flexlb.http.wire import BadRequest, parse_json_object
 from flexlb.logs import set_level
+from flexlb.state.log_level import LogLevelFollower, broadcast_log_level
 
 log = logging.getLogger("flexlb.http")
 
@@ -64,7 +70,24 @@ async def update_log_level(request: web.Request) -> web.Response:
     except BadRequest as exc:
         return bad_request(exc, ctx)
     log.warning("log level set to %s by POST /rtp_llm/update_log_level from %s", new, request.remote)
-    return json_response({"success": True, "code": 200, "log_level": new})
+    body: dict[str, Any] = {"success": True, "code": 200, "log_level": new}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "level": new}
+    try:  # this process has it already; the others get it over Redis
+        sent = await broadcast_log_level(ctx.store.redis, ctx.store.keys, new)
+    except (RedisError, OSError) as exc:  # Redis away: only this process changed
+        log.warning("log level %s: not sent to the other router processes (%r)", new, exc)
+        return json_response(body | {"processes": 1, "applied": [me], "error_message": repr(exc)})
+    applied = {(a.get("host"), a.get("pid")): a for a in [me, *sent.applied]}  # this one answers itself too
+    return json_response(body | {"processes": len(applied), "reached": sent.reached, "applied": list(applied.values())})
+
+
+async def _follow_log_level(app: web.Application) -> AsyncIterator[None]:
+    """Every router process applies the levels other processes' /rtp_llm/update_log_level send."""
+    store = app[CONTEXT].store
+    follower = LogLevelFollower(store.redis, store.keys, set_level)
+    follower.start()
+    yield
+    await follower.stop()
 
 
 def _url_spec(request: web.Request) -> dict[str, Any]:
@@ -117,6 +140,7 @@ ADMIN_ALIASES = ("/add_worker", "/remove_worker", "/list_workers", "/rtp_llm/upd
 def setup_compat_routes(app: web.Application) -> None:
     app.router.add_post("/rtp_llm/notify_master", notify_master)
     app.router.add_post("/rtp_llm/update_log_level", update_log_level)
+    app.cleanup_ctx.append(_follow_log_level)
     app.router.add_post("/add_worker", add_worker)
     app.router.add_post("/remove_worker", remove_worker)
     app.router.add_get("/list_workers", list_workers)

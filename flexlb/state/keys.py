@@ -35,12 +35,33 @@ class ServiceKeys:
         max(Redis server time in ms, previous + 1) (lua/lock_acquire.lua): not reused even if Redis lost its data."""
         return f"{self.prefix}:master_epoch"
 
+    def shard_lock(self, shard: int) -> str:
+        """String ``token|epoch|holder`` with a TTL: the lease of polling shard ``shard`` (> 0; shard 0's lease is
+        the master lock), taken and renewed by the master lock's scripts."""
+        return f"{self.prefix}:shard:{shard}"
+
+    def shard_epoch(self, shard: int) -> str:
+        """Integer, never reset: the fencing token of polling shard ``shard`` (> 0), as :attr:`master_epoch`."""
+        return f"{self.prefix}:shard_epoch:{shard}"
+
+    @property
+    def pollers(self) -> str:
+        """Zset poller process id -> expiry (Redis ms): the processes that share the polling shards
+        (lua/shard_pollers.lua); each takes about its share of the shards."""
+        return f"{self.prefix}:pollers"
+
     @property
     def events(self) -> str:
         """Pub/sub channel (not a key) of fleet events: the master publishes ``status <worker id> <status_version>``
         after every status write (lua/master_status.lua, lua/master_forget.lua). Hash-tagged like the keys, so it
         names the same slot."""
         return f"{self.prefix}:events"
+
+    @property
+    def log_level(self) -> str:
+        """Pub/sub channel (not a key): ``POST /rtp_llm/update_log_level`` asks every router of the service to change
+        its log level; each answers on the reply channel the message names (flexlb.state.log_level)."""
+        return f"{self.prefix}:log_level"
 
     @property
     def changes(self) -> str:

@@ -159,9 +159,9 @@ async def test_operator_flags_metrics_and_error_shapes_on_a_real_router(
         assert "master_lock_holder" in notified
         status, refused = await post("/rtp_llm/update_log_level", {"log_level": "chatty"})
         assert status == 400 and "log_level: unknown log level 'chatty'" in refused["error_message"]
-        assert await post("/rtp_llm/update_log_level", {"log_level": "debug"}) == (
-            200, {"success": True, "code": 200, "log_level": "DEBUG"},
-        )  # fmt: skip
+        status, updated = await post("/rtp_llm/update_log_level", {"log_level": "debug"})
+        assert status == 200 and updated["success"] and updated["log_level"] == "DEBUG", updated
+        assert updated["processes"] == 1 and updated["applied"][0]["level"] == "DEBUG", updated
         status, scheduled = await post(
             "/rtp_llm/schedule", {"request_id": 77, "input_ids": list(range(130)), "request_priority": 2}
         )
@@ -192,7 +192,9 @@ async def test_operator_flags_metrics_and_error_shapes_on_a_real_router(
 
     with open(router.log_path) as f:
         records = [json.loads(line) for line in f if line.startswith("{")]  # the others: the CLI's own prints
-    assert records and all(r["logger"].startswith("flexlb") for r in records)
+    # DEBUG is on since update_log_level above: a library's debug lines (redis-py's on a new connection) may follow
+    foreign = [r for r in records if not r["logger"].startswith("flexlb") and r["level"] != "DEBUG"]
+    assert records and not foreign, foreign[:3]
     assert any(r["level"] == "WARNING" and "log level set to DEBUG" in r["message"] for r in records)
     assert "Traceback" not in router.log()
 
