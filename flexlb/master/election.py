@@ -102,12 +102,18 @@ class MasterElection:
         ttl_ms: int = 3000,
         renew_interval_ms: int = 1000,
         clock: Clock = time.monotonic,
+        lock_key: str | None = None,
+        epoch_key: str | None = None,
     ) -> None:
+        """``lock_key`` / ``epoch_key``: another lease than the master lock (a polling shard's,
+        flexlb.master.shards), with the same scripts and the same guarantees."""
         if not 0 < renew_interval_ms < ttl_ms / 2:
             # at least two renew attempts per TTL, so one lost round trip does not cost the lock
             raise ValueError(f"renew_interval_ms ({renew_interval_ms}) must be > 0 and < ttl_ms / 2 ({ttl_ms / 2})")
         self._redis = redis
         self._keys = keys
+        self._lock_key = lock_key or keys.master_lock
+        self._epoch_key = epoch_key or keys.master_epoch
         self._scripts = scripts or Scripts(redis)
         self.holder = holder
         self.ttl_ms = ttl_ms
@@ -129,6 +135,11 @@ class MasterElection:
     def is_master(self) -> bool:
         """True while this process holds the lock by its own clock: false at once after a pause longer than the TTL."""
         return self._master and self._clock() < self._lease_end
+
+    @property
+    def holding(self) -> bool:
+        """True from election until stepping down (:attr:`is_master` also checks the lease by the local clock)."""
+        return self._master
 
     @property
     def epoch(self) -> int:
@@ -181,7 +192,7 @@ class MasterElection:
             # a hung Redis must not keep us waiting past the lease
             async with asyncio.timeout(self._lease_end - sent):
                 renewed = await self._scripts.call(
-                    "lock_renew", [self._keys.master_lock], [self._token, self._epoch, self.ttl_ms]
+                    "lock_renew", [self._lock_key], [self._token, self._epoch, self.ttl_ms]
                 )
         except _REDIS_FAILURES as exc:
             log.warning("renew failed (holder=%s epoch=%d): %r; lease left %.3fs", self.holder, self._epoch, exc,
@@ -199,7 +210,7 @@ class MasterElection:
         try:
             reply = await self._scripts.call(
                 "lock_acquire",
-                [self._keys.master_lock, self._keys.master_epoch],
+                [self._lock_key, self._epoch_key],
                 [self._token, self.ttl_ms, self._lock_holder],
             )
         except _REDIS_FAILURES as exc:
@@ -244,7 +255,7 @@ class MasterElection:
         if self._presence is None:
             return None
         try:
-            value = await self._redis.get(self._keys.master_lock)
+            value = await self._redis.get(self._lock_key)
             if value is None:
                 return None
             _, _, holder = parse_lock_value(_text(value))
@@ -256,7 +267,7 @@ class MasterElection:
                 return None
             reply = await self._scripts.call(
                 "lock_take_over",
-                [self._keys.master_lock, self._keys.master_epoch],
+                [self._lock_key, self._epoch_key],
                 [_text(value), self._token, self.ttl_ms, self._lock_holder],
             )
         except _REDIS_FAILURES as exc:
@@ -285,6 +296,11 @@ class MasterElection:
         log.warning("deposed: holder=%s epoch=%d: %s", self.holder, self._epoch, reason)
         await on_deposed()
 
+    async def resign(self, on_deposed: OnDeposed) -> None:
+        """Stop the duties and release the lock now, for another process to take (a shard handed over when the
+        pollers rebalance); the next :meth:`step` may contend again."""
+        await self._leave(on_deposed)
+
     async def _leave(self, on_deposed: OnDeposed) -> None:
         if not self._master:
             return
@@ -295,7 +311,7 @@ class MasterElection:
     async def _release(self, token: str | None = None) -> None:
         try:
             async with asyncio.timeout(self.ttl_ms / 1000):
-                released = await self._scripts.call("lock_release", [self._keys.master_lock], [token or self._token])
+                released = await self._scripts.call("lock_release", [self._lock_key], [token or self._token])
         except _REDIS_FAILURES as exc:
             log.warning("release failed (holder=%s): %r; the lock expires by its TTL", self.holder, exc)
             return

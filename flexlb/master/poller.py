@@ -366,8 +366,10 @@ class MasterDuties:
         client_factory: ClientFactory = WorkerStatusClient.for_worker,
         clock: Clock = time.monotonic,
         kv_events: Mapping[str, KvEventsEndpoint] | None = None,
+        polls: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
+        self.polls = polls  # which worker ids these duties poll (a shard's: flexlb.master.shards); None: all
         self.options = options
         self.metrics = metrics
         self.client_factory = client_factory
@@ -415,7 +417,8 @@ class MasterDuties:
             await self._stop_all()
 
     async def _follow_membership(self, epoch: int) -> None:
-        views = {v.worker_id: v for v in await self.store.list_workers()}
+        polls = self.polls
+        views = {v.worker_id: v for v in await self.store.list_workers() if polls is None or polls(v.worker_id)}
         moved = [wid for wid, (poller, _) in self.pollers.items() if wid not in views or views[wid].spec != poller.spec]
         for wid in moved:
             await self._stop(wid)

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from flexlb.master.election import Clock, MasterElection
 from flexlb.master.poller import ClientFactory, MasterDuties, PollOptions
+from flexlb.master.shards import PollShards
 from flexlb.master.worker_client import WorkerStatusClient
 from flexlb.metrics import MasterMetrics
 from flexlb.settings import Settings
@@ -55,9 +56,19 @@ class MasterService:
         self.duties = MasterDuties(
             self.store, PollOptions.from_settings(settings), metrics, client_factory, clock, kv_events=kv_events
         )
+        # pollShards > 1: the polling is split into shards (flexlb.master.shards); shard 0's lease is the master lock
+        self.shards: PollShards | None = None
+        if config.poll_shards > 1:
+            self.shards = PollShards(
+                redis, settings, metrics, holder=holder, client_factory=client_factory, clock=clock
+            )
+            self.election, self.duties = self.shards.shards[0].lease, self.shards.shards[0].duties
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        if self.shards is not None:
+            self._task = asyncio.create_task(self.shards.run(), name="polling shards")
+            return
         self._task = asyncio.create_task(self.election.run(self._duties, self._on_deposed), name="master election")
 
     async def _duties(self, epoch: int) -> None:
@@ -75,7 +86,10 @@ class MasterService:
         """Stop polling and hand the lock over at once (another process takes over without waiting for the TTL)."""
         if self._task is None:
             return
-        await self.election.stop()
+        if self.shards is not None:
+            await self.shards.stop()
+        else:
+            await self.election.stop()
         await self._task
         self._task = None
 
@@ -83,6 +97,9 @@ class MasterService:
         log.info("no longer master (holder %s, epoch %d)", self.election.holder, self.election.epoch)
 
     def info(self) -> dict[str, Any]:
+        if self.shards is not None:
+            return {"holder": self.election.holder, "is_master": self.election.is_master,
+                    "epoch": self.election.epoch, **self.shards.info()}  # fmt: skip
         return {
             "holder": self.election.holder,
             "is_master": self.election.is_master,

@@ -24,6 +24,7 @@ SCRIPT_NAMES = (
     "lock_renew",
     "lock_release",
     "lock_take_over",
+    "shard_pollers",
     "fenced_set",
     "master_status",
     "master_cache",

@@ -76,10 +76,14 @@ class StaleEpoch(Exception):
 
 
 class FleetStore:
-    def __init__(self, redis: Redis, service: str, pipelined: PipelinedRedis | None = None) -> None:
-        """``pipelined``: the client the scripts go through (the decision path's); redis-py's ``redis`` otherwise."""
+    def __init__(
+        self, redis: Redis, service: str, pipelined: PipelinedRedis | None = None, *, fence_key: str | None = None
+    ) -> None:
+        """``pipelined``: the client the scripts go through (the decision path's); redis-py's ``redis`` otherwise.
+        ``fence_key``: the epoch the master writes check (default the master epoch; a polling shard's own)."""
         self.redis = redis
         self.keys = ServiceKeys(service)
+        self.fence_key = fence_key or self.keys.master_epoch
         self.scripts = Scripts(redis, pipelined)
         self._pipelined = pipelined
         self._blocking = pipelined.sibling() if pipelined is not None else None  # the view's XREAD BLOCK
@@ -316,7 +320,7 @@ class FleetStore:
     # when the worker was removed meanwhile (it is not re-created).
 
     async def _fenced(self, name: str, keys: list[str], args: list[str | int]) -> list | None:
-        reply = await self.scripts.call(name, [self.keys.master_epoch, *keys], args)
+        reply = await self.scripts.call(name, [self.fence_key, *keys], args)
         if reply[0] == 1:
             return reply
         if reply[1] == "gone":
