@@ -89,6 +89,9 @@ class Scheduler:
         # Workers this router reserved per request, so a release here needs no lookup: request -> (workers, when).
         self._reserved_here: dict[int, tuple[list[str], float]] = {}
         self._releasing: set[asyncio.Task[int]] = set()  # releases still writing to Redis (see release)
+        # Picks whose reservation is on its way to Redis: worker -> (count, tokens). Decisions made meanwhile count
+        # them, so a burst through this router sees its own queue building up (a hot prefix's worker, say).
+        self._reserving: dict[str, tuple[int, int]] = {}
 
     # ---- public API ----
 
@@ -211,15 +214,19 @@ class Scheduler:
                 continue
             roles = list(result.choices)
             picks = [(result.choices[r].worker.worker_id, result.choices[r].reserve_tokens) for r in roles]
-            outcome = await self.store.reserve(
-                request.request_id,
-                picks,
-                ttl_ms,
-                inflight_blocks=self._inflight_blocks(request, result, hits),
-                inflight_ttl_ms=self.options.inflight_ttl_ms,
-                probe_block=probe,
-                limits=not request.ttft_bound_ms,
-            )
+            _add_load(self._reserving, picks, 1)
+            try:
+                outcome = await self.store.reserve(
+                    request.request_id,
+                    picks,
+                    ttl_ms,
+                    inflight_blocks=self._inflight_blocks(request, result, hits),
+                    inflight_ttl_ms=self.options.inflight_ttl_ms,
+                    probe_block=probe,
+                    limits=not request.ttft_bound_ms,
+                )
+            finally:
+                _add_load(self._reserving, picks, -1)
             probe = None
             if outcome.ok:
                 for (wid, _), (count, tokens) in zip(picks, outcome.pending, strict=True):
@@ -331,13 +338,14 @@ class Scheduler:
         return result
 
     def _local_load(self) -> dict[str, tuple[int, int]]:
-        """Reservations only this process knows (made in degraded mode): worker -> (count, tokens)."""
+        """Reservations only this process knows (made in degraded mode, or on their way to Redis): worker ->
+        (count, tokens)."""
         self._prune_local()
-        load: dict[str, tuple[int, int]] = {}
+        if not self._local:
+            return self._reserving
+        load = dict(self._reserving)
         for res in self._local.values():
-            for wid, tokens in res.picks:
-                count, total = load.get(wid, (0, 0))
-                load[wid] = (count + 1, total + tokens)
+            _add_load(load, res.picks, 1)
         return load
 
     def _count_hits(self, result: ScheduleResult, hits: dict[str, int]) -> None:
@@ -389,3 +397,14 @@ class Scheduler:
             self._redis_down_since = None
             self.metrics.redis_up.set(1)
             log.warning("Redis reachable again after %.1fs: shared scheduling resumed", down_s)
+
+
+def _add_load(load: dict[str, tuple[int, int]], picks: list[tuple[str, int]], sign: int) -> None:
+    """Add (``sign`` 1) or take back (-1) one reservation of each of ``picks`` in ``load``."""
+    for wid, tokens in picks:
+        count, total = load.get(wid, (0, 0))
+        count, total = count + sign, total + sign * tokens
+        if count > 0:
+            load[wid] = (count, total)
+        else:
+            load.pop(wid, None)
