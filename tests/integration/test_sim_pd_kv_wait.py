@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from conftest import ChildProcess, eventually
 
 from flexlb.domain import Role, WorkerSpec
@@ -172,3 +173,37 @@ async def test_a_prefill_that_refuses_the_request_fails_its_decode_at_once(
             return (await resp.json())[0]["num_reqs"] == 0
 
     await eventually(decode_holds_nothing, "the decode request ended")
+
+
+async def test_through_the_proxy_a_prefill_that_never_answers_fails_the_request_naming_the_room(
+    real_store: FleetStore, bootstrap: BootstrapProcess, start_sim_worker: Any, start_router: Any
+) -> None:
+    hung = asyncio.Event()
+
+    async def never_answers(request: web.Request) -> web.Response:
+        hung.set()
+        await asyncio.Event().wait()  # a prefill worker that took the request and never computes it
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", never_answers)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    prefill_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", prefill_port).start()
+    try:
+        decode = start_sim_worker(role="decode", args=("--kv-wait-timeout", "1"))
+        router = start_router({"servedModelName": MODEL, "bootstrapPort": bootstrap.port, "proxyRetries": 0})
+        for port, role in ((prefill_port, Role.PREFILL), (decode.port, Role.DECODE)):
+            await real_store.register_worker(WorkerSpec("127.0.0.1", port, role))
+        body = {"model": MODEL, "prompt": prompt("s"), "max_tokens": 4}
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(30):  # never hangs: the decode gives up after 1 s
+                async with http.post(f"{router.url}/v1/completions", json=body) as resp:
+                    error = (await resp.json())["error"]
+        assert hung.is_set() and resp.status >= 500, (resp.status, error)
+        message = error["message"]
+        assert "bootstrap room " in message and f"bootstrap server 127.0.0.1:{bootstrap.port}" in message, message
+        assert "no KV from the prefill worker at 127.0.0.1" in message and "within 1 s" in message, message
+    finally:
+        await runner.cleanup()
