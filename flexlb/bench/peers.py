@@ -255,6 +255,18 @@ def render_table(combined: Mapping[str, dict[str, Any]]) -> list[str]:
     return table(rows, header, [False] + [True] * (len(header) - 1))
 
 
+ORACLE_SHARE = 0.95  # issue 11: the workers' hit ratio within 5% of the oracle's bound
+
+
+def oracle_hit_ratio(specs: Sequence[Any], block_size: int) -> float | None:
+    """The most any placement can reach on ``specs`` (RequestSpec: rendered prompt, max_tokens): every request on a
+    worker holding the longest prefix any earlier request had, with infinite KV (flexlb.bench.oracle)."""
+    from flexlb.bench.oracle import OracleCosts, OracleRequest, oracle_bound
+
+    requests = [OracleRequest.from_prompt(s.rendered(), max(s.max_tokens, 1), block_size) for s in specs]
+    return oracle_bound(requests, OracleCosts(block_size=block_size)).hit_ratio
+
+
 def _better_peer(combined: Mapping[str, dict[str, Any]], peers: Sequence[str], replicas: int) -> list[str]:
     """The peers' labels to compare flexlb x``replicas`` with: the same replica count, else their single replica."""
     for n in (replicas, 1):
@@ -264,16 +276,22 @@ def _better_peer(combined: Mapping[str, dict[str, Any]], peers: Sequence[str], r
     return []
 
 
-def check_targets(combined: Mapping[str, dict[str, Any]], peers: Sequence[str]) -> list[Target]:
+def check_targets(
+    combined: Mapping[str, dict[str, Any]], peers: Sequence[str], oracle_hit_ratio: float | None = None
+) -> list[Target]:
     """Issue 11's targets, for each flexlb replica count measured with at least one peer to compare with: zero
     refused where the peers refused none; mean TTFT <= 0.75x the better peer's (1 router) or 0.5x (several);
-    with 1 router, the workers' hit ratio >= the better peer's."""
+    with 1 router, the workers' hit ratio >= the better peer's; and, given the oracle's bound (with or without
+    peers), with 1 router the workers' hit ratio within 5% of it."""
     out: list[Target] = []
     for label, c in combined.items():
         router, _, count = label.rpartition(" x")
         if router != FLEXLB:
             continue
         n = int(count)
+        if n == 1 and oracle_hit_ratio:
+            goal = ORACLE_SHARE * oracle_hit_ratio
+            out.append(Target(f"{label}: workers' hit ratio (>= 95% of the oracle's)", goal, True, c["hit_ratio"]))
         others = _better_peer(combined, peers, n)
         if not others:
             continue

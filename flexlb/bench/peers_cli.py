@@ -16,6 +16,7 @@ from flexlb.bench import peers as pp
 from flexlb.bench.argtypes import int_at_least, positive_float
 from flexlb.bench.run_cli import DEFAULT_SEED, add_workload_options, workload_params
 from flexlb.bench.workloads import WORKLOADS, Arrivals, WorkloadError, apply_arrivals
+from flexlb.domain import Role
 
 PEERS_EPILOG = f"""\
 Every run starts fresh processes on 127.0.0.1 (so every cache starts cold): --workers simulated PDFUSION workers
@@ -99,8 +100,14 @@ def render(result: dict[str, Any]) -> str:
         "times in ms, TTFT over all runs' successful requests; refused: HTTP status != 200; requests, refused and "
         "errors per run; worker hit and busiest worker from the workers' own counters; CPU s per run",
     ]
+    oracle = result.get("oracle_hit_ratio")
+    if oracle is not None:
+        lines.append(
+            f"oracle bound on the workers' hit ratio: {pp.pct(oracle)} (every request on a worker holding the longest"
+            " prefix any earlier request had, infinite KV)"
+        )
     lines += [f"skipped: {s}" for s in result["skipped"]]
-    targets = pp.render_targets(pp.check_targets(result["combined"], result["peers"]))
+    targets = pp.render_targets(pp.check_targets(result["combined"], result["peers"], oracle))
     if targets:
         lines += ["", *targets]
     reasons: dict[str, Counter[str]] = {}
@@ -201,6 +208,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         "peers": list(binaries),
         "peer_binaries": binaries,
         "skipped": skipped,
+        "oracle_hit_ratio": pp.oracle_hit_ratio(specs, bench.worker_options().engine_config(Role.PDFUSION).block_size),
     }
     path = write_json(result, Path(args.out) if args.out else default_out_path("peers"))
     print(render(result), end="")
