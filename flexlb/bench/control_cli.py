@@ -13,11 +13,13 @@ from flexlb.settings import Settings
 
 CONTROL_EPILOG = """\
 Starts a private stack (redis-server unless REDIS_URL / --redis-url is given; --workers simulated workers in one
-`flexlb sim-worker --count` process, registered under a fresh service id; one `flexlb master`), then measures an
+`flexlb sim-worker --count` process, registered under a fresh service id; one `flexlb master`, or --poll-shards of
+them sharing the polling), then measures an
 idle phase (master CPU) and a busy phase (requests straight to a fraction of the workers; the freshness of each
 state change in Redis; master CPU), prints a table and writes JSON, and stops everything it started.
 
-Targets: freshness p99 <= 100 ms and master <= 1 core at 1,250 workers; master <= 0.05 core for 4 idle workers.
+Targets: freshness p99 <= 100 ms and the master(s) <= 1 core in all at 1,250 workers; <= 0.05 core for 4 idle
+workers.
 
 Exit status: 0 when the run completed, 1 when requests failed or changes never showed, 2 when the stack failed.
 """
@@ -53,6 +55,12 @@ def add_control_parser(bsub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", help="JSON result file (default bench-results/control-<timestamp>.json)")
     c.add_argument("--startup-timeout", type=positive_float, default=60.0, help="seconds (default 60)")
     c.add_argument("--seed", type=int, help="random seed (default: random, written to the JSON)")
+    c.add_argument(
+        "--poll-shards",
+        type=int_at_least(1),
+        default=1,
+        help="`flexlb master` processes sharing the polling as that many shards (pollShards; default 1: one master)",
+    )
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -74,6 +82,7 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
         redis_url=args.redis_url or settings.redis_url,
         startup_timeout_s=args.startup_timeout,
         seed=args.seed,
+        poll_shards=args.poll_shards,
     )
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -69,6 +70,7 @@ class ControlBenchParams:
     redis_url: str | None = None
     startup_timeout_s: float = 60.0
     seed: int | None = None
+    poll_shards: int = 1  # `flexlb master` processes, one shard each (pollShards); 1: one master polls all
 
     @property
     def busy_workers(self) -> int:
@@ -110,7 +112,7 @@ class CpuWindow:
     """CPU seconds of some processes over one wall-clock window."""
 
     pids: dict[str, int]
-    master_url: str = ""
+    master_urls: list[str] = field(default_factory=list)
     started: float = 0.0
     cpu0: dict[str, tuple[float, float]] = field(default_factory=dict)
     polls0: float = 0.0
@@ -118,7 +120,7 @@ class CpuWindow:
     def start(self) -> CpuWindow:
         self.started = time.monotonic()
         self.cpu0 = {name: process_cpu_times(pid) for name, pid in self.pids.items()}
-        self.polls0 = master_polls(self.master_url) if self.master_url else 0.0
+        self.polls0 = sum(map(master_polls, self.master_urls))
         return self
 
     def stop(self) -> dict[str, Any]:
@@ -130,8 +132,12 @@ class CpuWindow:
             out[f"{name}_cpu_s"] = user + system
             out[f"{name}_user_s"], out[f"{name}_sys_s"] = user, system
             out[f"{name}_cores"] = (user + system) / wall if wall > 0 else math.nan
-        if self.master_url:
-            polls = master_polls(self.master_url) - self.polls0
+        masters = [name for name in self.pids if name.startswith("master")]
+        if len(masters) > 1:  # the pollers together: "master_cores" is all of them, as one master's with one
+            for what in ("cpu_s", "user_s", "sys_s", "cores"):
+                out[f"master_{what}"] = sum(out[f"{name}_{what}"] for name in masters)
+        if self.master_urls:
+            polls = sum(map(master_polls, self.master_urls)) - self.polls0
             out["status_polls_per_s"] = polls / wall if wall > 0 else math.nan
             out["master_cpu_us_per_poll"] = out["master_cpu_s"] / polls * 1e6 if polls else math.nan
         return out
@@ -168,9 +174,9 @@ class ControlStack:
     redis_url: str = ""
     embedded: EmbeddedRedis | None = None
     sim: subprocess.Popen[bytes] | None = None
-    master: subprocess.Popen[bytes] | None = None
+    masters: list[subprocess.Popen[bytes]] = field(default_factory=list)
     base_port: int = 0
-    master_url: str = ""
+    master_urls: list[str] = field(default_factory=list)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="flexlb-bench-control-")))
 
     @property
@@ -184,7 +190,11 @@ class ControlStack:
             return ""
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "REDIS_URL": self.redis_url, "FLEXLB_SERVICE_ID": self.service}
+        env = {**os.environ, "REDIS_URL": self.redis_url, "FLEXLB_SERVICE_ID": self.service}
+        if self.params.poll_shards > 1:
+            config = json.loads(env.get("FLEXLB_CONFIG") or "{}")
+            env["FLEXLB_CONFIG"] = json.dumps({**config, "pollShards": self.params.poll_shards})
+        return env
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         with open(self.log_dir / f"{name}.log", "wb") as log:
@@ -219,22 +229,30 @@ class ControlStack:
                 raise BenchError(f"sim-worker exited with {self.sim.returncode}:\n{self.log('sim')}")
         raise BenchError(f"sim-worker could not bind its ports:\n{self.log('sim')}")
 
-    def start_master(self) -> None:
-        port = free_port()
-        self.master_url = f"http://127.0.0.1:{port}"
-        self.master = self._spawn("master", ["master", "--host", "127.0.0.1", "--port", str(port)])
-        try:
-            wait_http_ready(self.master_url, self.master, lambda: self.log("master"), "master", 30)
-        except NotReady as exc:
-            raise BenchError(str(exc)) from None
+    def master_name(self, i: int) -> str:
+        return "master" if i == 0 else f"master{i}"
+
+    def start_masters(self) -> None:
+        """One `flexlb master` per polling shard (they share the shards out among themselves)."""
+        for i in range(self.params.poll_shards):
+            name, port = self.master_name(i), free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = self._spawn(name, ["master", "--host", "127.0.0.1", "--port", str(port)])
+            self.masters.append(proc)
+            self.master_urls.append(url)
+            try:
+                wait_http_ready(url, proc, lambda n=name: self.log(n), name, 30)
+            except NotReady as exc:
+                raise BenchError(str(exc)) from None
 
     def check(self) -> None:
-        for name, proc in (("sim", self.sim), ("master", self.master)):
+        named = [("sim", self.sim), *((self.master_name(i), p) for i, p in enumerate(self.masters))]
+        for name, proc in named:
             if proc is not None and proc.poll() is not None:
                 raise BenchError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
 
     def close(self, *, keep_logs: bool = False) -> None:
-        for proc in (self.master, self.sim):
+        for proc in (*self.masters, self.sim):
             if proc is not None:
                 stop_process(proc)
         if self.embedded is not None:
@@ -386,23 +404,24 @@ async def _run_phases(
         specs = stack.specs
         for spec in specs:
             await store.register_worker(spec)
-        stack.start_master()
-        assert stack.master is not None and stack.sim is not None
+        stack.start_masters()
+        assert stack.masters and stack.sim is not None
         started = time.monotonic()
         await wait_all_polled(redis, store, specs, params.startup_timeout_s)
         out(f"all {len(specs)} workers polled {time.monotonic() - started:.1f}s after the master started")
         await asyncio.sleep(params.settle_s)
         stack.check()
-        pids = {"master": stack.master.pid, "sim": stack.sim.pid}
+        pids = {stack.master_name(i): p.pid for i, p in enumerate(stack.masters)}
+        pids["sim"] = stack.sim.pid
         if stack.embedded is not None and stack.embedded.process is not None:
             pids["redis"] = stack.embedded.process.pid
         out(f"idle phase: {params.duration_s:g}s")
-        window = CpuWindow(pids, stack.master_url).start()
+        window = CpuWindow(pids, stack.master_urls).start()
         await asyncio.sleep(params.duration_s)
         idle = window.stop()
         stack.check()
         out(f"busy phase: {params.duration_s:g}s, {params.request_rate:g} requests/s on {params.busy_workers} workers")
-        window = CpuWindow(pids, stack.master_url).start()
+        window = CpuWindow(pids, stack.master_urls).start()
         outcome = await busy_phase(params, stack, redis, store, rng)
         busy = window.stop()
         stack.check()
@@ -447,7 +466,8 @@ def build_result(
         "freshness = time from a worker's state change (running 0 -> 1 at a request's start, 1 -> 0 at its end) "
         "until the worker's hash in Redis shows it; the watcher reads Redis every "
         f"{params.watch_interval_ms:g} ms, which adds up to that much to each sample",
-        "cores = CPU seconds of the process (/proc/<pid>/stat utime + stime) / wall seconds of the phase",
+        "cores = CPU seconds of the process (/proc/<pid>/stat utime + stime) / wall seconds of the phase; master "
+        "cores = the sum over every `flexlb master` process",
         f"the simulated workers, redis-server, the master and this driver share this machine's {os.cpu_count()} CPUs",
     ]
     if outcome.missed:
@@ -496,19 +516,24 @@ def _num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if abs(x) < 100 else f"{x:.0f}"
 
 
+def _masters(shards: int) -> str:
+    return "1 master" if shards == 1 else f"{shards} `flexlb master` processes sharing {shards} polling shards"
+
+
 def render_control_table(result: dict[str, Any]) -> str:
     p, res = result["parameters"], result["results"]
     idle, busy = res["idle"], res["busy"]
     fresh, start, finish = busy["freshness_ms"], busy["freshness_start_ms"], busy["freshness_finish_ms"]
     load = ", ".join(f"{x:.2f}" for x in result["environment"]["load_average"])
     lines = [
-        f"flexlb bench control: {p['workers']} simulated workers (1 process), 1 master; phases of "
+        f"flexlb bench control: {p['workers']} simulated workers (1 process), "
+        f"{_masters(p.get('poll_shards', 1))}; phases of "
         f"{p['duration_s']:g} s; busy: {p['request_rate']:g} requests/s on {p['busy_workers']} workers; "
         f"load average {load}",
         "",
     ]
     rows = [
-        ["master cores, idle / busy", f"{_num(idle['master_cores'])} / {_num(busy['master_cores'])}"],
+        ["master cores (all pollers), idle / busy", f"{_num(idle['master_cores'])} / {_num(busy['master_cores'])}"],
         ["  of which kernel (sys), idle / busy", f"{_num(idle['master_sys_s'] / idle['wall_s'])} / "
          f"{_num(busy['master_sys_s'] / busy['wall_s'])}"],
         ["status polls/s, idle / busy", f"{_num(idle['status_polls_per_s'], 0)} / "

@@ -240,6 +240,7 @@ async def test_every_script_call_touches_one_cluster_slot(store: FleetStore) -> 
     await store.remove_worker(P2.worker_id)
     own_tests = {"lock_acquire", "lock_renew", "lock_release", "lock_take_over", "fenced_set"}  # in their own tests, as
     own_tests |= {"master_status", "master_cache", "master_forget"}  # are the master's writes
+    own_tests |= {"shard_pollers"}  # tests/integration/test_poll_shards.py
     assert {name for name, _ in seen} == set(SCRIPT_NAMES) - own_tests
     for name, keys in seen:
         assert len({key_slot(k.encode()) for k in keys}) == 1, (name, keys)
