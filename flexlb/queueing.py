@@ -12,6 +12,11 @@ in case a message was missed. Answers: QUEUE_FULL at once when the queue holds `
 its ``generate_timeout`` passes while queued; a client that goes away is taken out of the queue (and a reservation
 made for it meanwhile is released). A request that waited carries its QueueStay (wait, position at entry, depth
 when it left) in its result: the schedule API's ``debug_info``.
+
+Across router processes every queue wakes on the same fleet event; the fleet's waiting board
+(flexlb.state.waiting) keeps their arrival order: a waiter leaves freed capacity to other routers' earlier live
+waiters, no larger than itself, for at most ``max_defers`` fleet events each. A request arriving at a router whose
+queue is empty still tries once at once (no board round trip on the common path).
 """
 
 from __future__ import annotations
