@@ -58,24 +58,38 @@ end
 local INDEXED_ROLES = {PREFILL = true, PDFUSION = true}
 
 -- In-flight blocks: a request's blocks reserved on a prefill-type worker, not yet in the worker's own cache report;
--- "flexlb:{svc}:inflight:<wid>" is a zset block -> expiry ms, and the inverted index names the worker meanwhile, so
--- a burst of one new prefix finds where the first request of it went. The key is named from the block keys' prefix
--- ("flexlb:{svc}:blk:"): the same hash slot.
+-- "flexlb:{svc}:inflight:<wid>" is a zset block -> expiry ms. The inverted index names the worker for the first of a
+-- request's in-flight blocks only (its head), so a burst of one new prefix finds where the first request of it went;
+-- "flexlb:{svc}:inflight_heads:<wid>" (head -> expiry ms) says which index entries expire with them. Both keys are
+-- named from the block keys' prefix ("flexlb:{svc}:blk:"): the same hash slot.
 local function inflight_key(block_prefix, wid)
   return string.sub(block_prefix, 1, -5) .. 'inflight:' .. wid
 end
 
--- Drop at most `limit` in-flight blocks of a worker whose expiry passed; each leaves the inverted index unless the
--- worker's own cache set holds it. Returns how many were dropped.
+local function inflight_heads_key(block_prefix, wid)
+  return string.sub(block_prefix, 1, -5) .. 'inflight_heads:' .. wid
+end
+
+-- Drop a worker's in-flight blocks whose expiry passed, at most `limit` of each kind: the expired heads leave the
+-- inverted index unless the worker's own cache set holds them, and the other blocks (never in the index for being
+-- in flight) go by rank, in C, without a Lua value per block. Returns how many heads were dropped.
 local function expire_inflight(block_prefix, cache_key, wid, now, limit)
-  local ik = inflight_key(block_prefix, wid)
-  local due = redis.call('ZRANGEBYSCORE', ik, '-inf', now, 'LIMIT', 0, limit)
-  if #due == 0 then return 0 end
-  local held = redis.call('SMISMEMBER', cache_key, unpack(due))
-  for i, block in ipairs(due) do
-    if held[i] == 0 then redis.call('SREM', block_prefix .. block, wid) end
+  local hk = inflight_heads_key(block_prefix, wid)
+  local due = redis.call('ZRANGEBYSCORE', hk, '-inf', now, 'LIMIT', 0, limit)
+  if #due > 0 then
+    local held = redis.call('SMISMEMBER', cache_key, unpack(due))
+    for i, block in ipairs(due) do
+      if held[i] == 0 then redis.call('SREM', block_prefix .. block, wid) end
+    end
+    redis.call('ZREM', hk, unpack(due))
   end
-  redis.call('ZREM', ik, unpack(due))
+  local ik = inflight_key(block_prefix, wid)
+  local over = redis.call('ZRANGEBYSCORE', ik, '-inf', now, 'LIMIT', limit - 1, 1)
+  if #over > 0 then  -- more than `limit` are due: the `limit` lowest (all due); the rest go on later calls
+    redis.call('ZREMRANGEBYRANK', ik, 0, limit - 1)
+  else
+    redis.call('ZREMRANGEBYSCORE', ik, '-inf', now)
+  end
   return #due
 end
 
@@ -93,9 +107,11 @@ local function unindex_blocks(cache_key, block_prefix, wid, keep_set)
   local blocks = redis.call('SMEMBERS', cache_key)
   for _, block in ipairs(blocks) do redis.call('SREM', block_prefix .. block, wid) end
   if not keep_set then redis.call('DEL', cache_key) end
-  local ik = inflight_key(block_prefix, wid)  -- and its in-flight blocks: none survive the worker's removal
-  for _, block in ipairs(redis.call('ZRANGE', ik, 0, -1)) do redis.call('SREM', block_prefix .. block, wid) end
-  redis.call('DEL', ik)
+  -- and its in-flight blocks: none survive the worker's removal (rare: every block is asked, heads or not)
+  for _, key in ipairs({inflight_heads_key(block_prefix, wid), inflight_key(block_prefix, wid)}) do
+    for _, block in ipairs(redis.call('ZRANGE', key, 0, -1)) do redis.call('SREM', block_prefix .. block, wid) end
+    redis.call('DEL', key)
+  end
   return #blocks
 end
 

@@ -24,18 +24,22 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return {0, 'gone'} end
 local wid, block_prefix = ARGV[2], ARGV[3]
 local indexed = INDEXED_ROLES[redis.call('HGET', KEYS[2], 'role') or ''] or false
 local last_add = 4 + tonumber(ARGV[4])
-local ik = inflight_key(block_prefix, wid)
-local inflight = redis.call('EXISTS', ik) == 1
+local ik, hk = inflight_key(block_prefix, wid), inflight_heads_key(block_prefix, wid)
+local inflight = redis.call('EXISTS', ik, hk) > 0
 for i = 5, last_add do
   if redis.call('SADD', KEYS[3], ARGV[i]) == 1 and indexed then redis.call('SADD', block_prefix .. ARGV[i], wid) end
 end
 if inflight then  -- confirmed: in chunks, as unpack is bounded by Lua's stack
-  for i = 5, last_add, 1000 do redis.call('ZREM', ik, unpack(ARGV, i, math.min(i + 999, last_add))) end
+  for i = 5, last_add, 1000 do
+    redis.call('ZREM', ik, unpack(ARGV, i, math.min(i + 999, last_add)))
+    redis.call('ZREM', hk, unpack(ARGV, i, math.min(i + 999, last_add)))
+  end
 end
 local now = now_ms()
 for i = last_add + 1, #ARGV do
   if redis.call('SREM', KEYS[3], ARGV[i]) == 1 and indexed then
-    local until_ms = inflight and tonumber(redis.call('ZSCORE', ik, ARGV[i]) or 0) or 0
+    -- only an in-flight head is in the index for being in flight: it stays there until it expires
+    local until_ms = inflight and tonumber(redis.call('ZSCORE', hk, ARGV[i]) or 0) or 0
     if until_ms <= now then redis.call('SREM', block_prefix .. ARGV[i], wid) end
   end
 end

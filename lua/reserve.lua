@@ -22,8 +22,8 @@
 -- was seen: a 'p' stream entry of the new pending load, and the refused worker's values for the caller.
 -- Guarantees: the check and the write are one atomic step, so no router can push a worker over max_concurrency or
 -- its KV total; re-reserving a request id already held on a worker refreshes its expiry without counting it twice.
--- On success the B blocks become in-flight on the first prefill-type (PREFILL, PDFUSION) worker, the first of them in
--- the inverted index: held by it until its own cache report confirms them or ARGV[3] ms pass (lua/lookup.lua,
+-- On success the B blocks become in-flight on the first prefill-type (PREFILL, PDFUSION) worker, the first of them (the
+-- head, also in its inflight_heads zset) in the inverted index: held by it until its own cache report confirms them or ARGV[3] ms pass (lua/lookup.lua,
 -- lua/master_cache.lua).
 -- Touches only the workers named: never the rest of the fleet.
 -- @include _lib.lua
@@ -101,8 +101,10 @@ for i = 1, n do
       end
       redis.call('ZADD', inflight_key(block_prefix, wid), unpack(scored))
       -- the index names the worker for the first of them only: a lookup reaches a worker from the request's first
-      -- block (cached or in flight there) and reads the rest from its in-flight set, so one SADD per request
+      -- block (cached or in flight there) and reads the rest from its in-flight set, so one SADD per request, and
+      -- that head alone is what the index loses when they expire
       redis.call('SADD', block_prefix .. ARGV[8], wid)
+      redis.call('ZADD', inflight_heads_key(block_prefix, wid), until_ms, ARGV[8])
     end
   end
   local pending

@@ -117,6 +117,11 @@ class ServiceKeys:
     def inflight_blocks(self, worker_id: str) -> str:
         return f"{self.inflight_prefix}{worker_id}"
 
+    def inflight_heads(self, worker_id: str) -> str:
+        """The zset of a worker's in-flight heads (the first new block of each request, the only ones the inverted
+        index names it for while in flight) -> expiry ms; named as lua/_lib.lua's inflight_heads_key names it."""
+        return f"{self.prefix}:inflight_heads:{worker_id}"
+
     def request(self, request_id: int) -> str:
         return f"{self.prefix}:req:{request_id}"
 

@@ -62,6 +62,25 @@ async def test_in_flight_blocks_expire_and_leave_the_index(store: FleetStore) ->
     assert await store.inflight_blocks(P1.worker_id) == {}
 
 
+async def test_only_heads_are_indexed_and_expired_blocks_go_in_bounded_steps(store: FleetStore) -> None:
+    await fleet(store)
+    runs = [list(range(1000, 1100)), list(range(1100, 1200))]  # two requests' new blocks on P1
+    for rid, run in enumerate(runs, start=1):
+        assert (await store.reserve(rid, [(P1.worker_id, 1)], MINUTE, inflight_blocks=run, inflight_ttl_ms=30)).ok
+    indexed = [b for run in runs for b in run if await index_of(store, b)]
+    assert indexed == [1000, 1100], "the index names the worker for each request's first new block only"
+    deadline = time.monotonic() + 5
+    while await store.lookup_prefix(runs[0]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # the expiry is Redis' clock: poll it
+    left = []
+    for rid in range(3, 7):  # each reservation on the worker clears at most 64 of its expired blocks
+        assert (await store.reserve(rid, [(P1.worker_id, 1)], MINUTE)).ok
+        left.append(len(await store.inflight_blocks(P1.worker_id)))
+    assert left == [136, 72, 8, 0]
+    assert await index_of(store, 1000) == set() and await index_of(store, 1100) == set()
+    assert not await store.redis.exists(store.keys.inflight_heads(P1.worker_id))
+
+
 async def test_a_removed_or_forgotten_worker_leaves_every_block_it_had_in_flight(store: FleetStore) -> None:
     await fleet(store)
     for rid, spec in ((1, P1), (2, P2)):
@@ -71,9 +90,9 @@ async def test_a_removed_or_forgotten_worker_leaves_every_block_it_had_in_flight
     await store.forget_worker(epoch, P2.worker_id)
     for block in PROMPT:
         assert await index_of(store, block) == set()
-    assert not await store.redis.exists(
-        store.keys.inflight_blocks(P1.worker_id), store.keys.inflight_blocks(P2.worker_id)
-    )
+    for spec in (P1, P2):
+        key, heads = store.keys.inflight_blocks(spec.worker_id), store.keys.inflight_heads(spec.worker_id)
+        assert not await store.redis.exists(key, heads)
 
 
 async def test_a_reservation_whose_new_prefix_went_elsewhere_meanwhile_is_refused(store: FleetStore) -> None:
