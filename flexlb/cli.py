@@ -17,7 +17,7 @@ import uvloop
 from aiohttp import web
 
 from flexlb.cli_options import FlagError, add_operator_flags, flag_environment, port
-from flexlb.domain import Role, WorkerSpec, check_host
+from flexlb.domain import EngineKind, Role, WorkerSpec, check_host
 from flexlb.embedded_redis import EmbeddedRedis, RedisNotInstalled
 from flexlb.logs import FORMATS, LEVELS, parse_level, setup_logging
 from flexlb.ports import PortInUse, claim_shared, listen
@@ -249,9 +249,13 @@ async def _worker_command(args: argparse.Namespace, settings: Settings) -> int:
                 role = Role.parse(args.role)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-            spec = WorkerSpec(ip, port, role, args.grpc_port, args.group, args.max_concurrency)
+            try:
+                engine = EngineKind.parse(args.engine)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            spec = WorkerSpec(ip, port, role, args.grpc_port, args.group, args.max_concurrency, engine)
             await store.register_worker(spec, _parse_assignments(args.set))
-            print(f"registered {role.value} worker {spec.worker_id} in service {store.keys.service!r}")
+            print(f"registered {role.value} worker {spec.worker_id} ({engine.value}) in service {store.keys.service!r}")
         elif args.worker_cmd == "update":
             _split_address(args.address)
             changes = _parse_assignments(args.fields)
@@ -311,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--grpc-port", type=int, default=0, help="default: http_port + 1")
     add.add_argument("--group", default="")
     add.add_argument("--max-concurrency", type=int, default=0, help="0 = unlimited")
+    add.add_argument(
+        "--engine",
+        default=EngineKind.RTP_LLM.value,
+        help="how the master polls it: rtp_llm or sim (status gRPC), vllm or sglang (their HTTP API); default rtp_llm",
+    )
     add.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="initial status field")
     update = wsub.add_parser("update", help="set status fields, e.g. running=3 kv_used=2048 alive=false")
     update.add_argument("address", help="ip:http_port")
@@ -340,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flexlb.up import add_up_parser
 
     add_up_parser(sub)
+    from flexlb.launch.cli import add_launch_parser
+
+    add_launch_parser(sub)
     for command in {id(p): p for p in sub.choices.values()}.values():
         _add_log_options(command, top=False)
     return parser
@@ -374,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flexlb.up import cmd_up
 
             return cmd_up(args)
+        if args.command == "launch":
+            from flexlb.launch.cli import cmd_launch
+
+            return cmd_launch(args, settings, dict(os.environ))
     except (ConfigError, UsageError, FlagError, RedisNotInstalled) as exc:
         print(f"flexlb: error: {exc}", file=sys.stderr)
         return 2

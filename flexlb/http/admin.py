@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from flexlb.domain import Role, WorkerSpec, check_host
+from flexlb.domain import EngineKind, Role, WorkerSpec, check_host
 from flexlb.http.routes import CONTEXT, bad_request, json_response, read_object, worker_json
 from flexlb.http.wire import BadRequest, int_field
 from flexlb.master.worker_client import WorkerStatusClient, WorkerUnreachable
@@ -43,6 +43,13 @@ def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
     group = data.get("group", "")
     if not isinstance(group, str):
         raise BadRequest(f"group: expected a string, got {type(group).__name__}")
+    engine = data.get("engine", EngineKind.RTP_LLM.value)
+    if not isinstance(engine, str):
+        raise BadRequest(f"engine: expected one of {', '.join(k.value for k in EngineKind)}, got {engine!r}")
+    try:
+        parsed_engine = EngineKind.parse(engine)
+    except ValueError as exc:
+        raise BadRequest(f"engine: {exc}") from None
     return WorkerSpec(
         ip=ip,
         http_port=int_field(data, "http_port", required=True, low=1, high=65535),
@@ -50,6 +57,7 @@ def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
         grpc_port=int_field(data, "grpc_port", required=False, low=0, high=65535),
         group=group,
         max_concurrency=int_field(data, "max_concurrency", required=False, low=0, high=1_000_000),
+        engine=parsed_engine,
     )
 
 
@@ -67,7 +75,10 @@ def parse_status_changes(data: Any) -> dict[str, str]:
 async def identity_refusal(spec: WorkerSpec, deadline_s: float = IDENTITY_DEADLINE_S) -> str | None:
     """Why ``spec`` must not be registered: its status port answers for another worker (the reply's ``http_port``,
     which flexlb's simulator sends, names another HTTP port). None when it answers for this one, does not say which
-    worker it is (RTP-LLM engines do not), or does not answer (a worker not started yet: the master marks it down)."""
+    worker it is (RTP-LLM engines do not), or does not answer (a worker not started yet: the master marks it down).
+    A vLLM or SGLang worker has no status port: nothing to check."""
+    if not spec.engine.speaks_status_rpc:
+        return None
     try:
         async with WorkerStatusClient.for_worker(spec) as client:
             reply = await client.get_worker_status(NO_FINISHED_TASKS, deadline_s)
