@@ -124,8 +124,8 @@ def run(args: argparse.Namespace, prog: str = "flexlb.sim") -> int:
         if getattr(args, "kv_events_port", None) and (count > 1 or getattr(args, "engine", "rtp_llm") == "rtp_llm"):
             raise ValueError("--kv-events-port applies to one worker with --engine vllm or sglang")
         kv_wait = getattr(args, "kv_wait_timeout", 0.0)
-        if kv_wait < 0 or (kv_wait > 0 and (count > 1 or getattr(args, "engine", "rtp_llm") != "rtp_llm")):
-            raise ValueError("--kv-wait-timeout: a non-negative number of seconds, for one --engine rtp_llm worker")
+        if kv_wait < 0 or (kv_wait > 0 and count > 1):
+            raise ValueError("--kv-wait-timeout: a non-negative number of seconds, for one worker (not with --count)")
         use_tokenizer(getattr(args, "tokenizer", None))
     except (ValueError, TokenizerError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -161,6 +161,7 @@ async def _serve(config: EngineConfig, args: argparse.Namespace) -> None:
         await run_engine_worker(
             config, args.host, args.port, args.model, dialect=dialect, load_format=args.load_format, stop=stop,
             api_key=getattr(args, "api_key", None), kv_events=_kv_events(args),
+            kv_wait_timeout_s=getattr(args, "kv_wait_timeout", 0.0),
         )  # fmt: skip
         return
     await run_sim_worker(

@@ -36,13 +36,17 @@ async def run_engine_worker(
     stop: asyncio.Event | None = None,
     api_key: str | None = None,
     kv_events: KvEventPublisher | None = None,
+    kv_wait_timeout_s: float = 0.0,
 ) -> None:
     """Serve one worker passing for ``dialect`` (vllm or sglang) on HTTP ``port`` until ``stop`` is set; ``api_key``
-    as ``run_sim_worker``'s; ``kv_events``: publish the cache's KV events there (vLLM's ``--kv-events-config``)."""
+    and ``kv_wait_timeout_s`` as ``run_sim_worker``'s; ``kv_events``: publish the cache's KV events there (vLLM's
+    ``--kv-events-config``)."""
     if dialect not in SIM_DIALECTS or dialect == "rtp_llm":
         raise ValueError(f"engine: vllm or sglang, not {dialect!r} (rtp_llm workers: run_sim_worker)")
     engine = SimEngine(config)
-    app = create_sim_app(engine, model_name, load_format=load_format, api_key=api_key)
+    app = create_sim_app(
+        engine, model_name, load_format=load_format, api_key=api_key, kv_wait_timeout_s=kv_wait_timeout_s
+    )
     use_dialect(app[SIM], dialect)
     if kv_events is not None:
         await kv_events.start()

@@ -116,10 +116,11 @@ async def test_client_ttft_includes_the_prefill_the_prefill_worker_reports(
     assert "Traceback" not in router.log() + prefill.log() + decode.log()
 
 
+@pytest.mark.parametrize("engine", ["rtp_llm", "sglang"])
 async def test_a_decode_whose_prefill_never_delivers_fails_naming_the_room_and_the_prefill(
-    bootstrap: BootstrapProcess, start_sim_worker: Any
+    bootstrap: BootstrapProcess, start_sim_worker: Any, engine: str
 ) -> None:
-    decode = start_sim_worker(role="decode", args=("--kv-wait-timeout", "1"))
+    decode = start_sim_worker(role="decode", args=("--kv-wait-timeout", "1", "--engine", engine))
     room = 1234567890123
     gone = free_port()  # a bootstrap port nothing listens on
     async with aiohttp.ClientSession() as http:
