@@ -253,7 +253,13 @@ async def _worker_command(args: argparse.Namespace, settings: Settings) -> int:
                 engine = EngineKind.parse(args.engine)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-            spec = WorkerSpec(ip, port, role, args.grpc_port, args.group, args.max_concurrency, engine)
+            from flexlb.http.admin import parse_kv_events
+
+            try:
+                kv_events = parse_kv_events(args.kv_events, args.kv_events_replay, ip)
+            except ValueError as exc:
+                raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+            spec = WorkerSpec(ip, port, role, args.grpc_port, args.group, args.max_concurrency, engine, kv_events)
             await store.register_worker(spec, _parse_assignments(args.set))
             print(f"registered {role.value} worker {spec.worker_id} ({engine.value}) in service {store.keys.service!r}")
         elif args.worker_cmd == "update":
@@ -319,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         default=EngineKind.RTP_LLM.value,
         help="how the master polls it: rtp_llm or sim (status gRPC), vllm or sglang (their HTTP API); default rtp_llm",
+    )
+    add.add_argument(
+        "--kv-events",
+        metavar="tcp://HOST:PORT",
+        help="where it publishes KV events (vLLM --kv-events-config, SGLang), for the master to subscribe; a port:"
+        " on the worker's host (default: none)",
+    )
+    add.add_argument(
+        "--kv-events-replay", metavar="tcp://HOST:PORT", help="its replay socket (default: the publisher's port + 1)"
     )
     add.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="initial status field")
     update = wsub.add_parser("update", help="set status fields, e.g. running=3 kv_used=2048 alive=false")

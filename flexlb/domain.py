@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from flexlb.kv_events.endpoint import KvEventsEndpoint
+
 DEFAULT_BLOCK_SIZE = 64  # tokens per KV block when a worker has not said (RTP-LLM's seq_size_per_block)
 
 
@@ -124,6 +126,9 @@ class WorkerSpec:
     # Admission limit: reservations + reported running/waiting tasks must stay at or below it. 0 = unlimited.
     max_concurrency: int = 0
     engine: EngineKind = EngineKind.RTP_LLM  # which API the master polls for load and health
+    # where it publishes KV events (vLLM / SGLang over ZMQ), given at registration: the master subscribes to them
+    # (MODEL_SERVICE_CONFIG's ``kv_events`` for a configured worker); None: none registered
+    kv_events: KvEventsEndpoint | None = None
     # ``ip:http_port``, computed once: every decision reads it for every worker it looks at
     worker_id: str = field(init=False, repr=False, compare=False)
 

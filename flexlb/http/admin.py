@@ -2,12 +2,14 @@
 
 Every route here is an admin route (``FLEXLB_ADMIN_TOKEN``, flexlb/http/auth.py). Status values are checked against
 sane bounds before anything is stored (flexlb/status_bounds.py). A registration is checked against the worker's own
-status reply when it identifies the worker (``identity_refusal``).
+status reply when it identifies the worker (``identity_refusal``). A registration may carry where the worker publishes
+its KV events (``kv_events``, ``kv_events_replay``: as in MODEL_SERVICE_CONFIG); the master polling it subscribes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +17,7 @@ from aiohttp import web
 from flexlb.domain import EngineKind, Role, WorkerSpec, check_host
 from flexlb.http.routes import CONTEXT, bad_request, json_response, read_object, worker_json
 from flexlb.http.wire import BadRequest, int_field
+from flexlb.kv_events.endpoint import KvEventsEndpoint, kv_events_endpoint
 from flexlb.master.worker_client import WorkerStatusClient, WorkerUnreachable
 from flexlb.state.store import WorkerNotFound
 from flexlb.status_bounds import check_status
@@ -23,6 +26,36 @@ log = logging.getLogger("flexlb.admin")
 
 IDENTITY_DEADLINE_S = 1.0  # one status call at registration; a worker not up yet costs its registration this much
 NO_FINISHED_TASKS = (1 << 63) - 1  # latest_finished_version asking for no finished tasks: only the identity matters
+# vLLM's own examples bind tcp://*:5557: given at registration, that is the worker's host
+_WILDCARD_HOST = re.compile(r"^\s*tcp://(\*|0\.0\.0\.0|\[::\]):")
+_NONE = ("", "none", "false")
+
+
+def parse_kv_events(value: object, replay: object, ip: str) -> KvEventsEndpoint | None:
+    """A registration's ``kv_events`` and ``kv_events_replay``, meaning what MODEL_SERVICE_CONFIG's do:
+    ``kv_events`` ``"tcp://host:port"`` (``*`` or ``0.0.0.0``: the worker's ``ip``) or a port on ``ip``; unset (or
+    null): none; ``kv_events_replay`` ``"tcp://host:port"``, false / ``"none"`` for none, unset: the publisher's
+    port + 1 (vLLM's convention). Text such as a query string or a flag gives (``"5557"``, ``"none"``) work too.
+    Raises ValueError naming the field."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        if replay is not None and replay is not False and str(replay).strip().lower() not in _NONE:
+            raise ValueError("kv_events_replay: given without kv_events (the publisher's address)")
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    elif isinstance(value, str):
+        value = _WILDCARD_HOST.sub(f"tcp://{ip}:", value, count=1)
+    if isinstance(replay, str) and replay.strip().lower() in _NONE:
+        replay = False
+    elif isinstance(replay, str):
+        replay = _WILDCARD_HOST.sub(f"tcp://{ip}:", replay, count=1)
+    return kv_events_endpoint(value, replay, ip, "kv_events", single=True)
+
+
+def kv_events_json(spec: WorkerSpec) -> dict[str, str | None]:
+    """The worker's registered KV events endpoints, for the listings (None: none registered)."""
+    events = spec.kv_events
+    return {"kv_events": events.publisher if events else None, "kv_events_replay": events.replay if events else None}
 
 
 def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
@@ -50,6 +83,10 @@ def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
         parsed_engine = EngineKind.parse(engine)
     except ValueError as exc:
         raise BadRequest(f"engine: {exc}") from None
+    try:
+        kv_events = parse_kv_events(data.get("kv_events"), data.get("kv_events_replay"), ip)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
     return WorkerSpec(
         ip=ip,
         http_port=int_field(data, "http_port", required=True, low=1, high=65535),
@@ -58,6 +95,7 @@ def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
         group=group,
         max_concurrency=int_field(data, "max_concurrency", required=False, low=0, high=1_000_000),
         engine=parsed_engine,
+        kv_events=kv_events,
     )
 
 
@@ -96,7 +134,8 @@ async def identity_refusal(spec: WorkerSpec, deadline_s: float = IDENTITY_DEADLI
 
 async def list_workers(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    return json_response({"workers": [worker_json(v) for v in await ctx.store.list_workers()]})
+    views = await ctx.store.list_workers()
+    return json_response({"workers": [worker_json(v) | kv_events_json(v.spec) for v in views]})
 
 
 async def add_worker(request: web.Request) -> web.Response:

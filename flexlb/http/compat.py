@@ -7,7 +7,8 @@
   process of the service (over Redis pub/sub, flexlb.state.log_level), answered with how many applied it; an admin
   route.
 - SGLang's router (smg) and vllm-router's ``POST /add_worker?url=``, ``POST /remove_worker?url=`` and
-  ``GET /list_workers``: aliases of the admin API (``/rtp_llm/workers``), admin routes with its token, its checks.
+  ``GET /list_workers``: aliases of the admin API (``/rtp_llm/workers``), admin routes with its token, its checks;
+  ``/add_worker`` also takes flexlb's ``&engine=vllm``, ``&kv_events=tcp://host:port`` and ``&kv_events_replay=``.
 """
 
 from __future__ import annotations
@@ -101,7 +102,10 @@ def _url_spec(request: web.Request) -> dict[str, Any]:
         raise BadRequest(str(exc)) from None
     kind = request.query.get("role") or request.query.get("worker_type") or "regular"
     role = _WORKER_TYPES.get(kind.lower())
-    return {"ip": host.strip("[]"), "http_port": int(port), "role": role.value if role else kind}
+    spec = {"ip": host.strip("[]"), "http_port": int(port), "role": role.value if role else kind}
+    # flexlb's own: how the master polls it, where it publishes KV events (as POST /rtp_llm/workers takes them)
+    extra = ("engine", "kv_events", "kv_events_replay")
+    return spec | {name: request.query[name] for name in extra if name in request.query}
 
 
 async def add_worker(request: web.Request) -> web.Response:

@@ -430,7 +430,9 @@ class MasterDuties:
                 task = asyncio.create_task(self._run_poller(poller), name=f"poll {wid}")
                 self.pollers[wid] = (poller, task)
                 log.info("polling %s at %s", poller.name, poller.address)
-                endpoint = self.kv_events.get(wid)
+                # given with its registration (spec), else by MODEL_SERVICE_CONFIG; a registration that changes it
+                # changes the spec: the worker is stopped above and followed again at its new endpoint
+                endpoint = view.spec.kv_events or self.kv_events.get(wid)
                 if endpoint is not None:
                     self._subscribe(poller, endpoint, epoch)
 
@@ -493,6 +495,7 @@ class MasterDuties:
             sub[1].cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sub[1]
+            log.info("%s: no longer followed", sub[0].name)
         poller, task = self.pollers.pop(worker_id)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

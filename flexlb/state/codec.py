@@ -8,6 +8,7 @@ from dataclasses import fields
 from typing import Any
 
 from flexlb.domain import DEFAULT_BLOCK_SIZE, EngineKind, Role, WorkerSpec, WorkerStatus, WorkerView
+from flexlb.kv_events.endpoint import KvEventsEndpoint
 
 log = logging.getLogger("flexlb.state")
 
@@ -26,6 +27,9 @@ def spec_fields(spec: WorkerSpec) -> dict[str, str]:
         "group": spec.group,
         "max_concurrency": str(spec.max_concurrency),
         "engine": spec.engine.value,
+        # "" for none: a registration without them clears what an earlier one gave
+        "kv_events": spec.kv_events.publisher if spec.kv_events is not None else "",
+        "kv_events_replay": (spec.kv_events.replay or "") if spec.kv_events is not None else "",
     }
 
 
@@ -41,11 +45,12 @@ def status_fields(status: WorkerStatus) -> dict[str, str]:
 
 # The status hash fields a WorkerView is decoded from, in the order WorkerDecoder.view takes them.
 VIEW_FIELDS: tuple[str, ...] = (
-    "ip", "http_port", "grpc_port", "role", "group", "max_concurrency", "engine",  # identity: _IDENTITY fields
+    "ip", "http_port", "grpc_port", "role", "group", "max_concurrency", "engine", "kv_events", "kv_events_replay",
+    # ^ identity: _IDENTITY fields
     "alive", "available", "running", "waiting", "queued_tokens", "kv_used", "kv_total", "block_size", "step_latency_ms",
     "prefill_tokens_per_ms", "status_version", "updated_ms", "pending_count", "pending_tokens",
 )  # fmt: skip
-_IDENTITY = 7
+_IDENTITY = 9
 
 
 def _int(v: str | None, default: int = 0) -> int:
@@ -73,7 +78,7 @@ class WorkerDecoder:
         cached = self._specs.get(worker_id)
         if cached is not None and cached[0] == identity:
             return cached[1]
-        ip, http_port, grpc_port, role, group, max_concurrency, engine = identity
+        ip, http_port, grpc_port, role, group, max_concurrency, engine, kv_events, kv_events_replay = identity
         default_ip, _, default_port = worker_id.rpartition(":")
         spec = WorkerSpec(
             ip=ip or default_ip,
@@ -83,6 +88,7 @@ class WorkerDecoder:
             group=group or "",
             max_concurrency=_int(max_concurrency),
             engine=EngineKind.parse(engine) if engine else EngineKind.RTP_LLM,  # missing: written before engines
+            kv_events=KvEventsEndpoint(kv_events, kv_events_replay or None) if kv_events else None,
         )
         self._specs[worker_id] = (identity, spec)
         return spec
