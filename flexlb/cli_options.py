@@ -36,6 +36,10 @@ class FlagError(ValueError):
     """A flag's value is wrong; the message names the flag."""
 
 
+class UsageError(Exception):
+    """A command's arguments do not make sense together, or it lacks what it needs; `flexlb` prints it and exits 2."""
+
+
 def port(text: str) -> int:
     """argparse type of a listening port: 0 (any free port) to 65535."""
     try:
