@@ -1,8 +1,10 @@
 """flexlb command line: parse arguments -> the sub-command's ``run``. No scheduling logic here.
 
-Each sub-command is one module of flexlb/commands/ (``register`` adds its parser with ``set_defaults(func=run)``).
-This module builds the parser, with the options every command shares (``--version``, ``--log-level``,
-``--log-format``), and turns the errors commands raise into one line on standard error and an exit code.
+Each sub-command is one module of flexlb/commands/ (``register`` adds its parser with ``set_defaults(func=run)``);
+a command that needs the settings loads them itself (``flexlb.settings.load_settings``), so nothing else reads the
+environment's configuration. This module builds the parser, with the options every command shares (``--version``,
+``--log-level``, ``--log-format``), and turns the errors commands raise into one line on standard error and an exit
+code.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 from flexlb.cli_options import FlagError, UsageError
 from flexlb.embedded_redis import RedisNotInstalled
 from flexlb.logs import FORMATS, LEVELS, parse_level, setup_logging
-from flexlb.settings import ConfigError, load_settings
+from flexlb.settings import ConfigError
 from flexlb.state.errors import REDIS_UNAVAILABLE
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -69,9 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level or "INFO", args.log_format or "text")
     try:
-        # serve parses the settings itself (its flags stand for environment variables); the others get them here.
-        settings = None if args.command == "serve" else load_settings()
-        return args.func(args, settings)
+        # Each command loads the settings itself, when it needs them: a bad FLEXLB_CONFIG does not stop `flexlb blocks`.
+        return args.func(args)
     except (ConfigError, UsageError, FlagError, RedisNotInstalled) as exc:
         print(f"flexlb: error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from types import FrameType
 from flexlb.bench.argtypes import int_at_least, non_negative_float, positive_float
 from flexlb.bench.proxy_cli import add_proxy_parser, cmd_proxy
 from flexlb.bench.run_cli import add_compare_parser, add_run_parser, cmd_compare, cmd_run
-from flexlb.settings import Settings
+from flexlb.settings import Settings, load_settings
 
 SCHEDULE_EPILOG = """\
 Starts a private stack (redis-server unless REDIS_URL / --redis-url is given, --workers workers under a fresh
@@ -124,9 +124,11 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_bench(args: argparse.Namespace, settings: Settings) -> int:
+def run_bench(args: argparse.Namespace) -> int:
+    """Run ``flexlb bench <bench_cmd>``; schedule and control read the settings (REDIS_URL, and the routers they start
+    inherit the environment), so they load them first; the others start their stacks with their own configuration."""
     if args.bench_cmd == "schedule":
-        return _run_schedule(args, settings)
+        return _run_schedule(args, load_settings())
     if args.bench_cmd == "run":
         return cmd_run(args)
     if args.bench_cmd == "compare":
@@ -136,7 +138,7 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.bench_cmd == "control":
         from flexlb.bench.control_cli import cmd_control
 
-        return cmd_control(args, settings)
+        return cmd_control(args, load_settings())
     if args.bench_cmd == "chaos":
         from flexlb.bench.chaos import cmd_chaos
 

@@ -1,10 +1,9 @@
-"""``flexlb bench ...``: the benchmarks (their parsers and commands: flexlb/bench/cli.py)."""
+"""``flexlb bench ...``: the benchmarks (their parsers and commands: flexlb/bench/cli.py, which loads the settings for
+the benchmarks that read them)."""
 
 from __future__ import annotations
 
 import argparse
-
-from flexlb.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sub.choices["bench"].set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace) -> int:
     from flexlb.bench.cli import run_bench
 
-    return run_bench(args, settings)
+    return run_bench(args)

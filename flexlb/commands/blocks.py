@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     blocks.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, settings: object) -> int:
+def run(args: argparse.Namespace) -> int:
     from flexlb.blocks import block_cache_keys, tokenize
 
     if args.block_size <= 0:

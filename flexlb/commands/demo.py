@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sub.choices["demo"].set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, settings: object) -> int:
+def run(args: argparse.Namespace) -> int:
     from flexlb.demo.cli import cmd_demo
 
     return cmd_demo(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from flexlb.settings import Settings
+from flexlb.settings import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sub.choices["launch"].set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace) -> int:
     from flexlb.launch.cli import cmd_launch
 
-    return cmd_launch(args, settings, dict(os.environ))
+    return cmd_launch(args, load_settings(), dict(os.environ))

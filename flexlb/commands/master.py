@@ -9,7 +9,7 @@ from aiohttp import web
 
 from flexlb.cli_options import UsageError, port
 from flexlb.ports import PortInUse, listen
-from flexlb.settings import Settings
+from flexlb.settings import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     master.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings()
     from flexlb.app import create_master_app
 
     if settings.redis_url is None:

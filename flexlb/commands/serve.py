@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     # The operator flags stand for environment variables, parsed with the rest (flexlb/cli_options.py).
     flag_env = flag_environment(args, os.environ)
     return cmd_serve(args, load_settings({**os.environ, **flag_env}), flag_env)

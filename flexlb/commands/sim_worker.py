@@ -17,5 +17,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, settings: object) -> int:
+def run(args: argparse.Namespace) -> int:
     return run_sim_worker(args, prog="flexlb sim-worker")

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sub.choices["up"].set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, settings: object) -> int:
+def run(args: argparse.Namespace) -> int:
     from flexlb.up import cmd_up
 
     return cmd_up(args)

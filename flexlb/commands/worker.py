@@ -10,7 +10,7 @@ import orjson
 
 from flexlb.cli_options import UsageError
 from flexlb.domain import EngineKind, Role, WorkerSpec, check_host
-from flexlb.settings import Settings
+from flexlb.settings import Settings, load_settings
 from flexlb.state.store import FleetStore, WorkerNotFound
 from flexlb.status_bounds import check_status_text
 
@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     worker.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    return asyncio.run(_worker_command(args, settings))
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_worker_command(args, load_settings()))
 
 
 def _parse_assignments(items: Sequence[str]) -> dict[str, str]:
