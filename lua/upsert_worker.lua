@@ -10,7 +10,8 @@
 -- ARGV[4]          prefix of the inverted index's block keys ("flexlb:{svc}:blk:"; same hash slot as KEYS)
 -- ARGV[5..]        field, value pairs to set
 -- Returns {1, members_changed} or {0, reason}.
--- Guarantees: a worker is in exactly one role set; the members version moves whenever membership does;
+-- Guarantees: a worker is in exactly one role set; the members version moves whenever membership does, and when the
+-- worker's KV events endpoints (kv_events, kv_events_replay) change, so the master follows the new ones;
 -- status_version grows by one and updated_ms is server time on every write; an 'a' stream entry carries the
 -- fields written with the role, status_version and the pending load; a worker whose role changes between a
 -- prefill-type one and another enters or leaves the inverted index with the blocks it holds.
@@ -37,14 +38,20 @@ for i, name in ipairs(ROLES) do
   end
 end
 local fields = {'role', role, 'updated_ms', now_ms()}
+local events_moved = false
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV - 1, 2 do
+  if ARGV[i] == 'kv_events' or ARGV[i] == 'kv_events_replay' then
+    events_moved = events_moved or (redis.call('HGET', KEYS[6], ARGV[i]) or '') ~= ARGV[i + 1]
+  end
+end
 redis.call('HSET', KEYS[6], unpack(fields))
 local version = redis.call('HINCRBY', KEYS[6], 'status_version', 1)
 if not exists then
   redis.call('HSETNX', KEYS[6], 'pending_count', 0)
   redis.call('HSETNX', KEYS[6], 'pending_tokens', 0)
 end
-if changed > 0 then bump_members_version(KEYS[1]) end
+if changed > 0 or events_moved then bump_members_version(KEYS[1]) end
 local pending = redis.call('HMGET', KEYS[6], 'pending_count', 'pending_tokens')
 fields[#fields + 1] = 'status_version'
 fields[#fields + 1] = version

@@ -29,7 +29,10 @@ EPILOG = (
     " --port P --model MODEL --engine DIALECT ...` (DIALECT from --worker-engine: sim/rtp_llm, vllm or sglang); cmd:"
     " --cmd, split as a shell splits it (no shell runs it), with these placeholders: "
     + "; ".join(f"{{{name}}} {what}" for name, what in PLACEHOLDERS.items())
-    + ". Registration: in the Redis of --serve, REDIS_URL or --redis-url (as `flexlb worker add`), or through --router"
+    + ". --kv-events-port adds to vllm and sglang: --kv-events-config"
+    """ '{"publisher": "zmq", "endpoint": "tcp://H:PORT", "replay_endpoint": "tcp://H:PORT+1"}' (vllm also"""
+    ' "enable_kv_cache_events": true); to sim: --kv-events-port PORT.'
+    " Registration: in the Redis of --serve, REDIS_URL or --redis-url (as `flexlb worker add`), or through --router"
     " URL's admin API (POST /rtp_llm/workers, with FLEXLB_ADMIN_TOKEN). See docs/real-engines.md."
 )
 
@@ -78,6 +81,14 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         help="registered engine kind, i.e. how the master polls it: rtp_llm, sim (status gRPC on port + 1), vllm"
         " or sglang (their /metrics); default: the engine's own (cmd: vllm). With --engine sim, vllm or sglang run"
         " the simulator in that dialect",
+    )
+    p.add_argument(
+        "--kv-events-port",
+        type=port,
+        metavar="PORT",
+        help="engine i publishes KV events on PORT + 2 x i, its replay socket on the port after (vllm, sglang: an"
+        " added --kv-events-config; sim: with --worker-engine vllm or sglang; cmd: {kv_events_port}), registered"
+        " with the worker so the master subscribes (default: no events)",
     )
     p.add_argument("--health-path", default="/health", help="polled until it answers 200 (default /health)")
     p.add_argument(
@@ -156,6 +167,7 @@ def cmd_launch(args: argparse.Namespace, settings: Settings, environ: dict[str, 
             worker_engine=args.worker_engine,
             gpus_flag=args.gpus,
             environ=environ,
+            kv_events_base=args.kv_events_port,
         )
         target = _target(args, settings)
         serve = None

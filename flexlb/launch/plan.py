@@ -3,6 +3,7 @@ for reading ``nvidia-smi -L`` and probing the ports). A ``PlanError`` is the ope
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -27,6 +28,8 @@ PLACEHOLDERS: Mapping[str, str] = {
     "index": "the engine's index, 0 to --count - 1",
     "gpus": "its GPUs, comma-separated as in CUDA_VISIBLE_DEVICES (empty when it has none)",
     "role": "its role in lower case: pdfusion, prefill or decode",
+    "kv_events_port": "where it publishes KV events (--kv-events-port + 2 x index; only with --kv-events-port)",
+    "kv_events_replay_port": "its KV events replay socket: {kv_events_port} + 1 (only with --kv-events-port)",
 }
 
 # What each engine kind is registered as by default: how the master polls it (flexlb.domain.EngineKind).
@@ -54,6 +57,8 @@ class Engine:
     port: int
     gpus: tuple[str, ...]
     command: tuple[str, ...]
+    # publishes KV events there (ZMQ PUB), its replay socket on the port after; registered with it. None: no events
+    kv_events_port: int | None = None
 
     @property
     def gpu_text(self) -> str:
@@ -196,27 +201,74 @@ def engine_command(
     extra: Sequence[str] = (),
     template: str | None = None,
     python: str = sys.executable,
+    kv_events_port: int | None = None,
 ) -> tuple[str, ...]:
-    """One engine's command line; ``extra`` (the words after ``--``) goes at its end, unchanged."""
+    """One engine's command line; ``extra`` (the words after ``--``) goes at its end, unchanged. ``kv_events_port``:
+    it publishes KV events there, its replay socket on the port after (vLLM and SGLang: ``--kv-events-config``)."""
+    events: tuple[str, ...] = ()
     if engine == "vllm":
         base = ("vllm", "serve", model, "--host", host, "--port", str(port), "--tensor-parallel-size", str(tp))
+        if kv_events_port is not None:
+            config = {"enable_kv_cache_events": True, "publisher": "zmq", **_zmq_endpoints(host, kv_events_port)}
+            events = ("--kv-events-config", json.dumps(config))
     elif engine == "sglang":
         base = (python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
                 "--tp", str(tp))  # fmt: skip
+        if kv_events_port is not None:
+            events = ("--kv-events-config", json.dumps({"publisher": "zmq", **_zmq_endpoints(host, kv_events_port)}))
     elif engine == "sim":
         base = (python, "-m", "flexlb.cli", "sim-worker", "--role", role.value.lower(), "--host", host, "--port",
                 str(port), "--model", model, "--engine", _SIM_DIALECT[worker_engine])  # fmt: skip
+        if kv_events_port is not None:
+            events = ("--kv-events-port", str(kv_events_port))  # its replay socket: the port after
     elif engine == "cmd":
         if template is None:
             raise PlanError("--engine cmd needs --cmd 'my-engine --port {port} ...'")
         values = {"port": str(port), "host": host, "model": model, "tp": str(tp), "index": str(index),
                   "gpus": ",".join(gpus), "role": role.value.lower()}  # fmt: skip
+        if kv_events_port is not None:
+            values |= {"kv_events_port": str(kv_events_port), "kv_events_replay_port": str(kv_events_port + 1)}
+        elif "{kv_events" in template:
+            raise PlanError("--cmd uses {kv_events_port}: give --kv-events-port")
         if not model and "{model}" in template:
             raise PlanError("--cmd uses {model}: give --model")
         base = format_template(template, values)
     else:
         raise PlanError(f"unknown --engine {engine!r}; expected one of {', '.join(ENGINES)}")
-    return (*base, *extra)
+    return (*base, *events, *extra)
+
+
+def _zmq_endpoints(host: str, port: int) -> dict[str, str]:
+    """The PUB and replay endpoints an engine binds (on its listen address: ``*`` for every interface)."""
+    bind = "*" if host in _WILDCARDS else host
+    return {"endpoint": f"tcp://{bind}:{port}", "replay_endpoint": f"tcp://{bind}:{port + 1}"}
+
+
+def kv_events_ports(
+    base: int | None, count: int, kind: EngineKind, engine: str, http_ports: Sequence[int]
+) -> list[int | None]:
+    """``--kv-events-port``: engine i publishes on ``base + 2 x i``, replays on the port after; checked against the
+    HTTP (and status) ports and the engine's ability to publish."""
+    if base is None:
+        return [None] * count
+    if engine == "sim" and kind.speaks_status_rpc:
+        raise PlanError(
+            "--kv-events-port: the simulator publishes KV events in its vllm or sglang dialect: add --worker-engine"
+            " vllm (or sglang)"
+        )
+    ports = [base + 2 * i for i in range(count)]
+    if base < 1 or ports[-1] + 1 > 65535:
+        raise PlanError(
+            f"--kv-events-port {base} with --count {count}: KV events take ports {base} to {ports[-1] + 1},"
+            " which must stay within 1-65535"
+        )
+    clash = sorted({p + k for p in ports for k in (0, 1)} & set(http_ports))
+    if clash:
+        raise PlanError(
+            f"--kv-events-port {base}: port {', '.join(map(str, clash))} is also an engine's HTTP (or status) port;"
+            " give KV events a range of their own"
+        )
+    return ports
 
 
 def advertised_host(host: str) -> str:
@@ -247,6 +299,7 @@ def build_plan(
     gpus_flag: str | None,
     environ: Mapping[str, str],
     detect: Callable[[], tuple[str, ...] | None] = detect_gpus,
+    kv_events_base: int | None = None,
 ) -> LaunchPlan:
     if engine not in ENGINES:
         raise PlanError(f"unknown --engine {engine!r}; expected one of {', '.join(ENGINES)}")
@@ -267,6 +320,8 @@ def build_plan(
             f"--base-port {base_port} with --count {count}: the engines need ports {base_port} to {used[-1]},"
             " which must stay within 1-65535"
         )
+    events = kv_events_ports(kv_events_base, count, kind, engine, used)
+    used += tuple(p + k for p in events if p is not None for k in (0, 1))
     gpus, source = available_gpus(gpus_flag, environ, engine, detect)
     slices = assign_gpus(count, tp, gpus, source, required=engine in ("vllm", "sglang"))
     name = model or (SIM_MODEL if engine == "sim" else "")
@@ -274,9 +329,9 @@ def build_plan(
     for i, port in enumerate(ports):
         command = engine_command(
             engine, model=name, host=host, port=port, tp=tp, role=role, worker_engine=kind, index=i,
-            gpus=slices[i], extra=extra, template=template,
+            gpus=slices[i], extra=extra, template=template, kv_events_port=events[i],
         )  # fmt: skip
-        engines.append(Engine(index=i, port=port, gpus=slices[i], command=command))
+        engines.append(Engine(index=i, port=port, gpus=slices[i], command=command, kv_events_port=events[i]))
     return LaunchPlan(
         engines=tuple(engines),
         engine=engine,

@@ -1,6 +1,7 @@
 """Where `flexlb launch` registers its engines: the fleet's Redis (as `flexlb worker add` does: REDIS_URL,
 ``--redis-url``, or the Redis of ``--serve``), or a router's admin API (``--router URL``, as ``POST /rtp_llm/workers``
-with FLEXLB_ADMIN_TOKEN). Either way the worker carries its engine kind, so the master polls it the right way."""
+with FLEXLB_ADMIN_TOKEN). Either way the worker carries its engine kind, so the master polls it the right way, and
+where it publishes KV events when it does (``--kv-events-port``), so the master subscribes to them."""
 
 from __future__ import annotations
 
@@ -87,8 +88,10 @@ class RouterRegistrar:
             raise RegistrationFailed(f"{method} {url}: {exc!r}") from None
 
     async def register(self, spec: WorkerSpec) -> None:
-        body = {"ip": spec.ip, "http_port": spec.http_port, "role": spec.role.value, "grpc_port": spec.grpc_port,
-                "engine": spec.engine.value}  # fmt: skip
+        body: dict[str, object] = {"ip": spec.ip, "http_port": spec.http_port, "role": spec.role.value,
+                                   "grpc_port": spec.grpc_port, "engine": spec.engine.value}  # fmt: skip
+        if spec.kv_events is not None:
+            body |= {"kv_events": spec.kv_events.publisher, "kv_events_replay": spec.kv_events.replay or False}
         status, text = await self._call("POST", f"{self.url}/rtp_llm/workers", body)
         if status != 201:
             raise RegistrationFailed(f"POST {self.url}/rtp_llm/workers answered {status}: {text[:500]}")

@@ -6,7 +6,8 @@ core, tensor-parallel workers) goes with it. One event loop supervises every eng
 
 - start-up: poll ``GET <health path>`` until it answers 200 (or the engine exits, or ``--startup-timeout``); an
   engine that fails its first start ends the launch with its log's last lines (a bad model or flag fails at once);
-- healthy: register it as a worker of its role (``flexlb.launch.register``), with its engine kind;
+- healthy: register it as a worker of its role (``flexlb.launch.register``), with its engine kind (and with
+  ``--kv-events-port`` where it publishes KV events);
 - dead: deregister it at once, kill what is left of its process group, start it again after a backoff (1 s,
   doubling to 30 s; back to 1 s once it ran healthy for 30 s), and register it again when it is healthy;
 - SIGINT / SIGTERM, at any moment (also while waiting for health): deregister every engine, SIGTERM every process
@@ -38,6 +39,7 @@ from flexlb.demo.processes import STOP_GRACE_S, Child, spawn, stop_all
 from flexlb.demo.stack import Stack, StackError
 from flexlb.domain import WorkerSpec
 from flexlb.embedded_redis import RedisNotInstalled
+from flexlb.kv_events.endpoint import KvEventsEndpoint
 from flexlb.launch.plan import Engine, LaunchPlan
 from flexlb.launch.register import RedisRegistrar, Registrar, RegistrationFailed, RouterRegistrar
 from flexlb.supervisor import BACKOFF_MAX_S, STABLE_S, describe_exit
@@ -245,7 +247,14 @@ class Launcher:
         return f"engine {engine.index} (port {engine.port}, pid {child.pid}, {gpus})"
 
     def worker_spec(self, engine: Engine) -> WorkerSpec:
-        return WorkerSpec(self.plan.advertise_host, engine.port, self.plan.role, engine=self.plan.worker_engine)
+        """The worker registered for ``engine``: its address, role, engine kind and, with ``--kv-events-port``, where
+        it publishes KV events (the master subscribes to them)."""
+        host, events = self.plan.advertise_host, None
+        if engine.kv_events_port is not None:
+            events = KvEventsEndpoint(
+                f"tcp://{host}:{engine.kv_events_port}", f"tcp://{host}:{engine.kv_events_port + 1}"
+            )
+        return WorkerSpec(host, engine.port, self.plan.role, engine=self.plan.worker_engine, kv_events=events)
 
     async def _keep_running(self, engine: Engine, healthy: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -388,7 +397,8 @@ class Launcher:
             child = self._current.get(e.index)
             pid = child.pid if child is not None else 0
             gpus = f"GPUs {e.gpu_text}" if e.gpus else "no GPU"
-            lines.append(f"  engine {e.index}  http://{plan.advertise_host}:{e.port}  pid {pid}  {gpus}")
+            events = f"  KV events tcp://{plan.advertise_host}:{e.kv_events_port}" if e.kv_events_port else ""
+            lines.append(f"  engine {e.index}  http://{plan.advertise_host}:{e.port}  pid {pid}  {gpus}{events}")
         if self.serve is not None:
             url = self.serve.url
             chat = orjson.dumps(
