@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 # predicted minus reported cached tokens: negative, the index missed what the engine had; positive, it claimed more
 HIT_ERROR_BUCKETS = (-4096.0, -1024.0, -256.0, -64.0, -1.0, 0.0, 64.0, 256.0, 1024.0, 4096.0)
 NO_WORKER = "none"  # the role label of a request no worker answered (refused, or every worker failed)
+# flexlb_proxy_breaker_state's values: the higher, the further from taking requests
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 @dataclass(slots=True)
@@ -108,6 +110,30 @@ class ProxyMetrics:
             buckets=HIT_ERROR_BUCKETS,
             registry=registry,
         )
+
+        # flexlb.proxy.breaker tells both (ProxyMetrics is its observer); a worker's series start at its first trip
+        self.breaker_state = Gauge(
+            "flexlb_proxy_breaker_state",
+            "Each worker's circuit breaker in this router's proxy: 0 closed, 1 half open (its probe request is out),"
+            " 2 open (left out of this router's choices; after breakerCooldownMs the next request to it is the"
+            " probe). Several router processes: the highest of the live ones.",
+            ["worker"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.breaker_trips = Counter(
+            "flexlb_proxy_breaker_trips_total",
+            "Times each worker's circuit breaker opened: breakerFailureThreshold failed requests in a row, or a"
+            " failed probe.",
+            ["worker"],
+            registry=registry,
+        )
+
+    def breaker_changed(self, worker_id: str, state: str, *, tripped: bool) -> None:
+        """``worker_id``'s circuit breaker is now ``state`` (flexlb.proxy.breaker's observer)."""
+        self.breaker_state.labels(worker_id).set(BREAKER_STATES[state])
+        if tripped:
+            self.breaker_trips.labels(worker_id).inc()
 
     def hit_reported(self, role: str, predicted: int, reported: int) -> None:
         """A worker reported ``reported`` cached tokens for a request the router predicted ``predicted`` for."""

@@ -43,7 +43,9 @@ def setup_proxy(app: web.Application, config: FlexlbConfig, auth: AuthSettings |
         created=int(time.time()),
         upstream_auth=UpstreamAuth.from_settings(auth or AuthSettings()),
     )
-    app[PROXY].breakers = Breakers(config.breaker_failure_threshold, config.breaker_cooldown_ms / 1000)
+    app[PROXY].breakers = Breakers(
+        config.breaker_failure_threshold, config.breaker_cooldown_ms / 1000, observer=app[PROXY].metrics
+    )
     app[PROXY].tokenizer = proxy_tokenizer(config, router, app[PROXY].upstream_auth)
     for route in Route:
         app.router.add_post(route.value, handler_for(route))
