@@ -164,6 +164,8 @@ def port_stride(worker_engine: EngineKind) -> int:
 
 class _Values(dict[str, str]):
     def __missing__(self, key: str) -> str:
+        if key in PLACEHOLDERS:  # known, but not given for this launch
+            raise PlanError(f"--cmd uses {{{key}}}: give --kv-events-port")
         known = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
         raise PlanError(f"--cmd: unknown placeholder {{{key}}}; known: {known} (literal braces: {{{{ and }}}})")
 
@@ -228,8 +230,6 @@ def engine_command(
                   "gpus": ",".join(gpus), "role": role.value.lower()}  # fmt: skip
         if kv_events_port is not None:
             values |= {"kv_events_port": str(kv_events_port), "kv_events_replay_port": str(kv_events_port + 1)}
-        elif "{kv_events" in template:
-            raise PlanError("--cmd uses {kv_events_port}: give --kv-events-port")
         if not model and "{model}" in template:
             raise PlanError("--cmd uses {model}: give --model")
         base = format_template(template, values)

@@ -106,6 +106,8 @@ def test_sim_and_cmd_engines_get_their_kv_events_port() -> None:
     template = "my-engine --port {port} --events tcp://*:{kv_events_port} --replay tcp://*:{kv_events_replay_port}"
     cmd = plan(engine="cmd", template=template, gpus_flag=None)
     assert cmd.engines[1].command[-4:] == ("tcp://*:9002", "--replay", "tcp://*:9003", "--x")
+    literal = plan(engine="cmd", template="e --p {{kv_events_port}}", gpus_flag=None, kv_events_base=None)
+    assert literal.engines[0].command[:3] == ("e", "--p", "{kv_events_port}")  # literal braces: not a placeholder
 
 
 @pytest.mark.parametrize(
