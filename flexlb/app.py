@@ -125,6 +125,8 @@ def scheduler_options(config: FlexlbConfig, roles: tuple[Role, ...]) -> Schedule
         max_staleness_ms=config.degraded_max_staleness_ms,
         status_max_age_ms=config.worker_status_max_age_ms,
         inflight_ttl_ms=config.inflight_prefix_ttl_ms,
+        approx_ttl_ms=config.approx_prefix_ttl_ms,
+        approx_max_blocks=config.approx_prefix_max_blocks,
         view_block_ms=max(1, min(500, config.redis_timeout_ms // 2)),
     )
 

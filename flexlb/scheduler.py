@@ -50,6 +50,10 @@ class SchedulerOptions:
     prune_above: int = 32  # roles with more workers are pruned, not scored in full (flexlb.routing.decide)
     status_max_age_ms: int = 0  # workers whose last status write is older are not chosen; 0: no bound
     inflight_ttl_ms: int = 0  # a request's blocks count as held by its prefill worker this long (0: not at all)
+    # on a worker with no cache report of its own (vLLM / SGLang without KV events): the fleet's approximate view of
+    # its cache, held this long (0: inflight_ttl_ms) and at most approx_max_blocks blocks per worker
+    approx_ttl_ms: int = 0
+    approx_max_blocks: int = 32_768
     view_block_ms: int = 500  # the fleet view's XREAD BLOCK; below the Redis client's socket timeout
 
     @property
@@ -214,6 +218,7 @@ class Scheduler:
                 continue
             roles = list(result.choices)
             picks = [(result.choices[r].worker.worker_id, result.choices[r].reserve_tokens) for r in roles]
+            inflight_ttl, inflight_cap = self._inflight_hold(result)
             _add_load(self._reserving, picks, 1)
             try:
                 outcome = await self.store.reserve(
@@ -221,7 +226,8 @@ class Scheduler:
                     picks,
                     ttl_ms,
                     inflight_blocks=self._inflight_blocks(request, result, hits),
-                    inflight_ttl_ms=self.options.inflight_ttl_ms,
+                    inflight_ttl_ms=inflight_ttl,
+                    inflight_max_blocks=inflight_cap,
                     probe_block=probe,
                     limits=not request.ttft_bound_ms,
                 )
@@ -256,10 +262,24 @@ class Scheduler:
             busy=True,  # other routers took the capacity first
         )
 
+    def _inflight_hold(self, result: ScheduleResult) -> tuple[int, int]:
+        """How long the request's new blocks count as held by its prefill-type worker, and the bound per worker
+        (0: none): a worker that reports its cache (RTP-LLM status, KV events) confirms them soon, so they only
+        bridge until then; one that never will (vLLM / SGLang without KV events) keeps them as the fleet's
+        approximate view of its cache."""
+        opts = self.options
+        for role, choice in result.choices.items():
+            if role in PREFILL_ROLES:
+                spec = choice.worker.spec
+                if opts.approx_ttl_ms and not spec.engine.speaks_status_rpc and spec.kv_events is None:
+                    return opts.approx_ttl_ms, opts.approx_max_blocks
+                return opts.inflight_ttl_ms, 0
+        return 0, 0
+
     def _inflight_blocks(self, request: ScheduleRequest, result: ScheduleResult, hits: dict[str, int]) -> list[int]:
         """The request's blocks its prefill-type worker does not hold yet: in flight there once reserved, so the next
         request of the same new prefix, through any router, finds them (lua/reserve.lua)."""
-        if not self.options.inflight_ttl_ms or not request.block_cache_keys:
+        if not (self.options.inflight_ttl_ms or self.options.approx_ttl_ms) or not request.block_cache_keys:
             return []
         for role, choice in result.choices.items():
             if role in PREFILL_ROLES:
@@ -269,7 +289,7 @@ class Scheduler:
     def _probe_block(self, request: ScheduleRequest, hits: PrefixHits) -> int | None:
         """The request's first block no worker held at the lookup: if it is held elsewhere by the time of the
         reservation, a concurrent request of the same new prefix went there first (lua/reserve.lua)."""
-        if not self.options.inflight_ttl_ms:
+        if not (self.options.inflight_ttl_ms or self.options.approx_ttl_ms):
             return None
         # the first block nobody held: beyond every match, and beyond what a sample of a popular prefix's holders
         # missed (held_by_any), so a block someone held all along is not taken for a moved prefix

@@ -93,6 +93,23 @@ local function expire_inflight(block_prefix, cache_key, wid, now, limit)
   return #due
 end
 
+-- Keep at most `cap` in-flight blocks (and heads) of a worker, the oldest (soonest to expire) dropped first; a
+-- dropped head leaves the inverted index unless the worker's cache set holds it (at most `limit` heads per call).
+local function trim_inflight(block_prefix, cache_key, wid, cap, limit)
+  local ik, hk = inflight_key(block_prefix, wid), inflight_heads_key(block_prefix, wid)
+  local over = redis.call('ZCARD', ik) - cap
+  if over > 0 then redis.call('ZREMRANGEBYRANK', ik, 0, over - 1) end
+  over = math.min(redis.call('ZCARD', hk) - cap, limit)
+  if over > 0 then
+    local oldest = redis.call('ZRANGE', hk, 0, over - 1)
+    local held = redis.call('SMISMEMBER', cache_key, unpack(oldest))
+    for i, block in ipairs(oldest) do
+      if held[i] == 0 then redis.call('SREM', block_prefix .. block, wid) end
+    end
+    redis.call('ZREM', hk, unpack(oldest))
+  end
+end
+
 -- Add every block a worker holds to the inverted index (its role became one that is indexed).
 local function index_blocks(cache_key, block_prefix, wid)
   local blocks = redis.call('SMEMBERS', cache_key)

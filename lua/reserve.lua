@@ -10,9 +10,10 @@
 -- ARGV[5]          probe: the request's first block that no worker held at the caller's lookup, or ''
 -- ARGV[6]          '1': admission by wait (the proxy's): the concurrency and KV limits are not checked, a worker at
 --                  them queues the request; '0': they are (the schedule API)
--- ARGV[7]          B, the number of in-flight blocks
--- ARGV[8..7+B]     the request's blocks the first prefill-type worker does not hold yet, in prompt order
--- ARGV[8+B..]      2 values per worker, in KEYS order: worker id, tokens to reserve
+-- ARGV[7]          CAP: most in-flight blocks that worker keeps, the oldest dropped first (0: no bound)
+-- ARGV[8]          B, the number of in-flight blocks
+-- ARGV[9..8+B]     the request's blocks the first prefill-type worker does not hold yet, in prompt order
+-- ARGV[9+B..]      2 values per worker, in KEYS order: worker id, tokens to reserve
 -- Returns {1, now_ms, "pending_count pending_tokens" of each worker after the reservation} when every worker was
 -- reserved, else {0, i, reason, detail, {values of CHECKED}} for the first worker i (1-based) that refused; reason
 -- is one of gone, not_alive, concurrency_full, kv_full, or prefix_moved: since the caller's lookup, the probe block
@@ -32,9 +33,9 @@ local CHECKED = {'alive', 'max_concurrency', 'running', 'waiting', 'pending_coun
                  'pending_tokens', 'role'}
 local rid = ARGV[1]
 local ttl = tonumber(ARGV[2])
-local inflight_ttl, block_prefix, probe, nblocks = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[7])
-local limits = ARGV[6] ~= '1'
-local base = 7 + nblocks  -- ARGV[base + 2i - 1], ARGV[base + 2i]: worker i's id and tokens
+local inflight_ttl, block_prefix, probe, nblocks = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[8])
+local limits, cap = ARGV[6] ~= '1', tonumber(ARGV[7])
+local base = 8 + nblocks  -- ARGV[base + 2i - 1], ARGV[base + 2i]: worker i's id and tokens
 local probed = probe == ''  -- only the first prefill-type worker is probed
 local now = now_ms()
 local n = (#KEYS - 3) / 3
@@ -95,7 +96,7 @@ for i = 1, n do
     expire_inflight(block_prefix, cache_key, wid, now, 64)  -- bounded: the rest go on later calls
     if nblocks > 0 and inflight_ttl > 0 then
       local scored, until_ms = {}, now + inflight_ttl
-      for b = 8, base do
+      for b = 9, base do
         scored[#scored + 1] = until_ms
         scored[#scored + 1] = ARGV[b]
       end
@@ -103,8 +104,9 @@ for i = 1, n do
       -- the index names the worker for the first of them only: a lookup reaches a worker from the request's first
       -- block (cached or in flight there) and reads the rest from its in-flight set, so one SADD per request, and
       -- that head alone is what the index loses when they expire
-      redis.call('SADD', block_prefix .. ARGV[8], wid)
-      redis.call('ZADD', inflight_heads_key(block_prefix, wid), until_ms, ARGV[8])
+      redis.call('SADD', block_prefix .. ARGV[9], wid)
+      redis.call('ZADD', inflight_heads_key(block_prefix, wid), until_ms, ARGV[9])
+      if cap > 0 then trim_inflight(block_prefix, cache_key, wid, cap, 64) end
     end
   end
   local pending

@@ -139,6 +139,20 @@ class FlexlbConfig:
         origin="flexlb",
         low=0,
     )
+    approx_prefix_ttl_ms: int = _opt(
+        600_000,
+        "On a prefill worker with no cache report of its own (vLLM / SGLang without kv_events), the blocks the fleet"
+        " routed there count as cached this long, in ms: the fleet's approximate view of its cache (as smg's and"
+        " vllm-router's trees), bounded by approxPrefixMaxBlocks; 0 = inflightPrefixTtlMs as for other workers.",
+        origin="flexlb",
+        low=0,
+    )
+    approx_prefix_max_blocks: int = _opt(
+        32_768,
+        "Most blocks the approximate view holds per worker (about 100 bytes of Redis each); the oldest go first.",
+        origin="flexlb",
+        low=1,
+    )
     redis_timeout_ms: int = _opt(1000, "Timeout of one Redis call, in ms.", origin="flexlb", low=1)
     http_host: str = _opt(
         "127.0.0.1",

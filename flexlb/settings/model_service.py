@@ -52,6 +52,7 @@ class StaticWorker:
             group=self.group,
             engine=self.engine,
             grpc_port=self.grpc_port,
+            kv_events=self.kv_events,  # routers see which workers report their cache exactly
         )
 
 

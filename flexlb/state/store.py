@@ -121,12 +121,14 @@ class FleetStore:
         *,
         inflight_blocks: Sequence[int] = (),
         inflight_ttl_ms: int = 0,
+        inflight_max_blocks: int = 0,
         probe_block: int | None = None,
         limits: bool = True,
     ) -> ReserveOutcome:
         """Reserve ``tokens`` on each ``(worker_id, tokens)`` for ``request_id``: all of them or none. On success the
         ``inflight_blocks`` (the request's blocks the first prefill-type pick does not hold) are in flight there for
-        ``inflight_ttl_ms``: lookups find them held by it until its cache report confirms them. ``probe_block``: the
+        ``inflight_ttl_ms``: lookups find them held by it until its cache report confirms them; ``inflight_max_blocks``
+        (0: no bound) bounds that worker's in-flight blocks, the oldest dropped first. ``probe_block``: the
         first block no worker held at the caller's lookup; refused as ``prefix_moved`` when some worker holds it by
         now (lua/reserve.lua). ``limits`` False: the workers' concurrency and KV limits are not checked (admission by
         wait: a worker at its limits queues the request)."""
@@ -134,7 +136,7 @@ class FleetStore:
         blocks = inflight_blocks[:MAX_INFLIGHT_BLOCKS] if inflight_ttl_ms > 0 else ()
         probe = "" if probe_block is None else probe_block
         args: list[str | int] = [request_id, ttl_ms, inflight_ttl_ms, self.keys.block_prefix, probe]
-        args += ["1" if not limits else "0", len(blocks)]
+        args += ["1" if not limits else "0", inflight_max_blocks, len(blocks)]
         args += blocks
         for wid, tokens in picks:
             keys += self.keys.reservation_triple(wid)

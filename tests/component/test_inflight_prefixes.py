@@ -131,3 +131,15 @@ async def test_a_sampled_lookup_says_how_deep_some_worker_holds_the_prompt(store
     assert set(hits.values()) <= {2, 3}
     few = await store.lookup_prefix([*PROMPT, 14], follow=16)  # every holder followed: the hits are exact
     assert few.held_by_any == 0 and few[popular[11].worker_id] == 3
+
+
+async def test_a_bounded_worker_keeps_its_newest_in_flight_blocks_and_heads(store: FleetStore) -> None:
+    await fleet(store)
+    runs = [[2000 + 10 * i + b for b in range(3)] for i in range(4)]  # four requests' new blocks, oldest first
+    for rid, run in enumerate(runs, start=1):
+        hold = {"inflight_blocks": run, "inflight_ttl_ms": MINUTE + rid, "inflight_max_blocks": 2}
+        assert (await store.reserve(rid, [(P1.worker_id, 1)], MINUTE, **hold)).ok
+    assert set(await store.inflight_blocks(P1.worker_id)) == {2031, 2032}  # the newest request's, at most 2
+    heads = await store.redis.zrange(store.keys.inflight_heads(P1.worker_id), 0, -1)
+    assert {int(h) for h in heads} == {2020, 2030}
+    assert [bool(await index_of(store, run[0])) for run in runs] == [False, False, True, True]

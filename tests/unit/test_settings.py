@@ -52,6 +52,8 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "degradedMaxStalenessMs": 10_000,
     "workerStatusMaxAgeMs": 15_000,
     "inflightPrefixTtlMs": 10_000,
+    "approxPrefixTtlMs": 600_000,
+    "approxPrefixMaxBlocks": 32_768,
     "redisTimeoutMs": 1000,
     "httpHost": "127.0.0.1",
     "httpPort": 7001,
