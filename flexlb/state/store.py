@@ -21,7 +21,9 @@ from flexlb.state.pipelined import PipelinedRedis
 from flexlb.state.scripts import Scripts
 
 LOOKUP_CHUNK = 128  # blocks per lookup call: 8k tokens of 64-token blocks, so long prompts build few keys at once
-LOOKUP_FOLLOW = 8  # workers a lookup follows at most (lua/lookup.lua): bounded work with popular prefixes
+LOOKUP_FOLLOW = 4  # workers a lookup samples (lua/lookup.lua): bounded work with popular prefixes; the least loaded
+# of a few random holders is nearly as good as of all of them (power of d choices), and each one followed costs an
+# SMISMEMBER of the chunk
 MAX_INFLIGHT_BLOCKS = 1024  # in-flight blocks a reservation records at most (64k tokens of 64-token blocks)
 _CHECKED = (
     "alive", "max_concurrency", "running", "waiting", "pending_count", "kv_total", "kv_used", "pending_tokens", "role",
