@@ -10,14 +10,15 @@
 -- ARGV[4]          prefix of the inverted index's block keys ("flexlb:{svc}:blk:"; same hash slot as KEYS)
 -- ARGV[5..]        field, value pairs to set
 -- Returns {1, members_changed} or {0, reason}.
--- Guarantees: a worker is in exactly one role set; the members version moves whenever membership does, and when the
--- worker's KV events endpoints (kv_events, kv_events_replay) change, so the master follows the new ones;
+-- Guarantees: a worker is in exactly one role set; the members version moves whenever membership does, and when
+-- what the master polls it by changes (engine, grpc_port, kv_events, kv_events_replay), so it follows the new ones;
 -- status_version grows by one and updated_ms is server time on every write; an 'a' stream entry carries the
 -- fields written with the role, status_version and the pending load; a worker whose role changes between a
 -- prefill-type one and another enters or leaves the inverted index with the blocks it holds.
 -- @include _lib.lua
 
 local ROLES = {'PREFILL', 'DECODE', 'PDFUSION', 'VIT'}
+local POLLED_BY = {engine = true, grpc_port = true, kv_events = true, kv_events_replay = true}
 local wid, role, create = ARGV[1], ARGV[2], ARGV[3] == '1'
 local exists = redis.call('EXISTS', KEYS[6]) == 1
 if not exists and not create then return {0, 'unknown worker ' .. wid} end
@@ -41,7 +42,7 @@ local fields = {'role', role, 'updated_ms', now_ms()}
 local events_moved = false
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 for i = 5, #ARGV - 1, 2 do
-  if ARGV[i] == 'kv_events' or ARGV[i] == 'kv_events_replay' then
+  if POLLED_BY[ARGV[i]] and exists then
     events_moved = events_moved or (redis.call('HGET', KEYS[6], ARGV[i]) or '') ~= ARGV[i + 1]
   end
 end

@@ -40,3 +40,17 @@ async def test_a_change_of_kv_events_moves_the_members_version(store: FleetStore
     assert await store.members_version() != no_replay
     (view,) = await store.list_workers()
     assert view.spec.kv_events is None
+
+
+async def test_a_change_of_engine_or_status_port_moves_the_members_version(store: FleetStore) -> None:
+    await store.register_worker(spec(None), WorkerStatus())
+    before = await store.members_version()
+    as_sglang = WorkerSpec("127.0.0.1", 8000, Role.PDFUSION, engine=EngineKind.SGLANG)
+    await store.register_worker(as_sglang, WorkerStatus())  # the master must poll it the other way now
+    moved = await store.members_version()
+    assert moved != before
+    other_port = WorkerSpec("127.0.0.1", 8000, Role.PDFUSION, grpc_port=9100, engine=EngineKind.SGLANG)
+    await store.register_worker(other_port, WorkerStatus())
+    assert await store.members_version() != moved
+    (view,) = await store.list_workers()
+    assert view.spec.engine is EngineKind.SGLANG and view.spec.grpc_port == 9100
