@@ -6,6 +6,7 @@ finished), because from then the worker's own counts carry it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -36,7 +37,8 @@ class WorkerTrack:
 
     status_version: int = -1  # last status applied; an equal one is ignored, a smaller one means a restart
     finished_version: int = 0  # asked for: the worker lists tasks finished after it
-    seen: dict[int, float] = field(default_factory=dict)  # request id -> last time reported (monotonic s)
+    # request id -> last time reported (monotonic s), least recently reported first
+    seen: OrderedDict[int, float] = field(default_factory=OrderedDict)
     live: frozenset[int] = frozenset()  # request ids running or waiting in the last status
     prefill_hold: bool = False
     decode_hold: bool = False
@@ -147,11 +149,17 @@ def reconcile_status(
     reported = live | finished
     handled = [rid for rid in reported if rid not in track.seen]
     lost = sorted(track.live - live - finished)
+    seen = track.seen
     for rid in reported:
-        track.seen[rid] = now
-    # forget ids not reported for a while, so the memory stays bounded by the worker's recent traffic
-    for rid in [rid for rid, at in track.seen.items() if now - at > task_timeout_s]:
-        del track.seen[rid]
+        seen[rid] = now
+        seen.move_to_end(rid)
+    # forget ids not reported for a while, so the memory stays bounded by the worker's recent traffic: from the
+    # least recently reported end, so a poll costs what it reports, not what the worker served in the last seconds
+    while seen:
+        rid, at = next(iter(seen.items()))
+        if now - at <= task_timeout_s:
+            break
+        del seen[rid]
     track.live = live
 
     kv_total = max(status.total_kv_cache, 0)

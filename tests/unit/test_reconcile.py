@@ -91,6 +91,14 @@ def test_request_ids_are_forgotten_after_the_task_timeout() -> None:
     assert 7 not in track.seen
 
 
+def test_an_id_still_reported_is_kept_while_older_ones_are_forgotten() -> None:
+    track = WorkerTrack()
+    apply(track, status(1, running=[5, 6]), now=0.0)  # 5 first: the least recently reported end
+    apply(track, status(2, running=[5], finished=[8]), now=2.0)  # 5 reported again; 6 not since 0.0
+    apply(track, status(3, running=[5]), now=4.0)
+    assert list(track.seen) == [8, 5]  # 6 forgotten; 5 kept although it was seen first, 8 still within 3 s
+
+
 @pytest.mark.parametrize(
     ("held", "level", "expected"),
     [
