@@ -169,6 +169,8 @@ class _FastConnection(asyncio.Protocol):
 
     def _next(self) -> None:
         """Answer the next complete request in the buffer, or wait for more bytes, or hand over to aiohttp."""
+        if self._transport is None or self._transport.is_closing():  # answered with Connection: close
+            return
         buf = self._buf
         if not buf:
             if self._close_after:

@@ -144,3 +144,22 @@ async def test_connection_close_is_honoured_and_a_half_sent_request_waits_for_it
     assert b"Connection: close" in head
     assert orjson.loads(body)["success"] is True
     await exchange(fast.port, raw("/rtp_llm/release", orjson.dumps({"request_id": 701})))
+
+
+async def test_nothing_is_answered_after_an_answer_that_closes_the_connection(
+    two_routers: tuple[Any, Any], real_store: FleetStore
+) -> None:
+    fast, _ = two_routers
+    reader, writer = await asyncio.open_connection("127.0.0.1", fast.port)
+    try:  # pipelined: a request that asks to close, then one more that must not be scheduled
+        writer.write(
+            raw("/rtp_llm/schedule", schedule(801), AUTH + "Connection: close\r\n")
+            + raw("/rtp_llm/schedule", schedule(802))
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # to EOF
+    finally:
+        writer.close()
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert await real_store.request_workers(802) == []  # never scheduled
+    await exchange(fast.port, raw("/rtp_llm/release", orjson.dumps({"request_id": 801})))
