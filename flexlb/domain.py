@@ -203,7 +203,8 @@ class ScheduleRequest:
     request_time_ms: int | None = None
     # Worker ids not to choose: the proxy's retry of a request whose previous worker failed before answering.
     exclude_workers: frozenset[str] = frozenset()
-    # The original frontend's request_priority, carried as given; flexlb's choice and queue order do not use it.
+    # The original frontend's request_priority, as given (0: not given). The queue orders by it (flexlb.queueing:
+    # 1-100, higher first, others count as 50, as the original's levels); the choice of workers does not use it.
     priority: int = 0
     output_tokens: int = 0  # output tokens asked for (max_tokens), when known: part of the KV a worker must hold
     # > 0: admission by estimated wait (the proxy's default): a worker at its concurrency or KV limit still queues

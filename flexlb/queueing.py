@@ -2,10 +2,14 @@
 requests wait in queue mode (FLEXLB_CONFIG ``enableQueueing``); the proxy's wait whenever admission by estimated TTFT
 holds them (``proxyAdmissionTtftMs``).
 
-One dispatcher task places requests in arrival order, trying the head first; when the head cannot be placed it tries
-up to ``skip_ahead`` smaller requests behind it (a request no worker can take now, say one whose prompt only the
-busiest worker has room for, does not hold back smaller ones that fit; requests of the same size keep their order).
-A request passed over ``max_overtakes`` times is not overtaken again until it is placed, so nothing starves. A
+The queue is ordered by priority, then arrival: a request's ``request_priority`` (the original FlexLB's levels, see
+queue_priority: 1-100, higher first; not given, 50) puts it behind every waiter of its level or above and ahead of
+those below. One dispatcher task places requests in that order, trying the head first; when the head cannot be
+placed it tries up to ``skip_ahead`` smaller requests behind it (a request no worker can take now, say one whose
+prompt only the busiest worker has room for, does not hold back smaller ones that fit; requests of the same size keep
+their order). Aging: a request passed over ``max_overtakes`` times (by a later request of higher priority queued
+ahead of it, or by a smaller one placed before it) is not overtaken again until it is placed: later arrivals of any
+priority queue behind it, so a low priority waits behind at most ``max_overtakes`` others and nothing starves. A
 waiting crowd costs a few attempts per fleet change, not one per waiter: the dispatcher tries again when the fleet
 announces freed capacity (FleetEvents: a release anywhere, a master status write) and at least every ``recheck_s``
 in case a message was missed. Answers: QUEUE_FULL at once when the queue holds ``maxQueueSize``; QUEUE_TIMEOUT when
@@ -14,9 +18,12 @@ made for it meanwhile is released). A request that waited carries its QueueStay 
 when it left) in its result: the schedule API's ``debug_info``.
 
 Across router processes every queue wakes on the same fleet event; the fleet's waiting board
-(flexlb.state.waiting) keeps their arrival order: a waiter leaves freed capacity to other routers' earlier live
-waiters, no larger than itself, for at most ``max_defers`` fleet events each. A request arriving at a router whose
-queue is empty still tries once at once (no board round trip on the common path).
+(flexlb.state.waiting) keeps one order for all of them, the same as each queue's (priority, then arrival): a waiter
+leaves freed capacity to other routers' live waiters that rank before it, no larger than itself, for at most
+``max_defers`` fleet events each. A more urgent waiter elsewhere that arrived after it and leaves the board (placed)
+while it yields counts as an overtake; once aged (``max_overtakes``) it yields only to waiters elsewhere that arrived
+before it, as in its own queue. A request arriving at a router whose queue is empty still tries once at once (no
+board round trip on the common path).
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -36,11 +44,19 @@ from flexlb.admission import AdmissionControl
 from flexlb.domain import ErrorCode, QueueStay, ScheduleRequest, ScheduleResult
 from flexlb.scheduler import Scheduler
 from flexlb.state.events import FleetEvents
-from flexlb.state.waiting import Waiter, WaitingBoard
+from flexlb.state.waiting import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, Waiter, WaitingBoard
 
 log = logging.getLogger("flexlb.queue")
 
 Clock = Callable[[], float]
+
+
+def queue_priority(request_priority: int) -> int:
+    """The level the queue orders ``request_priority`` by, as the original FlexLB (its PriorityNormalizer): 1 to 100,
+    higher goes first; 0 (not given) and any value outside 1-100 count as the default, 50."""
+    if PRIORITY_MIN <= request_priority <= PRIORITY_MAX:
+        return request_priority
+    return PRIORITY_DEFAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +67,7 @@ class QueueOptions:
     recheck_s: float = 0.2  # longest wait between two attempts for the head without a fleet event
     admission_interval_s: float = 0.01  # how often permits follow the water level (resourceCheckIntervalMs)
     skip_ahead: int = 8  # requests behind a head that cannot be placed that are tried in the same round
-    max_overtakes: int = 16  # a request overtaken this often is not overtaken again (no starvation)
+    max_overtakes: int = 16  # a request overtaken this often (by priority or size) is not overtaken again: aging
     max_defers: int = 16  # rounds a waiter of another router that is not placed holds this router's back
 
 
@@ -63,10 +79,14 @@ class _Entry:
     future: asyncio.Future[ScheduleResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     attempts: int = 0
     answered: bool = False
-    overtaken: int = 0  # requests behind this one placed before it
+    overtaken: int = 0  # requests placed (or queued) before it that came after it: its age (_pass_over)
     busy_only: bool = False  # waits only while the fleet's workers are busy; answered at once when none could take it
     position: int = 1  # requests ahead of it when it entered, plus one
-    waiter: Waiter | None = None  # its place in the fleet's arrival order (None: not on the board)
+    waiter: Waiter | None = None  # its place in the fleet's order (None: not on the board)
+    priority: int = PRIORITY_DEFAULT  # queue_priority of its request_priority: higher goes first
+    # waiters of other routers that arrived after it and it left capacity to (they rank first by priority): each
+    # that leaves the board meanwhile was, most likely, placed before it, and counts as an overtake
+    yielded: set[str] = field(default_factory=set)
 
 
 class QueueMetrics:
@@ -130,7 +150,7 @@ class RequestQueue:
         self._board: WaitingBoard | None = events.waiting if events is not None else None
         self._held_back: dict[str, int] = {}  # other routers' waiters -> fleet events they held this router's back
         self._held_at = -1  # the events generation of the last check
-        self._leaving: set[asyncio.Task[None]] = set()
+        self._board_writes: set[asyncio.Task[None]] = set()  # leaves and promotions on their way to Redis
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -157,8 +177,8 @@ class RequestQueue:
         while self._queue:
             entry = self._queue.popleft()
             self._answer(entry, _failure(ErrorCode.REQUEST_CANCELLED, "the router is shutting down"), "cancelled")
-        if self._leaving:  # off the fleet's order before the Redis client closes
-            await asyncio.wait(set(self._leaving))
+        if self._board_writes:  # off the fleet's order before the Redis client closes
+            await asyncio.wait(set(self._board_writes))
 
     async def schedule(
         self, request: ScheduleRequest, *, hold: bool | None = None, busy_only: bool = False
@@ -190,12 +210,12 @@ class RequestQueue:
             enqueued=now,
             attempts=attempts,
             busy_only=busy_only,
-            position=len(self._queue) + 1,
+            priority=queue_priority(request.priority),
         )
         try:
             if self._board is not None:  # before it joins the queue: it is ordered from its first attempt on
-                entry.waiter = await self._board.enter(request.request_id, _size(entry))
-            self._queue.append(entry)
+                entry.waiter = await self._board.enter(request.request_id, _size(entry), entry.priority)
+            self._enqueue(entry)
             self.metrics.size.set(len(self._queue))
             self.metrics.position.observe(entry.position)
             self._kick.set()
@@ -209,6 +229,22 @@ class RequestQueue:
                 self.metrics.rejected.labels(reason="cancelled").inc()
                 self.metrics.wait.labels(outcome="cancelled").observe(self._clock() - entry.enqueued)
                 log.info("request %s left the queue: client went away", request.request_id)
+
+    def _enqueue(self, entry: _Entry) -> None:
+        """Queue ``entry`` behind every waiter of its priority or above and behind every aged one (overtaken
+        ``max_overtakes`` times: nothing goes ahead of it any more); those it goes ahead of are overtaken once more.
+        Equal priorities (the common case) append at once."""
+        queue = self._queue
+        at = len(queue)
+        while at > 0:
+            ahead = queue[at - 1]
+            if ahead.priority >= entry.priority or ahead.overtaken >= self.options.max_overtakes:
+                break
+            at -= 1
+        for k in range(at, len(queue)):
+            self._pass_over(queue[k])
+        queue.insert(at, entry)
+        entry.position = at + 1
 
     def _admits(self) -> bool:
         """Dynamic capacity: fewer requests in flight than the permits of the fleet's current water level."""
@@ -236,6 +272,7 @@ class RequestQueue:
             "entries": [
                 {
                     "request_id": e.request.request_id,
+                    "priority": e.priority,
                     "waited_ms": round((now - e.enqueued) * 1000, 1),
                     "timeout_in_ms": round((e.deadline - now) * 1000, 1),
                     "attempts": e.attempts,
@@ -269,38 +306,48 @@ class RequestQueue:
         self._kick.clear()  # and so do arrivals from here on
         passed: list[_Entry] = []
         window = self._window()
-        earlier = await self._earlier_elsewhere(window)
+        earlier, seen = await self._earlier_elsewhere(window)
         for entry in window:
+            if (
+                entry.yielded and seen is not None
+            ):  # more urgent waiters elsewhere it yielded to: those gone were placed
+                self._pass_over(entry, len(entry.yielded - seen))
+                entry.yielded &= seen
             if passed and _size(entry) >= min(_size(e) for e in passed):
-                continue  # no smaller than one that found no room: it would not fit either, and FIFO holds
-            if _held_back(entry, earlier):
-                continue  # another router's earlier waiter goes first: it is woken by the same event
+                continue  # no smaller than one that found no room: it would not fit either, and the order holds
+            holders = _held_back(entry, earlier, aged=entry.overtaken >= self.options.max_overtakes)
+            if holders:  # another router's waiter ranks first: it is woken by the same event
+                entry.yielded |= _later(entry, holders)
+                continue
             attempt = asyncio.ensure_future(self.scheduler.schedule(entry.request))
             self._attempt = (entry, attempt)
             # Shielded: stop() cancels the dispatcher, not a reservation Redis may be making; it settles the attempt.
             result = await asyncio.shield(attempt)
             self._attempt = None
             if await self._settle(entry, result):
-                for earlier in passed:  # placed before them: they age toward not being overtaken again
-                    earlier.overtaken += 1
+                for skipped in passed:  # placed before them: they age toward not being overtaken again
+                    self._pass_over(skipped)
                 return  # the head may fit now: start again from it
             passed.append(entry)
         await self._wait_for_change(generation)
 
-    async def _earlier_elsewhere(self, window: list[_Entry]) -> list[Waiter]:
-        """Other routers' waiters that arrived before some of ``window`` and may hold them back: not those that
-        stayed there through ``max_defers`` fleet events (capacity came and they were not placed: stuck, say behind
-        their router's admission), so nothing waits on another router for ever."""
-        arrivals = [e.waiter.arrival_ms for e in window if e.waiter is not None]
-        if self._board is None or not arrivals:
-            return []
+    async def _earlier_elsewhere(self, window: list[_Entry]) -> tuple[list[Waiter], set[str] | None]:
+        """Other routers' waiters that rank before some of ``window`` (priority, then arrival) and may hold them
+        back: not those that stayed there through ``max_defers`` fleet events (capacity came and they were not
+        placed: stuck, say behind their router's admission), so nothing waits on another router for ever. Also the
+        members of all of them read (held back or not); None when the board was not read."""
+        ranks = [e.waiter.rank for e in window if e.waiter is not None]
+        if self._board is None or not ranks:
+            return [], None
         generation = self.events.generation if self.events is not None else 0
         step = int(generation != self._held_at)  # rounds woken by an arrival or the re-check do not count
         self._held_at = generation
-        earlier = await self._board.earlier_elsewhere(max(arrivals))
+        earlier = await self._board.earlier_elsewhere(max(ranks))
+        if earlier is None:  # Redis did not answer: this router orders alone this round
+            return [], None
         held = {w.member: self._held_back.get(w.member, 0) + step for w in earlier}
         self._held_back = held  # those placed or gone are forgotten
-        return [w for w in earlier if held[w.member] <= self.options.max_defers]
+        return [w for w in earlier if held[w.member] <= self.options.max_defers], set(held)
 
     def _leave_board(self, entry: _Entry) -> None:
         """Take ``entry`` off the fleet's order, in the background (its answer does not wait for Redis)."""
@@ -308,14 +355,29 @@ class RequestQueue:
             return
         task = asyncio.ensure_future(self._board.leave(entry.waiter))
         entry.waiter = None
-        self._leaving.add(task)
-        task.add_done_callback(self._leaving.discard)
+        self._board_writes.add(task)
+        task.add_done_callback(self._board_writes.discard)
+
+    def _pass_over(self, entry: _Entry, times: int = 1) -> None:
+        """``entry`` was overtaken ``times`` more. Reaching ``max_overtakes`` it is aged: nothing of this queue goes
+        ahead of it any more, and on the fleet's board it ranks by its arrival alone from then on (with the most
+        urgent level), so the waiters of other routers let it go first too (in the background)."""
+        if times <= 0:
+            return
+        aged = entry.overtaken >= self.options.max_overtakes
+        entry.overtaken += times
+        if aged or entry.overtaken < self.options.max_overtakes or self._board is None or entry.waiter is None:
+            return
+        entry.waiter = replace(entry.waiter, priority=PRIORITY_MAX)
+        task = asyncio.ensure_future(self._board.promote(entry.waiter))
+        self._board_writes.add(task)
+        task.add_done_callback(self._board_writes.discard)
 
     def _window(self) -> list[_Entry]:
         """The requests tried in one round: the head and up to ``skip_ahead`` behind it, ending at the first one that
         was overtaken ``max_overtakes`` times (nothing behind it goes first until it is placed)."""
         window = []
-        for entry in list(self._queue)[: self.options.skip_ahead + 1]:
+        for entry in islice(self._queue, self.options.skip_ahead + 1):
             window.append(entry)
             if entry.overtaken >= self.options.max_overtakes:
                 break
@@ -386,11 +448,23 @@ class RequestQueue:
         self.metrics.size.set(len(self._queue))
 
 
-def _held_back(entry: _Entry, earlier: list[Waiter]) -> bool:
-    """An earlier waiter elsewhere no larger than ``entry`` (a larger one that finds no room holds back no smaller
-    one, as in this router's own queue)."""
+def _held_back(entry: _Entry, earlier: list[Waiter], aged: bool) -> list[Waiter]:
+    """The waiters elsewhere that go before ``entry``: those that rank before it (a higher priority, or the same and
+    an earlier arrival) and are no larger (a larger one that finds no room holds back no smaller one, as in this
+    router's own queue). An aged entry yields only to those of them that also arrived before it."""
     mine = entry.waiter
-    return mine is not None and any(w.arrival_ms < mine.arrival_ms and w.size <= _size(entry) for w in earlier)
+    if mine is None:
+        return []
+    size = _size(entry)
+    return [
+        w for w in earlier if w.rank < mine.rank and w.size <= size and (not aged or w.arrival_ms < mine.arrival_ms)
+    ]
+
+
+def _later(entry: _Entry, holders: list[Waiter]) -> set[str]:
+    """The members of ``holders`` that go before ``entry`` by priority alone: they arrived after it."""
+    mine = entry.waiter
+    return {w.member for w in holders if mine is not None and w.arrival_ms >= mine.arrival_ms}
 
 
 def _size(entry: _Entry) -> int:

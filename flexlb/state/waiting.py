@@ -1,11 +1,21 @@
-"""WaitingBoard: the fleet-wide order of the requests waiting in every router's queue (a Redis sorted set by arrival).
+"""WaitingBoard: the fleet-wide order of the requests waiting in every router's queue (a Redis sorted set by priority,
+then arrival).
 
 Every router's queue wakes on the same 'released' event, so without a shared order the routers race for the freed
 capacity and one router's later arrivals are served before another's earlier ones. A request entering a router's
-queue is put on the board with the Redis server's time (one clock for all routers); before trying a waiter, a router
-asks for the live waiters of other routers that arrived earlier, and leaves the capacity to them
-(flexlb.queueing). Each router marks itself alive on the board while it has waiters; the waiters of a router not
-seen for ``LEASE_MS`` (crashed, partitioned) are dropped from the board, so they hold nobody back.
+queue is put on the board with its rank: its priority band (``PRIORITY_MAX`` minus its level; 0 for the most urgent)
+times ``RANK_SCALE``, plus its arrival by the Redis server's clock (one clock for all routers) in milliseconds. So the
+score orders the board as each router orders its queue, priority first, then arrival; read in decimal, its leading
+digits are the band and its last 13 the arrival. Before trying a waiter, a router asks for the live waiters of other
+routers that rank before it, and leaves the capacity to them (flexlb.queueing). Each router marks itself alive on
+the board while it has waiters; the waiters of a router not seen for ``LEASE_MS`` (crashed, partitioned) are dropped
+from the board, so they hold nobody back.
+
+A waiter aged in its router's queue (overtaken ``max_overtakes`` times, flexlb.queueing) is promoted: its score
+becomes its arrival alone (band 0), so every router lets it go before their later waiters, whatever their priority.
+
+Members written by a version before priorities have their arrival alone as score (band 0): during a rolling upgrade
+they rank as the most urgent, and such a router, reading by arrival, sees the newer routers' waiters of band 0 only.
 
 The board only orders; it never refuses: any Redis error reads as "nobody waits elsewhere" (the queue carries on as
 if alone).
@@ -29,20 +39,28 @@ log = logging.getLogger("flexlb.waiting")
 
 LEASE_MS = 5_000  # a router not seen this long has its waiters dropped from the board
 HEARTBEAT_S = 1.0  # how often a router with waiters marks itself alive (well within the lease)
-EARLIER_LIMIT = 64  # earlier waiters read per check: the oldest ones, which are the ones that matter
+EARLIER_LIMIT = 64  # waiters read per check that rank before: the first ones, which are the ones that matter
 
-# KEYS: waiting zset (member "router|request|size", score arrival ms), alive zset (router -> last seen ms)
-# ARGV: this router, member to add
+# Priority levels, as the original FlexLB's (its PriorityNormalizer): 1 to 100, higher = more urgent; 50 by default.
+PRIORITY_MIN = 1
+PRIORITY_MAX = 100
+PRIORITY_DEFAULT = 50
+RANK_SCALE = 10**13  # one priority band in a waiter's score: milliseconds of arrival up to the year 2286
+# a score stays an exact integer in a double (Redis scores, Lua numbers): below 2 ** 53
+assert (PRIORITY_MAX - PRIORITY_MIN + 1) * RANK_SCALE < 2**53
+
+# KEYS: waiting zset (member "router|request|size", score band * RANK_SCALE + arrival ms), alive zset (router ->
+# last seen ms). ARGV: this router, member to add, its band times RANK_SCALE. Returns the arrival (ms).
 _ENTER = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('ZADD', KEYS[1], tonumber(ARGV[3]) + now, ARGV[2])
 return now
 """
 
-# ARGV: this router, lease ms, arrival bound (only waiters that arrived before it), limit
-# Returns {member, arrival, ...} of other routers' live waiters, oldest first; drops the waiters of dead routers.
+# ARGV: this router, lease ms, rank bound (only waiters that rank before it), limit
+# Returns {member, score, ...} of other routers' live waiters in board order; drops the waiters of dead routers.
 _EARLIER = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -65,6 +83,11 @@ return out
 """
 
 
+def rank(priority: int, arrival_ms: int) -> int:
+    """A waiter's score on the board: smaller goes first (higher ``priority``, then earlier ``arrival_ms``)."""
+    return (PRIORITY_MAX - priority) * RANK_SCALE + arrival_ms
+
+
 @dataclass(frozen=True, slots=True)
 class Waiter:
     """A request waiting in some router's queue, as the board has it."""
@@ -72,6 +95,16 @@ class Waiter:
     member: str
     arrival_ms: int
     size: int  # prompt plus output tokens: a larger waiter elsewhere that cannot fit holds back no smaller one
+    priority: int = PRIORITY_DEFAULT  # its queue priority (1-100, higher first)
+
+    @property
+    def rank(self) -> int:
+        return rank(self.priority, self.arrival_ms)
+
+    @classmethod
+    def from_score(cls, member: str, score: int) -> Waiter:
+        band, arrival = divmod(score, RANK_SCALE)
+        return cls(member, arrival, int(member.rsplit("|", 1)[1]), PRIORITY_MAX - band)
 
 
 class WaitingBoard:
@@ -84,18 +117,21 @@ class WaitingBoard:
         self._mine = 0  # waiters of this router on the board: the heartbeat runs while there are any
         self._heartbeat: asyncio.Task[None] | None = None
 
-    async def enter(self, request_id: int, size: int) -> Waiter | None:
-        """Put a request on the board; None when Redis did not answer (it then waits unordered)."""
+    async def enter(self, request_id: int, size: int, priority: int = PRIORITY_DEFAULT) -> Waiter | None:
+        """Put a request of queue ``priority`` (PRIORITY_MIN to PRIORITY_MAX) on the board; None when Redis did not
+        answer (it then waits unordered)."""
+        if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise ValueError(f"priority {priority} outside {PRIORITY_MIN}-{PRIORITY_MAX}")
         member = f"{self.router_id}|{request_id}|{size}"
         try:
-            arrival = int(await self._enter(self._keys, [self.router_id, member]))
+            arrival = int(await self._enter(self._keys, [self.router_id, member, rank(priority, 0)]))
         except REDIS_UNAVAILABLE as exc:
             log.debug("waiting board: request %s not entered (%r)", request_id, exc)
             return None
         self._mine += 1
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.create_task(self._beat(), name="waiting board heartbeat")
-        return Waiter(member, arrival, size)
+        return Waiter(member, arrival, size, priority)
 
     async def leave(self, waiter: Waiter) -> None:
         self._mine = max(0, self._mine - 1)
@@ -104,17 +140,26 @@ class WaitingBoard:
         except REDIS_UNAVAILABLE as exc:  # left behind: dropped with this router's lease, or by its next leave
             log.debug("waiting board: %s not removed (%r)", waiter.member, exc)
 
-    async def earlier_elsewhere(self, before_ms: int) -> list[Waiter]:
-        """Other routers' live waiters that arrived before ``before_ms``, oldest first (at most EARLIER_LIMIT)."""
+    async def promote(self, waiter: Waiter) -> None:
+        """Rank ``waiter`` (aged in its queue: it is overtaken no more) by its arrival alone, as the most urgent
+        level's; nothing when it has left the board meanwhile."""
         try:
-            rows = await self._earlier(self._keys, [self.router_id, LEASE_MS, before_ms, EARLIER_LIMIT])
+            await self._redis.zadd(self._keys[0], {waiter.member: rank(PRIORITY_MAX, waiter.arrival_ms)}, xx=True)
+        except REDIS_UNAVAILABLE as exc:  # it keeps its rank: the other routers go on ordering it by its priority
+            log.debug("waiting board: %s not promoted (%r)", waiter.member, exc)
+
+    async def earlier_elsewhere(self, before_rank: int) -> list[Waiter] | None:
+        """Other routers' live waiters that rank before ``before_rank`` (a Waiter.rank), in board order (at most
+        EARLIER_LIMIT); None when Redis did not answer (nobody counts as waiting elsewhere then)."""
+        try:
+            rows = await self._earlier(self._keys, [self.router_id, LEASE_MS, before_rank, EARLIER_LIMIT])
         except REDIS_UNAVAILABLE as exc:
             log.debug("waiting board: not read (%r); ordering by this router alone", exc)
-            return []
+            return None
         waiters = []
-        for member, arrival in zip(rows[::2], rows[1::2], strict=True):
+        for member, score in zip(rows[::2], rows[1::2], strict=True):
             member = member.decode() if isinstance(member, bytes) else member
-            waiters.append(Waiter(member, int(float(arrival)), int(member.rsplit("|", 1)[1])))
+            waiters.append(Waiter.from_score(member, int(float(score))))  # exact: scores are below 2 ** 53
         return waiters
 
     async def _beat(self) -> None:
