@@ -19,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from flexlb.admission import AdmissionControl, AdmissionOptions
-from flexlb.discovery import register_static_workers
+from flexlb.discovery import StaticWorkers
 from flexlb.domain import ROLE_ORDER, Role
 from flexlb.grpc_api import GrpcScheduleApi
 from flexlb.http.admin import setup_admin_routes
@@ -261,9 +261,10 @@ def create_master_app(
     setup_master_routes(app, exposition_registry(registry))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        started = await _start_with_redis(settings, store)
+        static = StaticWorkers(settings.service.endpoints)
+        started = await _start_with_redis(store, static)
         master.start()
-        background = asyncio.create_task(_maintain(settings, store, None, master, started=started))
+        background = asyncio.create_task(_maintain(settings, store, static, None, master, started=started))
         yield
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -283,13 +284,11 @@ def _reservation_owners(settings: Settings) -> ReservationOwners | None:
     return ReservationOwners(cap, check_release=tokens) if tokens or cap else None
 
 
-async def _start_with_redis(settings: Settings, store: FleetStore, *, retry: bool = False) -> bool:
+async def _start_with_redis(store: FleetStore, static: StaticWorkers, *, retry: bool = False) -> bool:
     """Load the scripts and register the static workers; False while Redis does not answer."""
     try:
         await store.scripts.preload()
-        await register_static_workers(
-            store, settings.service.endpoints, [v.worker_id for v in await store.list_workers()]
-        )
+        await static.register(store, [v.worker_id for v in await store.list_workers()])
     except REDIS_UNAVAILABLE as exc:
         if not retry:  # the process still starts: the maintenance loop retries this until Redis answers
             log.error("Redis unreachable at start-up (%s); /health says starting until it answers", exc)
@@ -336,7 +335,8 @@ def _router_lifecycle(
 ):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         ctx = app[CONTEXT]
-        ctx.ready = await _start_with_redis(settings, store)
+        static = StaticWorkers(settings.service.endpoints)
+        ctx.ready = await _start_with_redis(store, static)
         if master is not None:
             master.start()
         ctx.scheduler.view_sync.start()
@@ -347,7 +347,7 @@ def _router_lifecycle(
             ctx.ready = True
 
         background = asyncio.create_task(
-            _maintain(settings, store, ctx.scheduler, master, started=ctx.ready, on_started=on_started)
+            _maintain(settings, store, static, ctx.scheduler, master, started=ctx.ready, on_started=on_started)
         )
         checks = asyncio.create_task(health.run(), name="health checks") if health is not None else None
         yield
@@ -384,6 +384,7 @@ async def _sweeps(store: FleetStore, master: MasterService | None) -> bool:
 async def _maintain(
     settings: Settings,
     store: FleetStore,
+    static: StaticWorkers,
     scheduler: Scheduler | None,
     master: MasterService | None,
     *,
@@ -391,14 +392,15 @@ async def _maintain(
     on_started: Callable[[], None] | None = None,
 ) -> None:
     """Background duties of every process: finish the start-up once Redis answers (``started`` false), keep the
-    static workers registered, write the releases Redis missed while it was down (routers), and, in the master (or
-    in every process while no one holds the master lock), expire reservations of workers no request reserves
-    (reservations expire the others): the fleet's load on idle workers comes back after a router crashed."""
+    static workers registered (their DNS names re-resolved: flexlb.discovery), write the releases Redis missed while
+    it was down (routers), and, in the master (or in every process while no one holds the master lock), expire
+    reservations of workers no request reserves (reservations expire the others): the fleet's load on idle workers
+    comes back after a router crashed."""
     interval = min(max(settings.flexlb.reservation_ttl_ms / 4000, 0.1), 1.0)
     while True:
         await asyncio.sleep(interval)
         if not started:
-            started = await _start_with_redis(settings, store, retry=True)
+            started = await _start_with_redis(store, static, retry=True)
             if not started:
                 continue
             if on_started is not None:
@@ -408,7 +410,7 @@ async def _maintain(
                 await scheduler.write_unwritten_releases()
             # a router knows the fleet from its view; only `flexlb master` reads every worker (once per interval)
             views = list(scheduler.view.all()) if scheduler is not None else await store.list_workers()
-            await register_static_workers(store, settings.service.endpoints, [v.worker_id for v in views])
+            await static.register(store, [v.worker_id for v in views])
             if await _sweeps(store, master):
                 await store.sweep([v.worker_id for v in views if v.pending_count])
         except REDIS_UNAVAILABLE:

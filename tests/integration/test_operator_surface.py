@@ -112,13 +112,13 @@ async def test_operator_flags_metrics_and_error_shapes_on_a_real_router(
     start_sim_worker: Any, start_flag_router: Any
 ) -> None:
     worker = start_sim_worker()
-    # the worker by its DNS name, resolved when the proxy connects
+    # the worker by its DNS name: registered at the address the name resolves to (flexlb.discovery)
     router = start_flag_router(
         "--worker-urls", f"http://localhost:{worker.port}", "--policy", "round_robin",
         "--request-timeout-secs", "30", "--log-format", "json",
         env={"PROXY_RETRIES": "0"},
     )  # fmt: skip
-    worker_id = f"localhost:{worker.port}"
+    worker_id = f"127.0.0.1:{worker.port}"
     prompt = " ".join(f"w{i}" for i in range(100))
     async with aiohttp.ClientSession() as http:
 
