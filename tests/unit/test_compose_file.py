@@ -1,8 +1,10 @@
 """docker-compose.yml is what an operator would run: healthchecks everywhere, pinned images, one flexlb image built
-once, a stop grace period above the drain, Redis persisted and not published."""
+once, a stop grace period above the drain, Redis persisted and not published, Grafana provisioned with the
+Prometheus of the stack and the flexlb dashboard (tests/unit/test_grafana_dashboard.py checks the dashboard)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -63,3 +65,25 @@ def test_redis_is_persisted_and_not_published(services: dict[str, dict[str, Any]
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
     assert "ports" not in redis
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+
+def test_grafana_loads_the_provisioning_and_the_dashboard(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    assert grafana["depends_on"]["prometheus"] == {"condition": "service_healthy"}
+    mounts = {}
+    for volume in grafana["volumes"]:
+        source, target, mode = volume.split(":")
+        assert mode == "ro" and (ROOT / source).is_dir(), volume
+        mounts[target] = ROOT / source
+    provisioning = mounts["/etc/grafana/provisioning"]
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    prometheus_port = services["prometheus"]["ports"][0].split(":")[-1]
+    assert datasource["type"] == "prometheus" and datasource["url"] == f"http://prometheus:{prometheus_port}"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "flexlb.yml").read_text())["providers"]
+    dashboards = mounts[provider["options"]["path"]]
+    assert (dashboards / "flexlb-dashboard.json").is_file()
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(provider["options"]["path"] + "/") and (dashboards / Path(home).name).is_file()
+    # the dashboard's datasource variable defaults to the provisioned datasource
+    variables = json.loads((dashboards / "flexlb-dashboard.json").read_text())["templating"]["list"]
+    assert next(v for v in variables if v["name"] == "datasource")["current"]["value"] == datasource["uid"]
