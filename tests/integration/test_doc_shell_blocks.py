@@ -36,6 +36,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"^<!--\s*shell-block:\s*(?P<kind>skip|serves|after previous)\s*(?P<arg>.*?)\s*-->$")
 TIMEOUT_S = 60.0  # one block or chain; the slowest that runs (bench proxy) takes about 15 s on 2 cores
 DONE = "@@shell-block-done {line}@@"
+# `curl -s` exits 0 on an error answer: these in a block's output mean a step did not work as the page says
+REFUSALS = ('"success":false', '"success": false', "NO_AVAILABLE_WORKER", "NO_PREFILL_WORKER", "NO_DECODE_WORKER")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +188,9 @@ def test_shell_block_works_when_pasted_whole(block: Block, tmp_path: Path) -> No
     assert all(b.kind != "serves" for b in chain), f"{block.id}: a block after a 'serves' block cannot run"
     status, output = _run_chain(chain, tmp_path)
     if DONE.format(line=block.line) in output:
+        part = output.split(DONE.format(line=block.line))[0].split("@@shell-block-done")[-1]
+        refusals = [r for r in REFUSALS if r in part]
+        assert not refusals, f"{block.id}: ran, but an answer in it was a refusal ({refusals}):\n{part[-6000:]}"
         return
     reached = [b for b in chain if DONE.format(line=b.line) in output]
     failed = chain[len(reached)]
