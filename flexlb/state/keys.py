@@ -117,6 +117,16 @@ class ServiceKeys:
     def inflight_blocks(self, worker_id: str) -> str:
         return f"{self.inflight_prefix}{worker_id}"
 
+    @property
+    def waiting(self) -> str:
+        """The fleet's waiting board: requests waiting in every router's queue, by rank (flexlb/state/waiting.py)."""
+        return f"{self.prefix}:waiting"
+
+    @property
+    def waiting_routers(self) -> str:
+        """Routers with requests on the waiting board -> last seen ms."""
+        return f"{self.prefix}:waiting_routers"
+
     def inflight_heads(self, worker_id: str) -> str:
         """The zset of a worker's in-flight heads (the first new block of each request, the only ones the inverted
         index names it for while in flight) -> expiry ms; named as lua/_lib.lua's inflight_heads_key names it."""

@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 
 from flexlb.state.errors import REDIS_UNAVAILABLE
 from flexlb.state.keys import ServiceKeys
+from flexlb.state.scripts import script_source
 from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.waiting")
@@ -49,38 +50,7 @@ RANK_SCALE = 10**13  # one priority band in a waiter's score: milliseconds of ar
 # a score stays an exact integer in a double (Redis scores, Lua numbers): below 2 ** 53
 assert (PRIORITY_MAX - PRIORITY_MIN + 1) * RANK_SCALE < 2**53
 
-# KEYS: waiting zset (member "router|request|size", score band * RANK_SCALE + arrival ms), alive zset (router ->
-# last seen ms). ARGV: this router, member to add, its band times RANK_SCALE. Returns the arrival (ms).
-_ENTER = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('ZADD', KEYS[1], tonumber(ARGV[3]) + now, ARGV[2])
-return now
-"""
-
-# ARGV: this router, lease ms, rank bound (only waiters that rank before it), limit
-# Returns {member, score, ...} of other routers' live waiters in board order; drops the waiters of dead routers.
-_EARLIER = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-local out = {}
-local rows = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3], 'WITHSCORES', 'LIMIT', 0, ARGV[4])
-for i = 1, #rows, 2 do
-  local router = string.match(rows[i], '^([^|]*)|')
-  if router ~= ARGV[1] then
-    local seen = tonumber(redis.call('ZSCORE', KEYS[2], router))
-    if seen and seen >= now - tonumber(ARGV[2]) then
-      out[#out + 1] = rows[i]
-      out[#out + 1] = rows[i + 1]
-    else
-      redis.call('ZREM', KEYS[1], rows[i])
-    end
-  end
-end
-return out
-"""
+# The board's scripts: lua/waiting_enter.lua, lua/waiting_earlier.lua (their KEYS/ARGV contracts head them).
 
 
 def rank(priority: int, arrival_ms: int) -> int:
@@ -111,9 +81,9 @@ class WaitingBoard:
     def __init__(self, redis: Redis, keys: ServiceKeys, router_id: str | None = None) -> None:
         self._redis = redis
         self.router_id = router_id or uuid.uuid4().hex[:12]
-        self._keys = [f"{keys.prefix}:waiting", f"{keys.prefix}:waiting_routers"]
-        self._enter = redis.register_script(_ENTER)
-        self._earlier = redis.register_script(_EARLIER)
+        self._keys = [keys.waiting, keys.waiting_routers]
+        self._enter = redis.register_script(script_source("waiting_enter"))
+        self._earlier = redis.register_script(script_source("waiting_earlier"))
         self._mine = 0  # waiters of this router on the board: the heartbeat runs while there are any
         self._heartbeat: asyncio.Task[None] | None = None
 
