@@ -103,7 +103,9 @@ def parse_schedule_request(
     seq_len = int_field(
         data, "seq_len", required=input_ids is None, default=len(input_ids or ()), low=0, high=MAX_SEQ_LEN
     )
-    priority = int_field(data, "request_priority", required=False, low=-(1 << 31), high=(1 << 31) - 1)
+    # the original's frontend sends request_priority; its newest master reads "priority" (the same 1-100 levels)
+    field_name = "request_priority" if "request_priority" in data or "priority" not in data else "priority"
+    priority = int_field(data, field_name, required=False, low=-(1 << 31), high=(1 << 31) - 1)
     keys = data.get("block_cache_keys")
     if keys is None:
         keys = [] if input_ids is None else block_cache_keys(input_ids, block_size())

@@ -125,7 +125,7 @@ def _host_port(item: str, where: str) -> tuple[str, int]:
     if not sep:
         raise ConfigError(
             f'{where}: {_show(item)} has no port (expected "ip:port"; a DNS name is fine, e.g. "worker-0.svc:8000",'
-            " resolved whenever a connection is made)"
+            " resolved at start-up and again every 10 s)"
         )
     if not host or re.search(r"[\s/{}\[\]]", host):
         raise ConfigError(f'{where}: {_show(item)} has no valid host (expected "ip:port")')

@@ -115,4 +115,7 @@ def test_bad_input_ids_and_priorities_name_the_field(body: dict[str, object], pr
 
 def test_request_priority_is_carried() -> None:
     assert parse_schedule_request({"request_id": 1, "seq_len": 3, "request_priority": 7}).priority == 7
+    assert parse_schedule_request({"request_id": 1, "seq_len": 3, "priority": 80}).priority == 80  # newest original
+    both = {"request_id": 1, "seq_len": 3, "request_priority": 7, "priority": 80}
+    assert parse_schedule_request(both).priority == 7
     assert parse_schedule_request({"request_id": 1, "seq_len": 3}).priority == 0
