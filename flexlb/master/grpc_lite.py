@@ -458,6 +458,10 @@ class ClientProtocol(asyncio.Protocol):
         call with :meth:`expire` (the status ticker checks its calls' deadlines itself, one timer fewer a call)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
+        if self.transport is None or self.transport.is_closing():  # uvloop raises on a write to a closed handle
+            self.closed = True
+            future.set_exception(RpcFailed(UNAVAILABLE, "connection closed"))
+            return future
         sid = self.next_stream
         self.next_stream += 2
         if self.next_stream >= 1 << 30:

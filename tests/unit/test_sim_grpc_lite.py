@@ -7,6 +7,7 @@ import asyncio
 
 import grpc
 import pytest
+import uvloop
 
 from flexlb.master.grpc_lite import (
     CONTINUATION,
@@ -137,4 +138,29 @@ async def test_a_silent_server_fails_by_the_deadline() -> None:
                     await client.get_worker_status(0, deadline_s=0.3)
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
+        server.close()
+
+
+def test_a_call_on_a_connection_closed_under_it_fails_as_unavailable_then_reconnects() -> None:
+    uvloop.run(_call_on_a_closed_connection())  # the router's loop: uvloop raises on a write to a closed handle
+
+
+async def _call_on_a_closed_connection() -> None:
+    handlers = {"GetWorkerStatus": lambda b: WorkerStatusPB(status_version=7).SerializeToString()}
+    server = await start_lite_server("127.0.0.1", 0, handlers)
+    port = server.sockets[0].getsockname()[1]
+    channel = LiteChannel("127.0.0.1", port)
+    try:
+        assert WorkerStatusPB.FromString(await channel.call("/RpcService/GetWorkerStatus", b"", 10)).status_version == 7
+        protocol = channel._protocol
+        assert protocol is not None and protocol.transport is not None
+        protocol.transport.abort()
+        await asyncio.sleep(0)  # the handle is closed now: a write to it raises in uvloop
+        with pytest.raises(RpcFailed) as caught:
+            await protocol.call(channel.header_block("/RpcService/GetWorkerStatus"), b"", 10)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        # the channel's next call opens a new connection
+        assert WorkerStatusPB.FromString(await channel.call("/RpcService/GetWorkerStatus", b"", 10)).status_version == 7
+    finally:
+        await channel.close()
         server.close()
