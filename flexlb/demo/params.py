@@ -31,7 +31,7 @@ from flexlb.bench.workloads import WORKLOADS, RequestSpec
 from flexlb.bench.workloads.hot_prefix import HotPrefixParams
 from flexlb.bench.workloads.shared_prefix import SharedPrefixParams
 from flexlb.domain import DEFAULT_BLOCK_SIZE, Role
-from flexlb.sim.engine import EngineConfig
+from flexlb.stack.worker_options import WorkerOptions
 
 STRATEGIES: tuple[str, ...] = ("RANDOM", "ROUND_ROBIN", "LOWEST_CONCURRENCY", "SHORTEST_TTFT")
 DEMO_WORKLOADS: tuple[str, ...] = ("shared-prefix", "hot-prefix")
@@ -43,28 +43,6 @@ OUTPUT_LEN = 32  # max_tokens of every request
 HOT_FRACTION = 0.9  # hot-prefix: share of the requests that start with the hot prefix
 DEFAULT_REQUESTS = 192  # per strategy; shared-prefix: 12 per group, about 10 s per strategy on 2 cores
 QUICK_REQUESTS = 96  # `--quick`: the same fleet, sizing and speed with half the requests (CI)
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerOptions:
-    """The per-worker options `flexlb demo` starts its simulated workers with (the Procfile's are the same)."""
-
-    kv_blocks: int
-    max_concurrency: int
-    time_scale: float = 1.0
-
-    def argv(self) -> list[str]:
-        """As `flexlb sim-worker` options, in this order."""
-        return [
-            "--kv-blocks", str(self.kv_blocks),
-            "--max-concurrency", str(self.max_concurrency),
-            "--time-scale", f"{self.time_scale:g}",
-        ]  # fmt: skip
-
-    def engine_config(self, role: Role) -> EngineConfig:
-        return EngineConfig(
-            role=role, kv_blocks=self.kv_blocks, max_concurrency=self.max_concurrency, time_scale=self.time_scale
-        )
 
 
 # PREFILL and PDFUSION workers compute prompts under KV pressure (see the module docstring); DECODE workers hold
