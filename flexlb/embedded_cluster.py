@@ -15,7 +15,7 @@ from pathlib import Path
 import redis
 
 from flexlb.embedded_redis import RedisNotInstalled, free_port
-from flexlb.readiness import stop_process
+from flexlb.stack.processes import stop_process
 
 
 def _binary(name: str) -> str:

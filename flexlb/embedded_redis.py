@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flexlb.readiness import stop_process
+from flexlb.stack.processes import stop_process
 
 
 class RedisNotInstalled(RuntimeError):

@@ -2,7 +2,7 @@
 processes on one port) and simulated workers (fused, or prefill + decode with ``--pd``, whose decode workers wait for
 their prefill's KV through a bootstrap server, flexlb.sim.bootstrap), serving the OpenAI API and
 the schedule API at a printed URL with copy-paste examples. Ctrl-C (or SIGTERM), at any moment, stops every process
-it started. The processes are the demo's (flexlb.demo.stack): one launcher."""
+it started. Its processes are a flexlb.stack.local Stack, as `flexlb demo`'s: one launcher."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import orjson
 
 from flexlb.bench.argtypes import int_at_least
 from flexlb.cli_options import port
-from flexlb.demo.interrupts import Interrupts
 from flexlb.demo.params import WORKER_OPTIONS
-from flexlb.demo.stack import Service, Stack, StackError
 from flexlb.domain import Role
 from flexlb.embedded_redis import RedisNotInstalled
+from flexlb.stack.interrupts import Interrupts
+from flexlb.stack.local import Service, Stack, StackError
 
 SERVICE_ID = "default"
 MODEL = "flexlb-sim"  # the simulated workers' model name, as the routers serve it

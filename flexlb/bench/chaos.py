@@ -4,7 +4,7 @@ load, and the invariants of issue 10's fault run, read straight from Redis.
 The fleet: one redis-server (append-only file, so an outage keeps the data unless a fault wipes it), ``workers``
 simulated PDFUSION workers (half listed in MODEL_SERVICE_CONFIG, half registered through the admin API), ``masters``
 ``flexlb master`` processes contending for the lock and ``routers`` ``flexlb serve`` processes, all started through
-``flexlb.demo.stack`` / ``flexlb.demo.processes`` (own process group, parent-death signal) and ``flexlb.readiness``.
+``flexlb.stack.local`` / ``flexlb.stack.processes`` (own process group, parent-death signal).
 
 The load: a closed loop of schedule + release (every fifth request with ``seq_len`` 0, which reserves 0 tokens) and
 proxied ``/v1/completions`` through every live router; each call has a deadline and is recorded.
@@ -45,12 +45,11 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from flexlb.demo.processes import Child, stop_all
-from flexlb.demo.stack import FLEXLB, Stack, StackError, clean_environment
 from flexlb.domain import ErrorCode, Role
 from flexlb.embedded_redis import RedisNotInstalled, free_port, free_port_pair
 from flexlb.master.election import holder_name, parse_lock_value
-from flexlb.readiness import NotReady, wait_http_ready
+from flexlb.stack.local import FLEXLB, Stack, StackError, clean_environment
+from flexlb.stack.processes import Child, NotReady, stop_all, wait_http_ready
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import script_source
 

@@ -28,7 +28,6 @@ import platform
 import random
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ import redis.asyncio as aioredis
 from flexlb.bench.report import Target, latency_summary
 from flexlb.domain import Role, WorkerSpec
 from flexlb.embedded_redis import EmbeddedRedis, free_port
-from flexlb.readiness import NotReady, stop_process, wait_http_ready
+from flexlb.stack.processes import Child, NotReady, spawn, stop_all, wait_http_ready
 from flexlb.state.store import FleetStore
 
 TARGET_P99_MS = 100.0  # freshness p99 at 1,250 workers
@@ -173,8 +172,8 @@ class ControlStack:
     service: str
     redis_url: str = ""
     embedded: EmbeddedRedis | None = None
-    sim: subprocess.Popen[bytes] | None = None
-    masters: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    sim: Child | None = None
+    masters: list[Child] = field(default_factory=list)
     base_port: int = 0
     master_urls: list[str] = field(default_factory=list)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="flexlb-bench-control-")))
@@ -196,12 +195,10 @@ class ControlStack:
             env["FLEXLB_CONFIG"] = json.dumps({**config, "pollShards": self.params.poll_shards})
         return env
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "flexlb.cli", "--log-level", "WARNING", *args],
-                env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        # A retried start begins a new log: its checks must not read the failed attempt's lines.
+        command = [sys.executable, "-m", "flexlb.cli", "--log-level", "WARNING", *args]
+        return spawn(name, command, self.log_dir, self._env(), truncate=True)
 
     def start_redis(self) -> None:
         if self.params.redis_url:
@@ -220,13 +217,13 @@ class ControlStack:
             while time.monotonic() < deadline:
                 if "ready on ports" in self.log("sim"):
                     return
-                if self.sim.poll() is not None:
+                if not self.sim.alive():
                     break
                 time.sleep(0.05)
             else:
                 raise BenchError(f"{n} simulated workers not ready in {self.params.startup_timeout_s:g}s")
             if "cannot bind" not in self.log("sim") and "in use" not in self.log("sim"):
-                raise BenchError(f"sim-worker exited with {self.sim.returncode}:\n{self.log('sim')}")
+                raise BenchError(f"sim-worker exited with {self.sim.process.returncode}:\n{self.log('sim')}")
         raise BenchError(f"sim-worker could not bind its ports:\n{self.log('sim')}")
 
     def master_name(self, i: int) -> str:
@@ -237,24 +234,24 @@ class ControlStack:
         for i in range(self.params.poll_shards):
             name, port = self.master_name(i), free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = self._spawn(name, ["master", "--host", "127.0.0.1", "--port", str(port)])
-            self.masters.append(proc)
+            child = self._spawn(name, ["master", "--host", "127.0.0.1", "--port", str(port)])
+            self.masters.append(child)
             self.master_urls.append(url)
             try:
-                wait_http_ready(url, proc, lambda n=name: self.log(n), name, 30)
+                wait_http_ready(url, child.process, child.log_tail, name, 30)
             except NotReady as exc:
                 raise BenchError(str(exc)) from None
 
     def check(self) -> None:
         named = [("sim", self.sim), *((self.master_name(i), p) for i, p in enumerate(self.masters))]
-        for name, proc in named:
-            if proc is not None and proc.poll() is not None:
-                raise BenchError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
+        for name, child in named:
+            if child is not None and not child.alive():
+                raise BenchError(f"{name} exited with {child.process.returncode}:\n{self.log(name)}")
 
     def close(self, *, keep_logs: bool = False) -> None:
-        for proc in (*self.masters, self.sim):
-            if proc is not None:
-                stop_process(proc)
+        stop_all(self.masters)
+        if self.sim is not None:
+            stop_all([self.sim])
         if self.embedded is not None:
             self.embedded.close()
         elif self.redis_url:

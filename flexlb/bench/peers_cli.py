@@ -127,10 +127,10 @@ def render(result: dict[str, Any]) -> str:
 def cmd_peers(args: argparse.Namespace) -> int:
     from flexlb.bench.peers_run import PeersParams, run_peers_bench
     from flexlb.bench.report import default_out_path, write_json
-    from flexlb.demo.interrupts import Interrupts
-    from flexlb.demo.stack import StackError
-    from flexlb.demo.terminal import Terminal
     from flexlb.embedded_redis import RedisNotInstalled
+    from flexlb.stack.interrupts import Interrupts
+    from flexlb.stack.local import StackError
+    from flexlb.stack.terminal import Terminal
 
     workload = WORKLOADS[args.workload]
     try:

@@ -2,7 +2,7 @@
 router (flexlb: a redis-server, a master and its routers; a peer: its own replicas), the same workload sent
 open-loop through it, the workers' counters and the routers' CPU time read around it, then everything stopped.
 
-Every process is started and stopped through ``flexlb.demo.stack`` / ``flexlb.demo.processes``."""
+Every process is started and stopped through ``flexlb.stack.local`` / ``flexlb.stack.processes``."""
 
 from __future__ import annotations
 
@@ -22,14 +22,13 @@ from flexlb.bench import peers as pp
 from flexlb.bench.run import RunOptions, run_requests
 from flexlb.bench.tables import pct
 from flexlb.bench.workloads import Arrivals, RequestSpec
-from flexlb.demo.interrupts import Interrupts
-from flexlb.demo.params import WorkerOptions
-from flexlb.demo.processes import Child, spawn
-from flexlb.demo.stack import FLEXLB, Stack, StackError
-from flexlb.demo.terminal import Terminal
 from flexlb.domain import Role
 from flexlb.embedded_redis import free_port, free_port_pair
-from flexlb.readiness import NotReady, wait_http_ready
+from flexlb.stack.interrupts import Interrupts
+from flexlb.stack.local import FLEXLB, Stack, StackError
+from flexlb.stack.processes import Child, NotReady, spawn, wait_http_ready
+from flexlb.stack.terminal import Terminal
+from flexlb.stack.worker_options import WorkerOptions
 
 START_ATTEMPTS = 3
 MODEL = "flexlb-sim"  # the simulated workers' served model name and flexlb's service id, sent in every request

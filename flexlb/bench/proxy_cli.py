@@ -63,10 +63,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     from flexlb.bench.proxy_overhead import render
     from flexlb.bench.proxy_run import run_proxy_bench
     from flexlb.bench.report import default_out_path, write_json
-    from flexlb.demo.interrupts import Interrupts
-    from flexlb.demo.stack import Stack, StackError
-    from flexlb.demo.terminal import Terminal
     from flexlb.embedded_redis import RedisNotInstalled
+    from flexlb.stack.interrupts import Interrupts
+    from flexlb.stack.local import Stack, StackError
+    from flexlb.stack.terminal import Terminal
 
     params = ProxyBenchParams(
         requests=args.requests,

@@ -24,14 +24,15 @@ import orjson
 
 from flexlb.bench import proxy_overhead as po
 from flexlb.bench.client import ERROR_TEXT_LIMIT, RequestRecord, base_url, payload
+from flexlb.bench.closed_loop import LoadOutcome, LoadProgress, closed_loop
 from flexlb.bench.stats import summarize
 from flexlb.bench.workloads import RequestSpec
-from flexlb.demo.interrupts import Interrupts
-from flexlb.demo.load import LoadOutcome, LoadProgress, closed_loop
-from flexlb.demo.params import WorkerOptions
-from flexlb.demo.stack import Stack, StackError
-from flexlb.demo.terminal import Terminal
 from flexlb.domain import Role
+from flexlb.stack.interrupts import Interrupts
+from flexlb.stack.local import Stack, StackError
+from flexlb.stack.processes import Child, spawn, stop_all
+from flexlb.stack.terminal import Terminal
+from flexlb.stack.worker_options import WorkerOptions
 
 REQUEST_TIMEOUT_S = 60.0
 
@@ -49,34 +50,34 @@ class BenchWorkerOptions(WorkerOptions):
 class RouterProfiler:
     """py-spy recording the router process while a proxy phase runs; the phases' samples add up in ``path``."""
 
-    def __init__(self, pid: int, path: Path, rate: int = 250) -> None:
+    def __init__(self, pid: int, path: Path, log_dir: Path, rate: int = 250) -> None:
         binary = shutil.which("py-spy")
         if binary is None:
             raise StackError("--profile-router needs py-spy on PATH (pip install py-spy)")
-        self.binary, self.pid, self.path, self.rate = binary, pid, path, rate
+        self.binary, self.pid, self.path, self.log_dir, self.rate = binary, pid, path, log_dir, rate
         self.samples: Counter[str] = Counter()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: Child | None = None
 
     def start(self) -> None:
         part = self.path.with_name(self.path.name + ".part")
         command = [self.binary, "record", "--pid", str(self.pid), "--rate", str(self.rate), "--nonblocking"]
         command += ["--format", "raw", "--output", str(part)]
-        self._proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A log per phase: an error message quotes this phase's py-spy, not an earlier one's.
+        self._child = spawn("py-spy", command, self.log_dir, truncate=True)
 
     def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
+        child, self._child = self._child, None
+        if child is None:
             return
-        proc.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        child.process.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
         try:
-            _, err = proc.communicate(timeout=30)
+            child.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+            stop_all([child], grace_s=0)
             raise StackError("py-spy did not stop within 30 s") from None
         part = self.path.with_name(self.path.name + ".part")
         if not part.exists():
-            raise StackError(f"py-spy wrote no samples: {err.decode(errors='replace').strip()[-500:]}")
+            raise StackError(f"py-spy wrote no samples: {child.log_tail(500).strip()}")
         for line in part.read_text().splitlines():
             stack, _, n = line.rpartition(" ")
             if n.isdigit():
@@ -220,7 +221,7 @@ def run_proxy_bench(
     term.line(f"worker {worker.url} (pid {worker.child.pid}), router {router.url} (pid {router.child.pid})")
     profiler = None
     if params.profile_router:
-        profiler = RouterProfiler(router.child.pid, Path(params.profile_router).resolve())
+        profiler = RouterProfiler(router.child.pid, Path(params.profile_router).resolve(), stack.log_dir)
         profiler.path.unlink(missing_ok=True)
     phases: list[dict[str, Any]] = []
     interrupted = False

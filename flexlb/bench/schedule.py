@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +42,7 @@ from flexlb.bench.report import Target, latency_summary
 from flexlb.domain import Role, WorkerSpec
 from flexlb.embedded_redis import EmbeddedRedis, free_port
 from flexlb.proxy.http1 import UpstreamError, UpstreamPool
-from flexlb.readiness import NotReady, stop_process, wait_http_ready
+from flexlb.stack.processes import Child, NotReady, spawn, stop_all, wait_http_ready
 from flexlb.state.scripts import SCRIPT_NAMES, script_source
 from flexlb.state.store import FleetStore
 
@@ -240,7 +239,7 @@ class Stack:
     service: str
     redis_url: str = ""
     embedded: EmbeddedRedis | None = None
-    router: subprocess.Popen[bytes] | None = None
+    router: Child | None = None
     router_url: str = ""
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="flexlb-bench-")))
     specs: list[WorkerSpec] = field(default_factory=list)
@@ -299,33 +298,29 @@ class Stack:
             command += ["-m", "cProfile", "-o", str(Path(self.params.profile_router).resolve())]
         command += ["-m", "flexlb.cli", "--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port", str(port)]
         command += ["--advertise", f"127.0.0.1:{port}"]
-        with open(self.router_log, "wb") as log:
-            # Own session: a Ctrl-C in the terminal reaches only this process, which then stops the router itself.
-            self.router = subprocess.Popen(
-                command, env=self._router_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        # Own session: a Ctrl-C in the terminal reaches only this process, which then stops the router itself.
+        router = self.router = spawn("router", command, self.log_dir, self._router_env())
         try:
-            wait_http_ready(self.router_url, self.router, self.log_tail, "router", self.params.startup_timeout_s)
+            wait_http_ready(self.router_url, router.process, router.log_tail, "router", self.params.startup_timeout_s)
         except NotReady as exc:
             raise BenchError(f"{exc}\nlog: {self.router_log}") from None
 
     def check_router(self) -> None:
-        if self.router is not None and self.router.poll() is not None:
-            raise BenchError(f"router exited with {self.router.returncode}; log: {self.router_log}\n{self.log_tail()}")
+        if self.router is not None and not self.router.alive():
+            code = self.router.process.returncode
+            raise BenchError(f"router exited with {code}; log: {self.router_log}\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.router_log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return self.router.log_tail(chars) if self.router is not None else ""
 
     def close(self, *, keep_log: bool = False) -> None:
-        """Stop the router (terminate, then kill), drop the service's keys from a shared Redis, stop our Redis.
+        """Stop the router (SIGTERM, then SIGKILL, to its process group), drop the service's keys from a shared Redis,
+        stop our Redis.
 
         The router's log is kept when the run failed (error messages name it), else removed with its folder.
         """
         if self.router is not None:
-            stop_process(self.router)
+            stop_all([self.router])
         if self.embedded is not None:
             self.embedded.close()
         elif self.redis_url:

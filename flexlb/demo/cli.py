@@ -102,12 +102,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Imported here: every flexlb process builds the parser, only the demo needs these.
     from flexlb.bench.report import write_json
     from flexlb.demo import report
-    from flexlb.demo.interrupts import Interrupts
     from flexlb.demo.params import build_workload
     from flexlb.demo.run import DemoRun, build_result, oracle, run_demo
-    from flexlb.demo.stack import Stack, StackError
-    from flexlb.demo.terminal import Terminal
     from flexlb.embedded_redis import RedisNotInstalled
+    from flexlb.stack.interrupts import Interrupts
+    from flexlb.stack.local import Stack, StackError
+    from flexlb.stack.terminal import Terminal
 
     try:
         params = params_from(args)

@@ -15,16 +15,16 @@ from typing import Any
 
 import aiohttp
 
+from flexlb.bench.closed_loop import LoadOutcome, LoadProgress, closed_loop
 from flexlb.bench.oracle import OracleCosts, OracleRequest, oracle_bound
 from flexlb.bench.worker_metrics import read_workers, worker_deltas
 from flexlb.bench.workloads import RequestSpec
 from flexlb.demo import report
-from flexlb.demo.interrupts import Interrupts
-from flexlb.demo.load import LoadOutcome, LoadProgress, closed_loop
 from flexlb.demo.params import DemoParams, describe
-from flexlb.demo.stack import Service, Stack
-from flexlb.demo.terminal import Terminal
 from flexlb.domain import Role
+from flexlb.stack.interrupts import Interrupts
+from flexlb.stack.local import Service, Stack
+from flexlb.stack.terminal import Terminal
 
 REQUEST_TIMEOUT_S = 120.0
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from flexlb.bench.argtypes import int_at_least, positive_float
 from flexlb.cli_options import port
-from flexlb.demo.processes import STOP_GRACE_S
 from flexlb.domain import Role
 from flexlb.embedded_redis import free_port
 from flexlb.launch.plan import ENGINES, GPUS_ENV, PLACEHOLDERS, PlanError, build_plan, ports_in_use
 from flexlb.launch.run import Launcher, Serve, Target
 from flexlb.settings import Settings
+from flexlb.stack.processes import STOP_GRACE_S
 from flexlb.state.redis_url import RedisUrlError, parse_redis_url
 
 DESCRIPTION = """Start COUNT engine processes on consecutive ports from BASE_PORT, each on its own TENSOR_PARALLEL_SIZE

@@ -1,6 +1,6 @@
 """Start and keep running the engines of a ``LaunchPlan`` (and with ``--serve`` a Redis and a router).
 
-Every process is started through ``flexlb.demo.processes`` (own process group, parent-death signal, log file), the
+Every process is started through ``flexlb.stack.processes`` (own process group, parent-death signal, log file), the
 launcher `flexlb up` and `flexlb demo` use, and stopped as a group, so what an engine starts itself (vLLM's engine
 core, tensor-parallel workers) goes with it. One event loop supervises every engine at once:
 
@@ -35,13 +35,13 @@ from typing import Any
 import aiohttp
 import orjson
 
-from flexlb.demo.processes import STOP_GRACE_S, Child, spawn, stop_all
-from flexlb.demo.stack import Stack, StackError
 from flexlb.domain import WorkerSpec
 from flexlb.embedded_redis import RedisNotInstalled
 from flexlb.kv_events.endpoint import KvEventsEndpoint
 from flexlb.launch.plan import Engine, LaunchPlan
 from flexlb.launch.register import RedisRegistrar, Registrar, RegistrationFailed, RouterRegistrar
+from flexlb.stack.local import Stack, StackError
+from flexlb.stack.processes import STOP_GRACE_S, Child, spawn, stop_all
 from flexlb.supervisor import BACKOFF_MAX_S, STABLE_S, describe_exit
 
 log = logging.getLogger("flexlb.launch")
