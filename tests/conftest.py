@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from flexlb.embedded_cluster import EmbeddedCluster
 from flexlb.embedded_redis import EmbeddedRedis
-from flexlb.readiness import stop_process, wait_http_ready
+from flexlb.stack.processes import stop_process, wait_http_ready
 from flexlb.state.pipelined import PipelinedRedis
 from flexlb.state.store import FleetStore
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from flexlb.demo.processes import spawn, stop_all
+from flexlb.stack.processes import spawn, stop_all
 
 MARK = "FLEXLB_TEST_DEMO_MARK"
 DEMO_TIMEOUT_S = 110  # --quick takes ~45 s on a busy 2-core machine

@@ -214,7 +214,7 @@ def test_not_enough_gpus_is_an_error_before_anything_starts(
         raise AssertionError("a process was started")
 
     monkeypatch.setattr("flexlb.launch.run.spawn", refuse)
-    monkeypatch.setattr("flexlb.demo.stack.Stack.start_redis", refuse)
+    monkeypatch.setattr("flexlb.stack.local.Stack.start_redis", refuse)
     monkeypatch.setattr("subprocess.Popen", refuse)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

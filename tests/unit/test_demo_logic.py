@@ -12,7 +12,6 @@ from flexlb.blocks import block_cache_keys, tokenize
 from flexlb.cli import build_parser
 from flexlb.demo import WORKER_OPTIONS
 from flexlb.demo.cli import params_from
-from flexlb.demo.interrupts import Interrupts
 from flexlb.demo.params import (
     DEFAULT_REQUESTS,
     GROUPS,
@@ -24,8 +23,9 @@ from flexlb.demo.params import (
     describe,
 )
 from flexlb.demo.report import cpu_usage, fleet_counters, progress_line, render_table
-from flexlb.demo.terminal import Terminal
 from flexlb.domain import DEFAULT_BLOCK_SIZE, Role
+from flexlb.stack.interrupts import Interrupts
+from flexlb.stack.terminal import Terminal
 
 
 def parse(*argv: str) -> DemoParams:

@@ -1,3 +1,0 @@
-"""Moved to flexlb.stack.interrupts (this name goes in the next commit)."""
-
-from flexlb.stack.interrupts import Interrupts  # noqa: F401
