@@ -8,6 +8,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, Self
 
 import pytest
@@ -15,7 +16,7 @@ import redis.asyncio as aioredis
 
 from flexlb.embedded_cluster import EmbeddedCluster
 from flexlb.embedded_redis import EmbeddedRedis
-from flexlb.stack.processes import stop_process, wait_http_ready
+from flexlb.stack.processes import Child, spawn, stop_process, wait_http_ready
 from flexlb.state.pipelined import PipelinedRedis
 from flexlb.state.store import FleetStore
 
@@ -104,28 +105,30 @@ async def _scripts_client(client: aioredis.Redis, server: EmbeddedRedis) -> Asyn
 
 
 class ChildProcess:
-    """A flexlb command run as a child process, its output in ``log_path``, ready when its ``/health`` answers 200."""
+    """A flexlb command run as a child process through the project's launcher (flexlb.stack.processes: a process
+    group of its own, the parent-death signal), its output in ``log_path``, ready when its ``/health`` answers 200."""
 
     what = "process"
     url: str
+    child: Child
 
     def _spawn(self, command: list[str], env: dict[str, str], log_path: str) -> None:
-        import subprocess
-
+        path = Path(log_path)
+        self.child = spawn(self.what, command, path.parent, env, log_path=path, truncate=True)
+        self.process = self.child.process
         self.log_path = log_path
-        with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 20.0) -> Self:
         wait_http_ready(self.url, self.process, self.log, self.what, timeout_s)
         return self
 
     def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
+        return self.child.log_tail(4000)
 
     def stop(self, sig: int | None = None) -> int:
-        """Send ``sig`` (default SIGTERM) and return the exit status (killed, and -9, if it does not stop in 10 s)."""
+        """Send ``sig`` (default SIGTERM) and return the exit status (killed, and -9, if it does not stop in 10 s).
+
+        To the process alone, not its group: a test can then check that it stopped its own children itself."""
         import signal
 
         return stop_process(self.process, sig or signal.SIGTERM)
