@@ -6,25 +6,19 @@ exactly one waiter in."""
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from prometheus_client import CollectorRegistry
+from test_queueing import W, started_queue
 
 from flexlb.app import make_redis
-from flexlb.domain import Role, ScheduleRequest, WorkerSpec, WorkerStatus
+from flexlb.domain import ScheduleRequest
 from flexlb.embedded_redis import EmbeddedRedis
-from flexlb.metrics import SchedulerMetrics
-from flexlb.queueing import QueueMetrics, QueueOptions, RequestQueue, queue_priority
-from flexlb.routing import ChoiceMemory, StrategyName
-from flexlb.scheduler import Scheduler, SchedulerOptions
+from flexlb.queueing import RequestQueue, queue_priority
 from flexlb.state.events import FleetEvents
 from flexlb.state.store import FleetStore
 from flexlb.state.waiting import RANK_SCALE, Waiter, WaitingBoard
 
-W = WorkerSpec("10.0.0.1", 8000, Role.PDFUSION, max_concurrency=1)
-NEVER_S = 3600.0  # periodic re-check: longer than any test, so a wake-up can only come from an event
 HOLDER = 100  # the request that holds the only slot while the queue fills
 
 
@@ -44,24 +38,7 @@ async def make_queue(redis_server: EmbeddedRedis, service: str) -> AsyncIterator
     async def make(**options: object) -> RequestQueue:
         client = make_redis(redis_server.url, 1000)
         clients.append(client)
-        store = FleetStore(client, service)
-        await store.register_worker(W, WorkerStatus(kv_total=100_000))
-        scheduler = Scheduler(
-            store,
-            SchedulerOptions(strategies=dict.fromkeys(Role, StrategyName.LOWEST_CONCURRENCY), retries=0),
-            ChoiceMemory(rng=random.Random(1)),
-            SchedulerMetrics(CollectorRegistry()),
-        )
-        events = FleetEvents(client, store.keys)
-        events.start()
-        await asyncio.wait_for(events.connected.wait(), 5)
-        queue = RequestQueue(
-            scheduler,
-            events,
-            QueueOptions(**{"enabled": True, "recheck_s": NEVER_S, **options}),  # type: ignore[arg-type]
-            QueueMetrics(CollectorRegistry()),
-        )
-        queue.start()
+        queue, events = await started_queue(client, service, **options)
         made.append((queue, events))
         return queue
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
 from flexlb.admission import AdmissionControl, AdmissionOptions
 from flexlb.app import make_redis
@@ -34,31 +35,40 @@ async def other_router(redis_server: EmbeddedRedis, service: str) -> AsyncIterat
     await client.aclose()
 
 
+async def started_queue(
+    client: Redis, service: str, admission: AdmissionControl | None = None, **options: object
+) -> tuple[RequestQueue, FleetEvents]:
+    """A started queue (and its fleet events) of one router over worker W, with a one-slot scheduler; the caller
+    stops both."""
+    store = FleetStore(client, service)
+    await store.register_worker(W, WorkerStatus(kv_total=100_000))
+    scheduler = Scheduler(
+        store,
+        SchedulerOptions(strategies=dict.fromkeys(Role, StrategyName.LOWEST_CONCURRENCY), retries=0),
+        ChoiceMemory(rng=random.Random(1)),
+        SchedulerMetrics(CollectorRegistry()),
+    )
+    events = FleetEvents(client, store.keys)
+    events.start()
+    await asyncio.wait_for(events.connected.wait(), 5)
+    queue = RequestQueue(
+        scheduler,
+        events,
+        QueueOptions(**{"enabled": True, "recheck_s": NEVER_S, **options}),  # type: ignore[arg-type]
+        QueueMetrics(CollectorRegistry()),
+        admission,
+    )
+    queue.start()
+    return queue, events
+
+
 @pytest.fixture
 async def make_queue(redis_server: EmbeddedRedis, service: str) -> AsyncIterator:
     made: list[tuple[RequestQueue, FleetEvents]] = []
     client = make_redis(redis_server.url, 1000)
 
     async def make(admission: AdmissionControl | None = None, **options: object) -> RequestQueue:
-        store = FleetStore(client, service)
-        await store.register_worker(W, WorkerStatus(kv_total=100_000))
-        scheduler = Scheduler(
-            store,
-            SchedulerOptions(strategies=dict.fromkeys(Role, StrategyName.LOWEST_CONCURRENCY), retries=0),
-            ChoiceMemory(rng=random.Random(1)),
-            SchedulerMetrics(CollectorRegistry()),
-        )
-        events = FleetEvents(client, store.keys)
-        events.start()
-        await asyncio.wait_for(events.connected.wait(), 5)
-        queue = RequestQueue(
-            scheduler,
-            events,
-            QueueOptions(**{"enabled": True, "recheck_s": NEVER_S, **options}),  # type: ignore[arg-type]
-            QueueMetrics(CollectorRegistry()),
-            admission,
-        )
-        queue.start()
+        queue, events = await started_queue(client, service, admission, **options)
         made.append((queue, events))
         return queue
 
