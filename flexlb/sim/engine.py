@@ -338,13 +338,8 @@ class SimEngine:
         req = self._waiting.get(rid) or self._running.get(rid)
         if req is None:
             return False
-        self._drop(req)
-        req.finish_reason = "cancelled"
-        self._record_end(req, RequestState.CANCELLED)
         self._counters.cancelled += 1
-        req._out.put_nowait(_END)
-        self._admit()
-        self._wakeup.set()
+        self._end_cancelled(req, _END)
         return True
 
     def kv_ready(self, request: EngineRequest) -> None:
@@ -359,14 +354,19 @@ class SimEngine:
         """End a ``kv_pending`` request whose KV will not come: its stream raises ``error``. False if not live."""
         if not self._is_live(request.request_id):
             return False
+        self._counters.kv_failures += 1
+        self._end_cancelled(request, error)
+        return True
+
+    def _end_cancelled(self, request: EngineRequest, last: object) -> None:
+        """End a live request early: free its slot and KV, close its stream with ``last`` (the end marker or the
+        error it raises), let the next waiters in."""
         self._drop(request)
         request.finish_reason = "cancelled"
         self._record_end(request, RequestState.CANCELLED)
-        self._counters.kv_failures += 1
-        request._out.put_nowait(error)
+        request._out.put_nowait(last)
         self._admit()
         self._wakeup.set()
-        return True
 
     # ---- state ----
 
