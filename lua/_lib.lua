@@ -70,19 +70,24 @@ local function inflight_heads_key(block_prefix, wid)
   return string.sub(block_prefix, 1, -5) .. 'inflight_heads:' .. wid
 end
 
+-- Remove `heads` from a worker's in-flight heads zset `hk`; each leaves the inverted index unless the worker's own
+-- cache set holds it.
+local function drop_heads(hk, heads, block_prefix, cache_key, wid)
+  if #heads == 0 then return end
+  local held = redis.call('SMISMEMBER', cache_key, unpack(heads))
+  for i, block in ipairs(heads) do
+    if held[i] == 0 then redis.call('SREM', block_prefix .. block, wid) end
+  end
+  redis.call('ZREM', hk, unpack(heads))
+end
+
 -- Drop a worker's in-flight blocks whose expiry passed, at most `limit` of each kind: the expired heads leave the
 -- inverted index unless the worker's own cache set holds them, and the other blocks (never in the index for being
 -- in flight) go by rank, in C, without a Lua value per block. Returns how many heads were dropped.
 local function expire_inflight(block_prefix, cache_key, wid, now, limit)
   local hk = inflight_heads_key(block_prefix, wid)
   local due = redis.call('ZRANGEBYSCORE', hk, '-inf', now, 'LIMIT', 0, limit)
-  if #due > 0 then
-    local held = redis.call('SMISMEMBER', cache_key, unpack(due))
-    for i, block in ipairs(due) do
-      if held[i] == 0 then redis.call('SREM', block_prefix .. block, wid) end
-    end
-    redis.call('ZREM', hk, unpack(due))
-  end
+  drop_heads(hk, due, block_prefix, cache_key, wid)
   local ik = inflight_key(block_prefix, wid)
   local over = redis.call('ZRANGEBYSCORE', ik, '-inf', now, 'LIMIT', limit - 1, 1)
   if #over > 0 then  -- more than `limit` are due: the `limit` lowest (all due); the rest go on later calls
@@ -100,14 +105,7 @@ local function trim_inflight(block_prefix, cache_key, wid, cap, limit)
   local over = redis.call('ZCARD', ik) - cap
   if over > 0 then redis.call('ZREMRANGEBYRANK', ik, 0, over - 1) end
   over = math.min(redis.call('ZCARD', hk) - cap, limit)
-  if over > 0 then
-    local oldest = redis.call('ZRANGE', hk, 0, over - 1)
-    local held = redis.call('SMISMEMBER', cache_key, unpack(oldest))
-    for i, block in ipairs(oldest) do
-      if held[i] == 0 then redis.call('SREM', block_prefix .. block, wid) end
-    end
-    redis.call('ZREM', hk, unpack(oldest))
-  end
+  if over > 0 then drop_heads(hk, redis.call('ZRANGE', hk, 0, over - 1), block_prefix, cache_key, wid) end
 end
 
 -- Add every block a worker holds to the inverted index (its role became one that is indexed).
