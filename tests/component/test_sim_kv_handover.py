@@ -7,25 +7,12 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from test_sim_engine import FakeClock
 
 from flexlb.domain import Role
 from flexlb.sim.bootstrap import RoomBoard
 from flexlb.sim.engine import EngineConfig, KvTransferFailed, RequestState, SimEngine
 from flexlb.sim.protocol import BootstrapRoom, bootstrap_room
-
-
-class FakeClock:
-    """Moves only when the engine sleeps, so every modelled duration shows up exactly."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 @pytest.fixture
