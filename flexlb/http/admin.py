@@ -66,23 +66,11 @@ def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
         check_host(ip)
     except ValueError as exc:
         raise BadRequest(f"ip: {exc}") from None
-    role = data.get("role")
-    if not isinstance(role, str):
-        raise BadRequest(f"role: expected one of {', '.join(r.value for r in Role)}, got {role!r}")
-    try:
-        parsed_role = Role.parse(role)
-    except ValueError as exc:
-        raise BadRequest(f"role: {exc}") from None
+    parsed_role = _enum_field(data, "role", Role, None)
     group = data.get("group", "")
     if not isinstance(group, str):
         raise BadRequest(f"group: expected a string, got {type(group).__name__}")
-    engine = data.get("engine", EngineKind.RTP_LLM.value)
-    if not isinstance(engine, str):
-        raise BadRequest(f"engine: expected one of {', '.join(k.value for k in EngineKind)}, got {engine!r}")
-    try:
-        parsed_engine = EngineKind.parse(engine)
-    except ValueError as exc:
-        raise BadRequest(f"engine: {exc}") from None
+    parsed_engine = _enum_field(data, "engine", EngineKind, EngineKind.RTP_LLM)
     try:
         kv_events = parse_kv_events(data.get("kv_events"), data.get("kv_events_replay"), ip)
     except ValueError as exc:
@@ -97,6 +85,17 @@ def parse_worker_spec(data: dict[str, Any]) -> WorkerSpec:
         engine=parsed_engine,
         kv_events=kv_events,
     )
+
+
+def _enum_field(data: dict[str, Any], name: str, kind: type[Role] | type[EngineKind], default: Any) -> Any:
+    """``data[name]`` through ``kind.parse`` (``default`` when absent and not None); BadRequest naming the field."""
+    value = data.get(name, None if default is None else default.value)
+    if not isinstance(value, str):
+        raise BadRequest(f"{name}: expected one of {', '.join(k.value for k in kind)}, got {value!r}")
+    try:
+        return kind.parse(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name}: {exc}") from None
 
 
 def parse_status_changes(data: Any) -> dict[str, str]:
