@@ -164,6 +164,11 @@ def api_of(app: web.Application, request: web.Request) -> Api | None:
     )
 
 
+def log_refusal(method: str, path: str, peer: str | None, refusal: Refusal) -> None:
+    # The path and the peer, never the key: a log of refusals is a log of probes.
+    log.info("%s %s from %s: %d %s", method, path, peer, refusal.status, refusal.message.partition(":")[0])
+
+
 def refusal_answer(api: Api, refusal: Refusal, master_host: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """The refusal's JSON body in the API's own error shape (OpenAI's for the proxy, the schedule API's for the
     others) and its headers."""
@@ -197,9 +202,7 @@ def setup_auth(app: web.Application, auth: AuthSettings, master_host: str | None
             return await handler(request)
         outcome = app[CLIENT].check(api, request.headers.get("Authorization"))
         if isinstance(outcome, Refusal):
-            # The path and the peer, never the key: a log of refusals is a log of probes.
-            log.info("%s %s from %s: %d %s", request.method, request.path, request.remote, outcome.status,
-                     outcome.message.partition(":")[0])  # fmt: skip
+            log_refusal(request.method, request.path, request.remote, outcome)
             return refusal_response(api, outcome, master_host)
         request[CLIENT_KEY] = outcome
         return await handler(request)

@@ -40,6 +40,13 @@ def too_large(limits: BodyLimits, what: str) -> BodyError:
     return BodyError(413, message, code="request_too_large")
 
 
+def body_late(timeout_s: float) -> BodyError:
+    """A body not all in within ``timeout_s`` of its headers."""
+    return BodyError(
+        408, f"request body not received within {timeout_s:g}s (httpBodyTimeoutMs)", code="request_timeout"
+    )
+
+
 async def request_body(request: web.Request) -> bytes:
     """The body RequestReader read (decoded), or ``request.read()`` in an app without it."""
     body = request.get(BODY)
@@ -56,9 +63,7 @@ async def read_body(request: web.BaseRequest, limits: BodyLimits) -> bytes:
         async with asyncio.timeout(limits.timeout_s):
             raw = await _read_raw(request, limits)
     except TimeoutError:
-        raise BodyError(
-            408, f"request body not received within {limits.timeout_s:g}s (httpBodyTimeoutMs)", code="request_timeout"
-        ) from None
+        raise body_late(limits.timeout_s) from None
     return decode(raw, encodings, limits)
 
 

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import email.utils
 import http
-import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -24,17 +23,13 @@ from typing import Any
 
 import orjson
 
-from flexlb.domain import ErrorCode
-from flexlb.http.auth import Api, Keyring, Refusal, refusal_answer
+from flexlb.http.auth import Api, Keyring, Refusal, log_refusal, refusal_answer
+from flexlb.http.body import body_late
 from flexlb.http.drain import InFlightRequests
+from flexlb.http.middleware import handler_failure, schedule_error_body
 from flexlb.http.routes import Answer, release_answer, schedule_answer
 from flexlb.http.server import ConnectionWatch, ReadTimeouts
-from flexlb.http.wire import error_body
 from flexlb.schedule_api import RouterContext
-from flexlb.state.errors import REDIS_UNAVAILABLE
-
-log = logging.getLogger("flexlb.http")
-auth_log = logging.getLogger("flexlb.auth")  # refusals are logged where the auth middleware logs them
 
 MAX_HEAD_BYTES = 16 * 1024  # longer heads go to aiohttp, which refuses them with its own limits
 Handler = Callable[[RouterContext, bytes, str], Awaitable[Answer]]
@@ -112,8 +107,6 @@ class FastPath:
         self.body_limits = body_limits
         self.connections: set[_FastConnection] = set()
         self.closing = False
-        self.answered = 0  # requests answered here (tests, /health could show it)
-        self.handed_over = 0  # connections given to aiohttp
 
     def wrap(self, fallback: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _FastConnection(self, fallback)
@@ -221,7 +214,6 @@ class _FastConnection(asyncio.Protocol):
         finally:
             fast.in_flight.discard(task)
             self._task = None
-        fast.answered += 1
         if self._transport is None:
             return
         self._write(answer)
@@ -234,20 +226,14 @@ class _FastConnection(asyncio.Protocol):
         outcome = fast.keyring.check(Api.SCHEDULE, head.authorization)
         if isinstance(outcome, Refusal):
             peer = self._transport.get_extra_info("peername") if self._transport is not None else None
-            auth_log.info("POST %s from %s: %d %s", head.path, peer[0] if peer else None, outcome.status,
-                     outcome.message.partition(":")[0])  # fmt: skip
+            log_refusal("POST", head.path, peer[0] if peer else None, outcome)
             payload, headers = refusal_answer(Api.SCHEDULE, outcome, ctx.master_host)
             return Answer(payload, outcome.status, headers)
         try:
             return await head.handler(ctx, body, outcome)
-        except REDIS_UNAVAILABLE as exc:  # as json_errors answers it on the aiohttp side
-            log.warning("POST %s: Redis unreachable: %s", head.path, exc)
-            msg = f"STATE_UNAVAILABLE: Redis is unreachable ({type(exc).__name__}: {exc})"
-            return Answer(error_body(ErrorCode.STATE_UNAVAILABLE, msg), 503)
-        except Exception:
-            log.exception("unhandled error in POST %s", head.path)
-            msg = f"internal error in POST {head.path}; see the router's log"
-            return Answer(error_body(ErrorCode.INVALID_REQUEST, msg), 500)
+        except Exception as exc:  # answered as json_errors answers it on the aiohttp side
+            status, message, _ = handler_failure("POST", head.path, exc)
+            return Answer(schedule_error_body(status, message), status)
 
     def _write(self, answer: Answer) -> None:
         transport = self._transport
@@ -275,7 +261,6 @@ class _FastConnection(asyncio.Protocol):
         assert transport is not None
         self._cancel_timer()
         self._fast.connections.discard(self)
-        self._fast.handed_over += 1
         inner = self._fallback()
         transport.set_protocol(inner)
         inner.connection_made(transport)
@@ -314,11 +299,10 @@ class _FastConnection(asyncio.Protocol):
         self._timer = None
         if self._task is not None or self._transport is None:
             return
-        secs = self._fast.timeouts.body_s
-        msg = f"request body not received within {secs:g}s (httpBodyTimeoutMs)"
+        late = body_late(self._fast.timeouts.body_s)
         self._buf.clear()
         self._close_after = True
-        self._write(Answer(error_body(ErrorCode.INVALID_REQUEST, msg), 408))
+        self._write(Answer(schedule_error_body(late.status, late.message), late.status))
 
 
 _date_cache: tuple[int, bytes] = (0, b"")

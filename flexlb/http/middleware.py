@@ -5,6 +5,7 @@ elsewhere; no HTML pages, no stack traces to clients. ``RequestReader`` reads ea
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -37,8 +38,22 @@ def error_response(request: web.BaseRequest, status: int, message: str, *, code:
             return json_response({"error": {"message": message, "type": type_, "param": None, "code": None}}, 404)
         code = code or _OPENAI_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
         return json_response(openai_error_body(message, type_=type_, code=code), status)
-    flexlb_code = ErrorCode.STATE_UNAVAILABLE if status == 503 else ErrorCode.INVALID_REQUEST
-    return json_response(error_body(flexlb_code, message), status)
+    return json_response(schedule_error_body(status, message), status)
+
+
+def schedule_error_body(status: int, message: str) -> dict[str, Any]:
+    """An error in the schedule API's shape, its code from the HTTP status."""
+    return error_body(ErrorCode.STATE_UNAVAILABLE if status == 503 else ErrorCode.INVALID_REQUEST, message)
+
+
+def handler_failure(method: str, path: str, exc: Exception) -> tuple[int, str, str | None]:
+    """What a handler's escaped exception is answered with (status, message, OpenAI code), logged: Redis
+    unreachable is a 503, anything else a bug (500, its traceback in the log, never in the answer)."""
+    if isinstance(exc, REDIS_UNAVAILABLE):
+        log.warning("%s %s: Redis unreachable: %s", method, path, exc)
+        return 503, f"STATE_UNAVAILABLE: Redis is unreachable ({type(exc).__name__}: {exc})", "state_unavailable"
+    log.error("unhandled error in %s %s", method, path, exc_info=exc)
+    return 500, f"internal error in {method} {path}; see the router's log", None
 
 
 class RequestReader:
@@ -83,10 +98,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         return error_response(request, exc.status, f"{exc.reason}: {request.method} {request.path}")
-    except REDIS_UNAVAILABLE as exc:
-        log.warning("%s %s: Redis unreachable: %s", request.method, request.path, exc)
-        msg = f"STATE_UNAVAILABLE: Redis is unreachable ({type(exc).__name__}: {exc})"
-        return error_response(request, 503, msg, code="state_unavailable")
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(request, 500, f"internal error in {request.method} {request.path}; see the router's log")
+    except Exception as exc:
+        status, message, code = handler_failure(request.method, request.path, exc)
+        return error_response(request, status, message, code=code)
