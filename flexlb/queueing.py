@@ -45,6 +45,7 @@ from flexlb.domain import ErrorCode, QueueStay, ScheduleRequest, ScheduleResult
 from flexlb.scheduler import Scheduler
 from flexlb.state.events import FleetEvents
 from flexlb.state.waiting import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, Waiter, WaitingBoard
+from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.queue")
 
@@ -163,10 +164,8 @@ class RequestQueue:
         """Stop dispatching; queued requests are answered REQUEST_CANCELLED (the router is going away), and so are
         later ones that find no capacity, at once."""
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._task is not None:  # until done: a cancellation lost in a Redis read would leave it waiting
+            await cancel_until_done(self._task)
             self._task = None
         if self._attempt is not None:  # the head's attempt ran on: answer it, or give its reservation back
             head, attempt = self._attempt

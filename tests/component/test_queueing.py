@@ -22,6 +22,7 @@ from flexlb.routing import ChoiceMemory, StrategyName
 from flexlb.scheduler import Scheduler, SchedulerOptions
 from flexlb.state.events import FleetEvents
 from flexlb.state.store import FleetStore
+from flexlb.state.waiting import Waiter, WaitingBoard
 
 W = WorkerSpec("10.0.0.1", 8000, Role.PDFUSION, max_concurrency=1)
 NEVER_S = 3600.0  # periodic re-check: longer than any test, so a wake-up can only come from an event
@@ -36,10 +37,14 @@ async def other_router(redis_server: EmbeddedRedis, service: str) -> AsyncIterat
 
 
 async def started_queue(
-    client: Redis, service: str, admission: AdmissionControl | None = None, **options: object
+    client: Redis,
+    service: str,
+    admission: AdmissionControl | None = None,
+    board: type[WaitingBoard] = WaitingBoard,
+    **options: object,
 ) -> tuple[RequestQueue, FleetEvents]:
-    """A started queue (and its fleet events) of one router over worker W, with a one-slot scheduler; the caller
-    stops both."""
+    """A started queue (and its fleet events, whose waiting board is a ``board``) of one router over worker W, with a
+    one-slot scheduler; the caller stops both."""
     store = FleetStore(client, service)
     await store.register_worker(W, WorkerStatus(kv_total=100_000))
     scheduler = Scheduler(
@@ -49,6 +54,7 @@ async def started_queue(
         SchedulerMetrics(CollectorRegistry()),
     )
     events = FleetEvents(client, store.keys)
+    events.waiting = board(client, store.keys)
     events.start()
     await asyncio.wait_for(events.connected.wait(), 5)
     queue = RequestQueue(
@@ -67,8 +73,10 @@ async def make_queue(redis_server: EmbeddedRedis, service: str) -> AsyncIterator
     made: list[tuple[RequestQueue, FleetEvents]] = []
     client = make_redis(redis_server.url, 1000)
 
-    async def make(admission: AdmissionControl | None = None, **options: object) -> RequestQueue:
-        queue, events = await started_queue(client, service, admission, **options)
+    async def make(
+        admission: AdmissionControl | None = None, board: type[WaitingBoard] = WaitingBoard, **options: object
+    ) -> RequestQueue:
+        queue, events = await started_queue(client, service, admission, board, **options)
         made.append((queue, events))
         return queue
 
@@ -129,6 +137,37 @@ async def test_a_full_queue_answers_queue_full_at_once(make_queue, other_router:
     result = await queue.schedule(req(2))
     assert result.code is ErrorCode.QUEUE_FULL and "queue full (1 requests waiting)" in result.message
     first.cancel()
+
+
+class LosesOneCancellation(WaitingBoard):
+    """A board whose first read of other routers' waiters blocks, then swallows the cancellation sent to it, as a
+    redis-py read completing at the moment it is cancelled does on Python 3.11 (asyncio.timeout)."""
+
+    reading = asyncio.Event()
+
+    async def earlier_elsewhere(self, before_rank: int) -> list[Waiter] | None:
+        if not self.reading.is_set():
+            self.reading.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                return []
+        return await super().earlier_elsewhere(before_rank)
+
+
+async def test_stop_ends_even_when_the_dispatcher_loses_a_cancellation(  # type: ignore[no-untyped-def]
+    make_queue, other_router: FleetStore
+) -> None:
+    LosesOneCancellation.reading = asyncio.Event()
+    queue = await make_queue(board=LosesOneCancellation)
+    assert (await other_router.reserve(100, [(W.worker_id, 10)], 60_000)).ok
+    waiting = asyncio.create_task(queue.schedule(req(1)))
+    await asyncio.wait_for(LosesOneCancellation.reading.wait(), 5)  # the dispatcher is in the board's read
+    stopping = asyncio.create_task(queue.stop())
+    # not wait_for: cancelling a stop() that waits on the dispatcher would end it through the same suppress
+    done, _ = await asyncio.wait({stopping}, timeout=5)
+    assert done, "stop() waits for a dispatcher that lost its cancellation"
+    assert (await asyncio.wait_for(waiting, 5)).code is ErrorCode.REQUEST_CANCELLED
 
 
 async def test_a_request_times_out_in_the_queue(make_queue, other_router: FleetStore) -> None:  # type: ignore[no-untyped-def]
