@@ -9,12 +9,26 @@ end
 -- The change stream: every write that changes what a router's fleet view holds appends one entry, so routers tail
 -- the stream instead of reading every worker. Entries are {t, kind, n, seq, field, value, ...}: kind 's' (status
 -- fields of worker w), 'a' (worker w registered or updated, with its role), 'r' (worker w removed), 'p' (pending
--- load: field = worker id, value = "pending_count pending_tokens"). n grows by one per entry, so a reader that sees
+-- load: field = worker id, value = "pending_count pending_tokens"; a reservation's entry also has '+i' = "worker
+-- until_ms cap block ...", the blocks it put in flight), 'k' (the blocks of prefill-type worker w changed: op 'd' with
+-- 'add' and 'del' (space-separated hashes), or op 'l': read its sets again). n grows by one per entry, so a reader that sees
 -- a jump knows it missed entries (trimmed stream, Redis restarted empty) and reads the fleet again.
 local STREAM_MAXLEN = 20000
 local function stream_add(stream_key, seq_key, kind, fields)
   local n = redis.call('INCR', seq_key)
   redis.call('XADD', stream_key, 'MAXLEN', '~', STREAM_MAXLEN, '*', 't', kind, 'n', n, unpack(fields))
+end
+
+-- The 'k' entry of a change to a prefill-type worker's blocks: the diff itself when it is small, else 'l' (the
+-- routers' mirrors read the worker's sets again: one large entry per poll would fill the stream).
+local MAX_DIFF_IN_STREAM = 512
+local function blocks_changed(stream_key, seq_key, wid, added, removed)
+  if #added + #removed > MAX_DIFF_IN_STREAM then
+    stream_add(stream_key, seq_key, 'k', {'w', wid, 'op', 'l'})
+  elseif #added + #removed > 0 then
+    stream_add(stream_key, seq_key, 'k', {'w', wid, 'op', 'd', 'add', table.concat(added, ' '),
+      'del', table.concat(removed, ' ')})
+  end
 end
 
 -- HINCRBY with a Lua number: never '-0' (Lua 5.1 formats negative zero so, and HINCRBY refuses it).

@@ -12,7 +12,7 @@
 -- Returns {1, reservations released}, {0, 'gone'} when the worker was removed, or {0, 'stale epoch N, current M'};
 -- on refusal nothing is written.
 -- Guarantees: the worker stays registered but is not alive, with no load, no reservations and no cached blocks
--- (it is gone from every block of the inverted index too); status_version grows by one, an 's' stream entry
+-- (it is gone from every block of the inverted index too, and a 'k' entry says so); status_version grows by one, an 's' stream entry
 -- carries the new fields and "status <worker id> <status_version>" is published; the req:<rid> indexes still
 -- naming it release as no-ops; a removed worker is not re-created.
 -- @include _lib.lua
@@ -34,5 +34,6 @@ fields[#fields + 1] = version
 fields[#fields + 1] = 'w'
 fields[#fields + 1] = ARGV[2]
 stream_add(KEYS[6], KEYS[7], 's', fields)
+stream_add(KEYS[6], KEYS[7], 'k', {'w', ARGV[2], 'op', 'l'})  -- the block mirrors: it holds nothing now
 redis.call('PUBLISH', ARGV[3], 'status ' .. ARGV[2] .. ' ' .. version)
 return {1, released}

@@ -25,7 +25,7 @@
 -- its KV total; re-reserving a request id already held on a worker refreshes its expiry without counting it twice.
 -- On success the B blocks become in-flight on the first prefill-type (PREFILL, PDFUSION) worker, the first of them (the
 -- head, also in its inflight_heads zset) in the inverted index: held by it until its own cache report confirms them or ARGV[3] ms pass (lua/lookup.lua,
--- lua/master_cache.lua).
+-- lua/master_cache.lua); the 'p' stream entry names them ('+i') for the routers' block mirrors.
 -- Touches only the workers named: never the rest of the fleet.
 -- @include _lib.lua
 
@@ -87,6 +87,7 @@ end
 local expiry = now + ttl
 local out, changes = {1, now}, {}
 local prefill_seen = false
+local inflight_note
 for i = 1, n do
   local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
   local wid, tokens = ARGV[base + 2 * i - 1], tonumber(ARGV[base + 2 * i])
@@ -107,6 +108,7 @@ for i = 1, n do
       redis.call('SADD', block_prefix .. ARGV[9], wid)
       redis.call('ZADD', inflight_heads_key(block_prefix, wid), until_ms, ARGV[9])
       if cap > 0 then trim_inflight(block_prefix, cache_key, wid, cap, 64) end
+      inflight_note = wid .. ' ' .. string.format('%.0f', until_ms) .. ' ' .. cap .. ' ' .. table.concat(ARGV, ' ', 9, base)
     end
   end
   local pending
@@ -120,6 +122,10 @@ for i = 1, n do
   out[#out + 1] = pending
   changes[#changes + 1] = wid
   changes[#changes + 1] = pending
+end
+if inflight_note then  -- for the routers' block mirrors (flexlb/state/block_mirror.py)
+  changes[#changes + 1] = '+i'
+  changes[#changes + 1] = inflight_note
 end
 stream_add(KEYS[2], KEYS[3], 'p', changes)
 -- the index outlives the reservations a little so a late release still finds them gone, not unknown

@@ -14,7 +14,8 @@
 -- what the master polls it by changes (engine, grpc_port, kv_events, kv_events_replay), so it follows the new ones;
 -- status_version grows by one and updated_ms is server time on every write; an 'a' stream entry carries the
 -- fields written with the role, status_version and the pending load; a worker whose role changes between a
--- prefill-type one and another enters or leaves the inverted index with the blocks it holds.
+-- prefill-type one and another enters or leaves the inverted index with the blocks it holds (and a 'k' entry after
+-- the 'a' one tells the routers' block mirrors to read it again).
 -- @include _lib.lua
 
 local ROLES = {'PREFILL', 'DECODE', 'PDFUSION', 'VIT'}
@@ -27,7 +28,8 @@ if role == '' then
   role = old_role
   if not role then return {0, 'worker ' .. wid .. ' has no role; give one'} end
 end
-if (INDEXED_ROLES[old_role or ''] or false) ~= (INDEXED_ROLES[role] or false) then
+local reindexed = (INDEXED_ROLES[old_role or ''] or false) ~= (INDEXED_ROLES[role] or false)
+if reindexed then
   if INDEXED_ROLES[role] then index_blocks(KEYS[9], ARGV[4], wid) else unindex_blocks(KEYS[9], ARGV[4], wid, true) end
 end
 local changed = 0
@@ -63,4 +65,5 @@ fields[#fields + 1] = pending[2]
 fields[#fields + 1] = 'w'
 fields[#fields + 1] = wid
 stream_add(KEYS[7], KEYS[8], 'a', fields)
+if reindexed then stream_add(KEYS[7], KEYS[8], 'k', {'w', wid, 'op', 'l'}) end
 return {1, changed}

@@ -47,6 +47,7 @@ class ReserveOutcome:
     # checked status fields after a refusal (lua/reserve.lua CHECKED), for the caller's view
     pending: tuple[tuple[int, int], ...] = ()
     seen: dict[str, str] | None = None
+    redis_ms: int = 0  # Redis' clock at a reservation (its in-flight blocks expire from then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,7 @@ class FleetStore:
             args += [wid, tokens]
         reply = await self.scripts.call("reserve", keys, args)
         if reply[0] == 1:
-            return ReserveOutcome(ok=True, pending=tuple(parse_pending(p) for p in reply[2:]))
+            return ReserveOutcome(ok=True, pending=tuple(parse_pending(p) for p in reply[2:]), redis_ms=int(reply[1]))
         seen = {name: value for name, value in zip(_CHECKED, reply[4], strict=False) if value is not None}
         return ReserveOutcome(ok=False, refused_index=int(reply[1]) - 1, reason=reply[2], detail=reply[3], seen=seen)
 
@@ -241,7 +242,8 @@ class FleetStore:
         """Replace the set of block hashes a worker holds, in its set and the inverted index (operators and tests;
         the poller applies diffs)."""
         args = [worker_id, self.keys.block_prefix, *block_keys]
-        await self.scripts.call("cache_set", [self.keys.worker(worker_id), self.keys.cache_blocks(worker_id)], args)
+        keys = [self.keys.worker(worker_id), self.keys.cache_blocks(worker_id), *self.keys.change_keys()]
+        await self.scripts.call("cache_set", keys, args)
 
     async def block_holders(self, block_key: int) -> set[str]:
         """The workers the inverted index lists as holding one block."""
@@ -315,6 +317,19 @@ class FleetStore:
         pairs = await self.redis.zrange(self.keys.inflight_blocks(worker_id), 0, -1, withscores=True)
         return {int(block): int(expiry) for block, expiry in pairs}
 
+    async def read_worker_blocks(self, worker_ids: Sequence[str]) -> dict[str, tuple[set[int], dict[int, int]]]:
+        """Each worker's cached blocks and in-flight blocks (-> expiry ms): what a router's block mirror starts from
+        (one pipelined round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in worker_ids:
+                pipe.smembers(self.keys.cache_blocks(wid))
+                pipe.zrange(self.keys.inflight_blocks(wid), 0, -1, withscores=True)
+            replies = await pipe.execute() if worker_ids else []
+        return {
+            wid: ({int(b) for b in cached}, {int(b): int(until) for b, until in inflight})
+            for wid, cached, inflight in zip(worker_ids, replies[::2], replies[1::2], strict=True)
+        }
+
     async def cache_blocks(self, worker_id: str) -> set[int]:
         """The block cache keys a worker holds."""
         return {int(k) for k in await self.redis.smembers(self.keys.cache_blocks(worker_id))}
@@ -356,7 +371,7 @@ class FleetStore:
         self, epoch: int, worker_id: str, add: Collection[int], remove: Collection[int]
     ) -> int | None:
         """Add and remove block cache keys of a worker in one step; returns the number of keys it holds after."""
-        keys = [self.keys.worker(worker_id), self.keys.cache_blocks(worker_id)]
+        keys = [self.keys.worker(worker_id), self.keys.cache_blocks(worker_id), *self.keys.change_keys()]
         args = [epoch, worker_id, self.keys.block_prefix, len(add), *add, *remove]
         reply = await self._fenced("master_cache", keys, args)
         return None if reply is None else int(reply[1])

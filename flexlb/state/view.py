@@ -165,7 +165,7 @@ class FleetView:
         kind = entry.get("t")
         if kind == "p":
             for wid, value in entry.items():
-                if wid not in ("t", "n"):
+                if wid not in ("t", "n", "+i"):  # '+i': in-flight blocks, the block mirror's (ViewSync)
                     count, _, tokens = value.partition(" ")
                     self.set_pending(wid, int(count), int(tokens or 0))
         elif kind in ("s", "a"):
@@ -179,6 +179,8 @@ class FleetView:
             self._refresh(wid)
         elif kind == "r":
             self._remove(entry["w"])
+        elif kind == "k":
+            pass  # a worker's blocks changed: the block mirror's (ViewSync), not a status
         else:
             log.warning("change stream entry of unknown kind %r ignored: %s", kind, dict(entry))
 
