@@ -127,6 +127,7 @@ def scheduler_options(config: FlexlbConfig, roles: tuple[Role, ...]) -> Schedule
         inflight_ttl_ms=config.inflight_prefix_ttl_ms,
         approx_ttl_ms=config.approx_prefix_ttl_ms,
         approx_max_blocks=config.approx_prefix_max_blocks,
+        block_mirror=config.block_mirror,
         view_block_ms=max(1, min(500, config.redis_timeout_ms // 2)),
     )
 

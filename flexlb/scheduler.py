@@ -26,8 +26,9 @@ from flexlb.metrics import SchedulerMetrics
 from flexlb.routing import ChoiceMemory, DecisionOptions, StrategyName, StrategyParams, decide, order_keys
 from flexlb.routing.decide import orders_per_role
 from flexlb.routing.strategies import PREFILL_ROLES
+from flexlb.state.block_mirror import BlockMirror
 from flexlb.state.errors import REDIS_UNAVAILABLE
-from flexlb.state.store import FleetStore, PrefixHits
+from flexlb.state.store import MAX_INFLIGHT_BLOCKS, FleetStore, PrefixHits
 from flexlb.state.view import FleetView
 from flexlb.state.view_sync import ViewSync
 
@@ -55,6 +56,7 @@ class SchedulerOptions:
     approx_ttl_ms: int = 0
     approx_max_blocks: int = 32_768
     view_block_ms: int = 500  # the fleet view's XREAD BLOCK; below the Redis client's socket timeout
+    block_mirror: bool = True  # look prefixes up in a router-local copy of the block index (flexlb.state.block_mirror)
 
     @property
     def decision(self) -> DecisionOptions:
@@ -83,7 +85,8 @@ class Scheduler:
         self._clock = clock
         self._decision = options.decision
         self.view = FleetView(order_keys(options.params), orders_per_role(options.strategies))
-        self.view_sync = ViewSync(store, self.view, block_ms=options.view_block_ms, clock=clock)
+        mirror = BlockMirror() if options.block_mirror else None
+        self.view_sync = ViewSync(store, self.view, block_ms=options.view_block_ms, clock=clock, mirror=mirror)
         self._redis_down_since: float | None = None
         self._next_probe_at = 0.0
         # Reservations made while Redis was down: only this process knows them, until released or expired.
@@ -197,7 +200,7 @@ class Scheduler:
         if not self.view_sync.running:  # no tail following the stream (not started, or reconnecting): read inline
             await self.view_sync.catch_up()
         looked_up = self._needs_lookup(request)
-        hits = await self.store.lookup_prefix(request.block_cache_keys) if looked_up else {}
+        hits = await self._lookup(request.block_cache_keys) if looked_up else {}
         refusal = ""
         refused_role: Role | None = None
         caught_up = not self.view_sync.running
@@ -220,12 +223,13 @@ class Scheduler:
             picks = [(result.choices[r].worker.worker_id, result.choices[r].reserve_tokens) for r in roles]
             inflight_ttl, inflight_cap = self._inflight_hold(result)
             _add_load(self._reserving, picks, 1)
+            inflight_blocks = self._inflight_blocks(request, result, hits)
             try:
                 outcome = await self.store.reserve(
                     request.request_id,
                     picks,
                     ttl_ms,
-                    inflight_blocks=self._inflight_blocks(request, result, hits),
+                    inflight_blocks=inflight_blocks,
                     inflight_ttl_ms=inflight_ttl,
                     inflight_max_blocks=inflight_cap,
                     probe_block=probe,
@@ -239,6 +243,8 @@ class Scheduler:
                     self.view.set_pending(wid, count, tokens)
                 result.attempts = attempt
                 self._remember_reserved(request.request_id, [wid for wid, _ in picks])
+                if inflight_ttl:
+                    self._note_inflight(result, inflight_blocks, outcome.redis_ms + inflight_ttl, inflight_cap)
                 self._count_hits(result, hits)
                 return result
             refused_role = roles[outcome.refused_index]
@@ -261,6 +267,20 @@ class Scheduler:
             attempts=self.options.retries + 1,
             busy=True,  # other routers took the capacity first
         )
+
+    async def _lookup(self, block_keys: list[int]) -> PrefixHits:
+        """The request's prefix hits: from the router's block mirror when it is synced, else from Redis."""
+        hits = self.view_sync.lookup_prefix(block_keys)
+        return await self.store.lookup_prefix(block_keys) if hits is None else hits
+
+    def _note_inflight(self, result: ScheduleResult, blocks: list[int], until_ms: int, cap: int) -> None:
+        """The reservation's in-flight blocks, into this router's block mirror at once (as lua/reserve.lua)."""
+        if not blocks:
+            return
+        for role, choice in result.choices.items():
+            if role in PREFILL_ROLES:
+                self.view_sync.note_inflight(choice.worker.worker_id, blocks[:MAX_INFLIGHT_BLOCKS], until_ms, cap)
+                return
 
     def _inflight_hold(self, result: ScheduleResult) -> tuple[int, int]:
         """How long the request's new blocks count as held by its prefill-type worker, and the bound per worker

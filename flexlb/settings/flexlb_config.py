@@ -153,6 +153,13 @@ class FlexlbConfig:
         origin="flexlb",
         low=1,
     )
+    block_mirror: bool = _opt(
+        True,
+        "Each router keeps a copy of the inverted cache-block index in memory, fed by the change stream, and looks"
+        " a request's prefix up there instead of in Redis (about 100 bytes of router memory per cached block of"
+        " the fleet); false = every lookup goes to Redis (lua/lookup.lua).",
+        origin="flexlb",
+    )
     redis_timeout_ms: int = _opt(1000, "Timeout of one Redis call, in ms.", origin="flexlb", low=1)
     http_host: str = _opt(
         "127.0.0.1",

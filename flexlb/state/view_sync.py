@@ -5,6 +5,10 @@ when the entries' sequence numbers show a gap (the stream was trimmed past this 
 otherwise each change costs one entry. ``fresh_at`` is when Redis last answered the tail: the decision path treats
 a view older than its staleness bound as unusable, exactly as it treated an old snapshot.
 
+With a :class:`~flexlb.state.block_mirror.BlockMirror`, the same tail keeps the router's copy of the inverted
+cache-block index: ``k`` entries (a prefill-type worker's blocks changed) and the in-flight blocks of ``p`` entries;
+a ``k`` entry too large for the stream says "read this worker again", done after the batch it came in.
+
 Without the background task running (:meth:`start`), :meth:`catch_up` does the same work inline: the scheduler calls
 it before a decision then, so a scheduler built without the tail (tests, tools) still decides on current state.
 """
@@ -16,7 +20,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from flexlb.state.store import FleetStore
+from flexlb.state.block_mirror import INDEXED_ROLES, BlockMirror, parse_blocks
+from flexlb.state.store import FleetStore, PrefixHits
 from flexlb.state.view import FleetView, NeedsResync
 from flexlb.tasks import cancel_until_done
 
@@ -33,9 +38,12 @@ class ViewSync:
         *,
         block_ms: int = 500,
         clock: Callable[[], float] = time.monotonic,
+        mirror: BlockMirror | None = None,
     ) -> None:
         self.store = store
         self.view = view
+        self.mirror = mirror
+        self._touched: dict[str, int] = {}  # worker -> block changes applied to the mirror (reloads check it)
         self.block_ms = block_ms
         self._clock = clock
         self._last_id = "0-0"
@@ -76,6 +84,9 @@ class ViewSync:
         if read.seq < self._last_seq and await self._restore_lost(read.hashes):
             read = await self.store.read_fleet()
         self.view.replace_all(read.hashes)
+        if self.mirror is not None:
+            self.mirror.clear()
+            self.mirror.synced = await self._reload_blocks(self._indexed(read.hashes))
         self._last_id, self._last_seq = read.stream_id, read.seq
         self.fresh_at = self._clock()
         self.view.observe_redis_clock(read.redis_ms, self.fresh_at)
@@ -93,8 +104,11 @@ class ViewSync:
             entries = await self.store.read_changes(self._last_id, block_ms=block_ms)
         except BaseException:
             self.view.synced = False  # Redis may come back empty: read everything then
+            if self.mirror is not None:
+                self.mirror.synced = False
             raise
         applied = 0
+        reload: set[str] = set()
         for entry_id, fields in entries:
             seq = int(fields.get("n", 0))
             if _stream_id(entry_id) <= _stream_id(self._last_id):
@@ -111,17 +125,83 @@ class ViewSync:
                 return applied
             try:
                 self.view.apply(fields)
+                if self.mirror is not None:
+                    self._apply_blocks(fields, reload)
             except NeedsResync as exc:
                 log.warning("fleet view of %s: %s; reading the fleet again", self.store.keys.service, exc)
                 await self.resync()
                 return applied
             self._last_id, self._last_seq = entry_id, seq
             applied += 1
+        if reload:
+            await self._reload_blocks(sorted(reload))
         self.fresh_at = self._clock()  # a blocking read that came back empty: nothing changed until now
         if applied:  # an entry's id is Redis' clock when it was written, a moment ago
             self.view.observe_redis_clock(_stream_id(self._last_id)[0], self.fresh_at)
         self.entries += applied
         return applied
+
+    def lookup_prefix(self, block_keys: list[int]) -> PrefixHits | None:
+        """The request's prefix hits from the block mirror; None when there is none or it is not synced (the
+        caller asks Redis then)."""
+        mirror = self.mirror
+        if mirror is None or not mirror.synced or not self.view.synced:
+            return None
+        return mirror.lookup_prefix(block_keys, self.view.redis_now_ms(self._clock()))
+
+    def note_inflight(self, worker_id: str, blocks: list[int], until_ms: int, cap: int) -> None:
+        """This router's own reservation put ``blocks`` in flight: in the mirror now, before the stream says so."""
+        if self.mirror is not None and blocks:
+            self._touched[worker_id] = self._touched.get(worker_id, 0) + 1
+            self.mirror.add_inflight(worker_id, blocks, until_ms, cap)
+
+    def _apply_blocks(self, fields: dict[str, str], reload: set[str]) -> None:
+        """One stream entry's block changes, into the mirror; workers to read again go to ``reload``."""
+        mirror = self.mirror
+        assert mirror is not None
+        kind = fields.get("t")
+        if kind == "p":
+            note = fields.get("+i")
+            if note:
+                wid, until, cap, *blocks = note.split()
+                self.note_inflight(wid, [int(b) for b in blocks], int(until), int(cap))
+        elif kind == "k":
+            wid = fields["w"]
+            self._touched[wid] = self._touched.get(wid, 0) + 1
+            if fields.get("op") == "d":
+                mirror.apply_diff(wid, parse_blocks(fields.get("add", "")), parse_blocks(fields.get("del", "")))
+            else:
+                reload.add(wid)
+        elif kind == "r":
+            self._touched.pop(wid := fields["w"], None)
+            mirror.forget(wid)
+
+    def _indexed(self, hashes: dict[str, dict[str, str]]) -> list[str]:
+        return sorted(wid for wid in hashes if (v := self.view.get(wid)) is not None and v.spec.role in INDEXED_ROLES)
+
+    async def _reload_blocks(self, worker_ids: list[str]) -> bool:
+        """Read these workers' blocks into the mirror (a worker no longer of a prefill-type role holds none there).
+        A worker whose blocks changed in the mirror while its read was on the way is read again: the read is older."""
+        mirror = self.mirror
+        assert mirror is not None
+        todo = worker_ids
+        for _ in range(3):
+            indexed = [w for w in todo if (v := self.view.get(w)) is not None and v.spec.role in INDEXED_ROLES]
+            for wid in set(todo) - set(indexed):
+                mirror.forget(wid)
+            before = {w: self._touched.get(w, 0) for w in indexed}
+            read = await self.store.read_worker_blocks(indexed)
+            todo = []
+            for wid, (cached, inflight) in read.items():
+                if self._touched.get(wid, 0) != before[wid]:
+                    todo.append(wid)
+                else:
+                    mirror.replace_worker(wid, cached, inflight)
+            if not todo:
+                return True
+        mirror.synced = False  # still moving under every read: read everything again on the next catch-up
+        self.view.synced = False
+        return False
 
     async def _restore_lost(self, found: dict[str, dict[str, str]]) -> int:
         lost = {wid: raw for wid, raw in self.view.raw_hashes().items() if wid not in found}

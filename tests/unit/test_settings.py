@@ -54,6 +54,7 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "inflightPrefixTtlMs": 10_000,
     "approxPrefixTtlMs": 600_000,
     "approxPrefixMaxBlocks": 32_768,
+    "blockMirror": True,
     "redisTimeoutMs": 1000,
     "httpHost": "127.0.0.1",
     "httpPort": 7001,

@@ -1,0 +1,182 @@
+"""BlockMirror: a router process's in-memory copy of the fleet's inverted cache-block index (block -> workers).
+
+Redis holds the index (``blk:<hash>`` sets, each worker's ``cache:`` set and ``inflight:`` zset); every script that
+changes a prefill-type worker's blocks also appends a ``k`` entry to the change stream (a diff, or "read this worker
+again"), and a reservation's ``p`` entry carries the blocks it put in flight. ViewSync applies those entries here in
+stream order, so a decision looks its request's prefix up in memory instead of in Redis (lua/lookup.lua stays the
+path while the mirror is not synced). Applying entries in order over a snapshot read after them converges on the
+same state: for each block, the last write wins.
+
+No I/O here. Block hashes are ints, worker ids strings, times Redis milliseconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Iterable, Mapping, Sequence
+
+from flexlb.domain import Role
+from flexlb.state.store import PrefixHits
+
+INDEXED_ROLES = frozenset({Role.PREFILL, Role.PDFUSION})  # as lua/_lib.lua: only their hits matter to a decision
+FOLLOW = 64  # holders of the first block followed whole; a more popular prefix is sampled, as lua/lookup.lua does
+
+
+class BlockMirror:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._cache: dict[str, set[int]] = {}
+        self._inflight: dict[str, dict[int, int]] = {}  # worker -> block -> expiry, oldest first
+        self._index: dict[int, set[str]] = {}
+        self._expiry: list[tuple[int, str, int]] = []  # (expiry, worker, block) heap
+        self._rng = rng or random.Random()
+        self.synced = False
+
+    # ---- reading ----
+
+    def holders(self, block: int, now_ms: int | None = None) -> set[str]:
+        """The workers holding ``block`` (cached, or in flight and not expired)."""
+        if now_ms is not None:
+            self.expire(now_ms)
+        return set(self._index.get(block, ()))
+
+    def blocks_of(self, worker_id: str) -> set[int]:
+        """What ``worker_id`` holds: its cached and its in-flight blocks."""
+        return self._cache.get(worker_id, set()) | set(self._inflight.get(worker_id, ()))
+
+    def lookup_prefix(self, block_keys: Sequence[int], now_ms: int | None = None) -> PrefixHits:
+        """Workers holding a prefix of ``block_keys`` -> the length of that prefix (its first missing block ends a
+        worker's match), as lua/lookup.lua answers from Redis; with more than FOLLOW holders of the first block, a
+        random FOLLOW of them plus up to FOLLOW holders of the deepest block anyone holds (``held_by_any``)."""
+        hits = PrefixHits()
+        if not block_keys:
+            return hits
+        if now_ms is not None:
+            self.expire(now_ms)
+        index = self._index
+        first = index.get(block_keys[0])
+        if not first:
+            return hits
+        current = first
+        if len(first) > FOLLOW:
+            current = set(self._rng.sample(tuple(first), FOLLOW))
+            lo, hi = 0, len(block_keys) - 1  # the deepest block held at all (holders are prefix-closed, mostly)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if index.get(block_keys[mid]):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            hits.held_by_any = lo + 1
+            if lo > 0:
+                deep = index[block_keys[lo]]
+                current |= set(self._rng.sample(tuple(deep), FOLLOW)) if len(deep) > FOLLOW else deep
+        current = set(current)
+        for depth in range(1, len(block_keys)):
+            holders = index.get(block_keys[depth])
+            if not holders:
+                for wid in current:
+                    hits[wid] = depth
+                return hits
+            still = current & holders
+            for wid in current - still:
+                hits[wid] = depth
+            if not still:
+                return hits
+            current = still
+        for wid in current:
+            hits[wid] = len(block_keys)
+        return hits
+
+    # ---- writing (stream entries, snapshots) ----
+
+    def replace_worker(self, worker_id: str, cached: Iterable[int], inflight: Mapping[int, int]) -> None:
+        """Hold exactly these blocks for ``worker_id`` (a read of its sets)."""
+        self.forget(worker_id)
+        cache = self._cache[worker_id] = set(cached)
+        for block in cache:
+            self._index.setdefault(block, set()).add(worker_id)
+        self.add_inflight(worker_id, sorted(inflight, key=inflight.__getitem__), 0, 0, expiries=inflight)
+
+    def apply_diff(self, worker_id: str, added: Iterable[int], removed: Iterable[int]) -> None:
+        """The worker's cache report: ``added`` are cached now (confirmed, if they were in flight), ``removed`` are
+        not; a removed block still in flight there stays held until it expires (lua/master_cache.lua)."""
+        cache = self._cache.setdefault(worker_id, set())
+        inflight = self._inflight.get(worker_id, {})
+        for block in added:
+            cache.add(block)
+            inflight.pop(block, None)
+            self._index.setdefault(block, set()).add(worker_id)
+        for block in removed:
+            cache.discard(block)
+            if block not in inflight:
+                self._unindex(block, worker_id)
+
+    def add_inflight(
+        self,
+        worker_id: str,
+        blocks: Sequence[int],
+        until_ms: int,
+        cap: int,
+        *,
+        expiries: Mapping[int, int] | None = None,
+    ) -> None:
+        """``blocks`` are in flight on ``worker_id`` until ``until_ms`` (or each until ``expiries[block]``); at most
+        ``cap`` of them kept per worker (0: no bound), the soonest to expire dropped first."""
+        inflight = self._inflight.setdefault(worker_id, {})
+        for block in blocks:
+            until = until_ms if expiries is None else expiries[block]
+            inflight.pop(block, None)  # to the end: the newest
+            inflight[block] = until
+            self._index.setdefault(block, set()).add(worker_id)
+            heapq.heappush(self._expiry, (until, worker_id, block))
+        if len(self._expiry) > 2 * sum(map(len, self._inflight.values())) + 4096:
+            self._compact()  # refreshed blocks left stale heap entries behind
+        if cap > 0 and len(inflight) > cap:
+            cache = self._cache.get(worker_id, ())
+            for block in list(inflight)[: len(inflight) - cap]:
+                del inflight[block]
+                if block not in cache:
+                    self._unindex(block, worker_id)
+
+    def forget(self, worker_id: str) -> None:
+        """The worker holds nothing (removed, forgotten, or no longer of a prefill-type role)."""
+        for block in self._cache.pop(worker_id, ()):
+            self._unindex(block, worker_id)
+        for block in self._inflight.pop(worker_id, {}):
+            self._unindex(block, worker_id)
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._inflight.clear()
+        self._index.clear()
+        self._expiry.clear()
+        self.synced = False
+
+    def expire(self, now_ms: int) -> None:
+        """Drop in-flight blocks whose expiry passed (their heap entries; a refreshed one has a later entry)."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now_ms:
+            until, wid, block = heapq.heappop(heap)
+            inflight = self._inflight.get(wid)
+            if inflight is None or inflight.get(block) != until:
+                continue  # confirmed, refreshed or forgotten since
+            del inflight[block]
+            if block not in self._cache.get(wid, ()):
+                self._unindex(block, wid)
+
+    def _compact(self) -> None:
+        self._expiry = [(until, wid, b) for wid, blocks in self._inflight.items() for b, until in blocks.items()]
+        heapq.heapify(self._expiry)
+
+    def _unindex(self, block: int, worker_id: str) -> None:
+        holders = self._index.get(block)
+        if holders is not None:
+            holders.discard(worker_id)
+            if not holders:
+                del self._index[block]
+
+
+def parse_blocks(text: str) -> list[int]:
+    """A stream entry's space-separated block hashes."""
+    return [int(b) for b in text.split()] if text else []
