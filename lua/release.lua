@@ -19,18 +19,18 @@ local freed_workers, changes = {}, {}
 for i = 1, (#KEYS - 3) / 3 do
   local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
   local wid = ARGV[2 + i]
+  -- a reservation still in the zset means the worker is still registered: remove_worker.lua deletes the zset with
+  -- the worker's hash, so the pending counts below never re-create a removed worker
   if redis.call('ZREM', rk, rid) == 1 then
     local tokens = tonumber(redis.call('HGET', tk, rid)) or 0
     redis.call('HDEL', tk, rid)
-    if redis.call('EXISTS', wk) == 1 then
-      changes[#changes + 1] = wid
-      changes[#changes + 1] = add_pending(wk, -1, -tokens)
-    end
+    changes[#changes + 1] = wid
+    changes[#changes + 1] = add_pending(wk, -1, -tokens)
     released = released + 1
     freed_workers[#freed_workers + 1] = wid
   end
-  redis.call('HDEL', KEYS[1], wid)
 end
+if #ARGV > 2 then redis.call('HDEL', KEYS[1], unpack(ARGV, 3)) end
 if #changes > 0 then stream_add(KEYS[2], KEYS[3], 'p', changes) end
 if released > 0 then redis.call('PUBLISH', ARGV[2], 'released ' .. table.concat(freed_workers, ',')) end
 return {released, redis.call('HLEN', KEYS[1])}
