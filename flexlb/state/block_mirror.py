@@ -20,15 +20,19 @@ from flexlb.domain import Role
 from flexlb.state.store import PrefixHits
 
 INDEXED_ROLES = frozenset({Role.PREFILL, Role.PDFUSION})  # as lua/_lib.lua: only their hits matter to a decision
-FOLLOW = 64  # holders of the first block followed whole; a more popular prefix is sampled, as lua/lookup.lua does
+COMPACT_MIN = 4096
+FOLLOW = 8  # holders of the first block followed whole; a more popular prefix is sampled, as lua/lookup.lua does
+# (each hit is a candidate the decision scores: more would cost router CPU per decision, not find better workers)
 
 
 class BlockMirror:
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, follow: int = FOLLOW) -> None:
+        self.follow = follow
         self._cache: dict[str, set[int]] = {}
         self._inflight: dict[str, dict[int, int]] = {}  # worker -> block -> expiry, oldest first
         self._index: dict[int, set[str]] = {}
         self._expiry: list[tuple[int, str, int]] = []  # (expiry, worker, block) heap
+        self._compact_above = COMPACT_MIN  # heap size that makes the next add compact it (refreshes leave stale ones)
         self._rng = rng or random.Random()
         self.synced = False
 
@@ -46,8 +50,10 @@ class BlockMirror:
 
     def lookup_prefix(self, block_keys: Sequence[int], now_ms: int | None = None) -> PrefixHits:
         """Workers holding a prefix of ``block_keys`` -> the length of that prefix (its first missing block ends a
-        worker's match), as lua/lookup.lua answers from Redis; with more than FOLLOW holders of the first block, a
-        random FOLLOW of them plus up to FOLLOW holders of the deepest block anyone holds (``held_by_any``)."""
+        worker's match), as lua/lookup.lua answers from Redis; with more than ``follow`` holders of the first block,
+        a random ``follow`` of them plus up to ``follow`` holders of the deepest block anyone holds. ``held_by_any``:
+        the position of the first block past every match that nobody holds (a worker may hold later blocks without
+        their prefix), so a reservation's probe (lua/reserve.lua) is a block that was truly held nowhere."""
         hits = PrefixHits()
         if not block_keys:
             return hits
@@ -58,8 +64,9 @@ class BlockMirror:
         if not first:
             return hits
         current = first
-        if len(first) > FOLLOW:
-            current = set(self._rng.sample(tuple(first), FOLLOW))
+        follow = self.follow
+        if len(first) > follow:
+            current = set(self._rng.sample(tuple(first), follow))
             lo, hi = 0, len(block_keys) - 1  # the deepest block held at all (holders are prefix-closed, mostly)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
@@ -67,26 +74,33 @@ class BlockMirror:
                     lo = mid
                 else:
                     hi = mid - 1
-            hits.held_by_any = lo + 1
             if lo > 0:
                 deep = index[block_keys[lo]]
-                current |= set(self._rng.sample(tuple(deep), FOLLOW)) if len(deep) > FOLLOW else deep
-        current = set(current)
+                current |= set(self._rng.sample(tuple(deep), follow)) if len(deep) > follow else deep
+        self._match(block_keys, set(current), hits)
+        unheld = max(hits.values(), default=0)
+        while unheld < len(block_keys) and index.get(block_keys[unheld]):
+            unheld += 1
+        hits.held_by_any = unheld
+        return hits
+
+    def _match(self, block_keys: Sequence[int], current: set[str], hits: PrefixHits) -> None:
+        """Into ``hits``: how many leading blocks each of ``current`` (holders of the first block) holds."""
+        index = self._index
         for depth in range(1, len(block_keys)):
             holders = index.get(block_keys[depth])
             if not holders:
                 for wid in current:
                     hits[wid] = depth
-                return hits
+                return
             still = current & holders
             for wid in current - still:
                 hits[wid] = depth
             if not still:
-                return hits
+                return
             current = still
         for wid in current:
             hits[wid] = len(block_keys)
-        return hits
 
     # ---- writing (stream entries, snapshots) ----
 
@@ -124,14 +138,21 @@ class BlockMirror:
         """``blocks`` are in flight on ``worker_id`` until ``until_ms`` (or each until ``expiries[block]``); at most
         ``cap`` of them kept per worker (0: no bound), the soonest to expire dropped first."""
         inflight = self._inflight.setdefault(worker_id, {})
+        index, heap = self._index, self._expiry
         for block in blocks:
             until = until_ms if expiries is None else expiries[block]
-            inflight.pop(block, None)  # to the end: the newest
+            old = inflight.pop(block, None)  # to the end: the newest
             inflight[block] = until
-            self._index.setdefault(block, set()).add(worker_id)
-            heapq.heappush(self._expiry, (until, worker_id, block))
-        if len(self._expiry) > 2 * sum(map(len, self._inflight.values())) + 4096:
-            self._compact()  # refreshed blocks left stale heap entries behind
+            if old == until:
+                continue  # the stream's echo of this router's own reservation: already indexed and in the heap
+            holders = index.get(block)
+            if holders is None:
+                index[block] = {worker_id}
+            else:
+                holders.add(worker_id)
+            heapq.heappush(heap, (until, worker_id, block))
+        if len(heap) > self._compact_above:
+            self._compact()
         if cap > 0 and len(inflight) > cap:
             cache = self._cache.get(worker_id, ())
             for block in list(inflight)[: len(inflight) - cap]:
@@ -151,6 +172,7 @@ class BlockMirror:
         self._inflight.clear()
         self._index.clear()
         self._expiry.clear()
+        self._compact_above = COMPACT_MIN
         self.synced = False
 
     def expire(self, now_ms: int) -> None:
@@ -166,8 +188,10 @@ class BlockMirror:
                 self._unindex(block, wid)
 
     def _compact(self) -> None:
+        """Rebuild the heap from the live in-flight blocks: amortised, as it runs when the heap doubled since."""
         self._expiry = [(until, wid, b) for wid, blocks in self._inflight.items() for b, until in blocks.items()]
         heapq.heapify(self._expiry)
+        self._compact_above = max(COMPACT_MIN, 2 * len(self._expiry))
 
     def _unindex(self, block: int, worker_id: str) -> None:
         holders = self._index.get(block)

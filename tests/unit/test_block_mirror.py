@@ -89,7 +89,7 @@ fleets = st.dictionaries(
 def test_the_lookup_equals_a_scan_of_every_worker(
     fleet: dict[str, tuple[set[int], dict[int, int]]], request: list[int], now: int
 ) -> None:
-    mirror = BlockMirror()
+    mirror = BlockMirror(follow=len(fleet) + 1)  # every holder followed: no sampling
     for wid, (cached, inflight) in fleet.items():
         mirror.replace_worker(wid, cached, inflight)
     expected = {}
@@ -100,3 +100,11 @@ def test_the_lookup_equals_a_scan_of_every_worker(
         if depth:
             expected[wid] = depth
     assert mirror.lookup_prefix(request, now_ms=now) == expected
+
+
+def test_the_first_block_held_nowhere_skips_blocks_held_without_their_prefix() -> None:
+    mirror = BlockMirror()
+    mirror.replace_worker("a", [1, 2], {})
+    mirror.replace_worker("b", [3, 4], {})  # the later half of the prompt, without its prefix: no match
+    hits = mirror.lookup_prefix([1, 2, 3, 4, 5])
+    assert hits == {"a": 2} and hits.held_by_any == 4  # the probe is block 5, not block 3 (held by b)
