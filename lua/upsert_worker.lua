@@ -65,5 +65,8 @@ fields[#fields + 1] = pending[2]
 fields[#fields + 1] = 'w'
 fields[#fields + 1] = wid
 stream_add(KEYS[7], KEYS[8], 'a', fields)
-if reindexed then stream_add(KEYS[7], KEYS[8], 'k', {'w', wid, 'op', 'l'}) end
+-- a new worker holds no blocks yet (its sets went with its removal): nothing for the mirrors to read
+if reindexed and (exists or redis.call('EXISTS', KEYS[9]) == 1) then
+  stream_add(KEYS[7], KEYS[8], 'k', {'w', wid, 'op', 'l'})
+end
 return {1, changed}

@@ -62,6 +62,19 @@ async def counters(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         return (await resp.json())["internal_states"][0]["counters"]
 
 
+async def router_sees(url: str, *ports: int) -> None:
+    """Until the router's view holds the workers on these ports (registered through Redis a moment ago: the view
+    follows the change stream, and a request decided before would be given to the roles it knew then)."""
+    wanted = {f"127.0.0.1:{port}" for port in ports}
+
+    async def sees() -> bool:
+        async with aiohttp.ClientSession() as http, http.post(f"{url}/rtp_llm/schedule_snapshot") as resp:
+            snapshot = orjson.loads(await resp.read())
+        return wanted <= {w["worker_id"] for w in snapshot["workers"]}
+
+    await eventually(sees, f"the router's view holds {sorted(wanted)}")
+
+
 async def streamed_ttft_s(http: aiohttp.ClientSession, url: str, text: str) -> tuple[float, list[dict[str, Any]]]:
     """Seconds from sending a streamed completion until its first content event, and every event."""
     body = {"model": MODEL, "prompt": text, "max_tokens": 4, "stream": True}
@@ -95,6 +108,7 @@ async def test_client_ttft_includes_the_prefill_the_prefill_worker_reports(
     prefill, decode, router = (p.wait_ready() for p in procs)
     for worker in (prefill, decode):
         await real_store.register_worker(WorkerSpec("127.0.0.1", worker.port, Role.parse(worker.role)))
+    await router_sees(router.url, prefill.port, decode.port)
     async with aiohttp.ClientSession() as http:
         text = prompt("p")
         cold_s, events = await streamed_ttft_s(http, router.url, text)
@@ -197,6 +211,7 @@ async def test_through_the_proxy_a_prefill_that_never_answers_fails_the_request_
         router = start_router({"servedModelName": MODEL, "bootstrapPort": bootstrap.port, "proxyRetries": 0})
         for port, role in ((prefill_port, Role.PREFILL), (decode.port, Role.DECODE)):
             await real_store.register_worker(WorkerSpec("127.0.0.1", port, role))
+        await router_sees(router.url, prefill_port, decode.port)
         body = {"model": MODEL, "prompt": prompt("s"), "max_tokens": 4}
         async with aiohttp.ClientSession() as http:
             async with asyncio.timeout(30):  # never hangs: the decode gives up after 1 s
