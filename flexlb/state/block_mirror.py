@@ -13,6 +13,7 @@ No I/O here. Block hashes are ints, worker ids strings, times Redis milliseconds
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -31,7 +32,9 @@ class BlockMirror:
         self._cache: dict[str, set[int]] = {}
         self._inflight: dict[str, dict[int, int]] = {}  # worker -> block -> expiry, oldest first
         self._index: dict[int, set[str]] = {}
-        self._expiry: list[tuple[int, str, int]] = []  # (expiry, worker, block) heap
+        # (expiry, seq, worker, blocks) heap: one entry per reservation's blocks, not per block
+        self._expiry: list[tuple[int, int, str, tuple[int, ...]]] = []
+        self._seq = itertools.count()
         self._compact_above = COMPACT_MIN  # heap size that makes the next add compact it (refreshes leave stale ones)
         self._rng = rng or random.Random()
         self.synced = False
@@ -138,7 +141,8 @@ class BlockMirror:
         """``blocks`` are in flight on ``worker_id`` until ``until_ms`` (or each until ``expiries[block]``); at most
         ``cap`` of them kept per worker (0: no bound), the soonest to expire dropped first."""
         inflight = self._inflight.setdefault(worker_id, {})
-        index, heap = self._index, self._expiry
+        index = self._index
+        fresh = []
         for block in blocks:
             until = until_ms if expiries is None else expiries[block]
             old = inflight.pop(block, None)  # to the end: the newest
@@ -150,8 +154,13 @@ class BlockMirror:
                 index[block] = {worker_id}
             else:
                 holders.add(worker_id)
-            heapq.heappush(heap, (until, worker_id, block))
-        if len(heap) > self._compact_above:
+            if expiries is None:
+                fresh.append(block)
+            else:
+                self._push(until, worker_id, (block,))
+        if fresh:
+            self._push(until_ms, worker_id, tuple(fresh))
+        if len(self._expiry) > self._compact_above:
             self._compact()
         if cap > 0 and len(inflight) > cap:
             cache = self._cache.get(worker_id, ())
@@ -179,17 +188,29 @@ class BlockMirror:
         """Drop in-flight blocks whose expiry passed (their heap entries; a refreshed one has a later entry)."""
         heap = self._expiry
         while heap and heap[0][0] <= now_ms:
-            until, wid, block = heapq.heappop(heap)
+            until, _, wid, blocks = heapq.heappop(heap)
             inflight = self._inflight.get(wid)
-            if inflight is None or inflight.get(block) != until:
-                continue  # confirmed, refreshed or forgotten since
-            del inflight[block]
-            if block not in self._cache.get(wid, ()):
-                self._unindex(block, wid)
+            if inflight is None:
+                continue  # forgotten since
+            cache = self._cache.get(wid, ())
+            for block in blocks:
+                if inflight.get(block) != until:
+                    continue  # confirmed or refreshed since
+                del inflight[block]
+                if block not in cache:
+                    self._unindex(block, wid)
+
+    def _push(self, until_ms: int, worker_id: str, blocks: tuple[int, ...]) -> None:
+        heapq.heappush(self._expiry, (until_ms, next(self._seq), worker_id, blocks))
 
     def _compact(self) -> None:
-        """Rebuild the heap from the live in-flight blocks: amortised, as it runs when the heap doubled since."""
-        self._expiry = [(until, wid, b) for wid, blocks in self._inflight.items() for b, until in blocks.items()]
+        """Rebuild the heap from the live in-flight blocks, one entry per worker and expiry: amortised, as it runs
+        when the heap doubled since."""
+        groups: dict[tuple[int, str], list[int]] = {}
+        for wid, blocks in self._inflight.items():
+            for block, until in blocks.items():
+                groups.setdefault((until, wid), []).append(block)
+        self._expiry = [(until, next(self._seq), wid, tuple(b)) for (until, wid), b in groups.items()]
         heapq.heapify(self._expiry)
         self._compact_above = max(COMPACT_MIN, 2 * len(self._expiry))
 
