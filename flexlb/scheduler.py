@@ -362,8 +362,10 @@ class Scheduler:
                 message=f"STATE_UNAVAILABLE: Redis is unreachable and {known} "
                 f"(limit {self.options.max_staleness_ms / 1000:.1f}s)",
             )
-        # cache hits are unknown without Redis; the view keeps the load
-        result = self._decide(request, {})
+        # the view keeps the load, and the block mirror the cache hits, as they were when Redis went away
+        looked_up = self._needs_lookup(request)
+        hits = self.view_sync.lookup_prefix(request.block_cache_keys, stale_ok=True) if looked_up else None
+        result = self._decide(request, hits or {})
         result.degraded = True
         if result.success:
             picks = [(c.worker.worker_id, c.reserve_tokens) for c in result.choices.values()]

@@ -37,7 +37,8 @@ class BlockMirror:
         self._seq = itertools.count()
         self._compact_above = COMPACT_MIN  # heap size that makes the next add compact it (refreshes leave stale ones)
         self._rng = rng or random.Random()
-        self.synced = False
+        self.synced = False  # holds a full read and what followed it
+        self.loaded = False  # held a full read since the last clear: usable, if stale, while Redis is away
 
     # ---- reading ----
 
@@ -182,7 +183,7 @@ class BlockMirror:
         self._index.clear()
         self._expiry.clear()
         self._compact_above = COMPACT_MIN
-        self.synced = False
+        self.synced = self.loaded = False
 
     def expire(self, now_ms: int) -> None:
         """Drop in-flight blocks whose expiry passed (their heap entries; a refreshed one has a later entry)."""

@@ -86,7 +86,7 @@ class ViewSync:
         self.view.replace_all(read.hashes)
         if self.mirror is not None:
             self.mirror.clear()
-            self.mirror.synced = await self._reload_blocks(self._indexed(read.hashes))
+            self.mirror.synced = self.mirror.loaded = await self._reload_blocks(self._indexed(read.hashes))
         self._last_id, self._last_seq = read.stream_id, read.seq
         self.fresh_at = self._clock()
         self.view.observe_redis_clock(read.redis_ms, self.fresh_at)
@@ -141,11 +141,12 @@ class ViewSync:
         self.entries += applied
         return applied
 
-    def lookup_prefix(self, block_keys: list[int]) -> PrefixHits | None:
+    def lookup_prefix(self, block_keys: list[int], *, stale_ok: bool = False) -> PrefixHits | None:
         """The request's prefix hits from the block mirror; None when there is none or it is not synced (the
-        caller asks Redis then)."""
+        caller asks Redis then). ``stale_ok``: as the mirror stood when the stream was lost (Redis away: the
+        degraded mode decides on the view as it stood too)."""
         mirror = self.mirror
-        if mirror is None or not mirror.synced or not self.view.synced:
+        if mirror is None or not (mirror.loaded if stale_ok else mirror.synced and self.view.synced):
             return None
         return mirror.lookup_prefix(block_keys, self.view.redis_now_ms(self._clock()))
 

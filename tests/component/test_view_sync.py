@@ -4,14 +4,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 from conftest import eventually
+from prometheus_client import CollectorRegistry
 
-from flexlb.domain import Role, WorkerSpec, WorkerStatus
+from flexlb.app import make_redis
+from flexlb.domain import Role, ScheduleRequest, WorkerSpec, WorkerStatus
 from flexlb.embedded_redis import EmbeddedRedis, free_port
+from flexlb.metrics import SchedulerMetrics
+from flexlb.routing import ChoiceMemory, StrategyName
+from flexlb.scheduler import Scheduler, SchedulerOptions
 from flexlb.state.store import FleetStore
 from flexlb.state.view import FleetView
 from flexlb.state.view_sync import ViewSync
@@ -113,3 +120,36 @@ async def test_after_redis_restarts_empty_the_tail_reads_the_fleet_again(
 
 async def _async(value: object) -> object:
     return value
+
+
+async def test_while_redis_is_away_degraded_decisions_keep_the_cache_hits_the_block_mirror_held(
+    restartable: tuple[EmbeddedRedis, aioredis.Redis], service: str
+) -> None:
+    server, _ = restartable
+    client = make_redis(server.url, 300)  # fails fast, as a router's does
+    store = FleetStore(client, service)
+    busy, idle = WorkerSpec("10.0.0.8", 8000, Role.PREFILL), WorkerSpec("10.0.0.9", 8000, Role.PREFILL)
+    prefix = list(range(1, 41))  # 40 blocks of 64 tokens: the hit saves far more than one running request costs
+    await store.register_worker(busy, WorkerStatus(kv_total=100_000, running=1))
+    await store.register_worker(idle, WorkerStatus(kv_total=100_000))
+    await store.set_cache_blocks(busy.worker_id, prefix)
+    scheduler = Scheduler(
+        store,
+        SchedulerOptions(strategies=dict.fromkeys(Role, StrategyName.SHORTEST_TTFT), roles=(Role.PREFILL,)),
+        ChoiceMemory(rng=random.Random(1)),
+        SchedulerMetrics(CollectorRegistry()),
+    )
+    request = ScheduleRequest(request_id=1, seq_len=len(prefix) * 64 + 10, block_cache_keys=prefix)
+    try:
+        shared = await scheduler.schedule(request)
+        assert (
+            shared.success and not shared.degraded and shared.choices[Role.PREFILL].worker.worker_id == busy.worker_id
+        )
+        await scheduler.release(1)
+        server.stop()
+        degraded = await scheduler.schedule(dataclasses.replace(request, request_id=2))
+        assert degraded.success and degraded.degraded, degraded.message
+        # without the mirror's hits the idle worker would win: nothing else tells them apart
+        assert degraded.choices[Role.PREFILL].worker.worker_id == busy.worker_id
+    finally:
+        await client.aclose()
