@@ -43,7 +43,8 @@ class ViewSync:
         self.store = store
         self.view = view
         self.mirror = mirror
-        self._touched: dict[str, int] = {}  # worker -> block changes applied to the mirror (reloads check it)
+        self._touched: dict[str, int] = {}  # worker -> 'k' entries applied to the mirror (reloads check it)
+        self._reload_later: set[str] = set()  # workers whose reads kept being overtaken: read with the next batch
         self.block_ms = block_ms
         self._clock = clock
         self._last_id = "0-0"
@@ -86,7 +87,8 @@ class ViewSync:
         self.view.replace_all(read.hashes)
         if self.mirror is not None:
             self.mirror.clear()
-            self.mirror.synced = self.mirror.loaded = await self._reload_blocks(self._indexed(read.hashes))
+            await self._reload_blocks(self._indexed(read.hashes))
+            self.mirror.synced = self.mirror.loaded = True
         self._last_id, self._last_seq = read.stream_id, read.seq
         self.fresh_at = self._clock()
         self.view.observe_redis_clock(read.redis_ms, self.fresh_at)
@@ -133,8 +135,8 @@ class ViewSync:
                 return applied
             self._last_id, self._last_seq = entry_id, seq
             applied += 1
-        if reload:
-            await self._reload_blocks(sorted(reload))
+        if reload or self._reload_later:
+            await self._reload_blocks(sorted(reload | self._reload_later))
         self.fresh_at = self._clock()  # a blocking read that came back empty: nothing changed until now
         if applied:  # an entry's id is Redis' clock when it was written, a moment ago
             self.view.observe_redis_clock(_stream_id(self._last_id)[0], self.fresh_at)
@@ -152,8 +154,7 @@ class ViewSync:
 
     def note_inflight(self, worker_id: str, blocks: list[int], until_ms: int, cap: int) -> None:
         """This router's own reservation put ``blocks`` in flight: in the mirror now, before the stream says so."""
-        if self.mirror is not None and blocks:
-            self._touched[worker_id] = self._touched.get(worker_id, 0) + 1
+        if self.mirror is not None and blocks:  # not a touch (see _reload_blocks): its stream entry comes too
             self.mirror.add_inflight(worker_id, blocks, until_ms, cap)
 
     def _apply_blocks(self, fields: dict[str, str], reload: set[str]) -> None:
@@ -180,11 +181,17 @@ class ViewSync:
     def _indexed(self, hashes: dict[str, dict[str, str]]) -> list[str]:
         return sorted(wid for wid in hashes if (v := self.view.get(wid)) is not None and v.spec.role in INDEXED_ROLES)
 
-    async def _reload_blocks(self, worker_ids: list[str]) -> bool:
+    async def _reload_blocks(self, worker_ids: list[str]) -> None:
         """Read these workers' blocks into the mirror (a worker no longer of a prefill-type role holds none there).
-        A worker whose blocks changed in the mirror while its read was on the way is read again: the read is older."""
+
+        A read is newer than every entry already applied, and the entries after it are applied on top: for each
+        block the last write wins. Only another reader applying entries meanwhile (an inline catch-up beside the
+        tail) could make a read older than the mirror: a worker with a 'k' entry applied while its read was on the
+        way is read again, and after three overtaken reads, with the next batch. In-flight blocks noted straight
+        from a reservation do not count: their own stream entry follows."""
         mirror = self.mirror
         assert mirror is not None
+        self._reload_later.clear()
         todo = worker_ids
         for _ in range(3):
             indexed = [w for w in todo if (v := self.view.get(w)) is not None and v.spec.role in INDEXED_ROLES]
@@ -199,10 +206,8 @@ class ViewSync:
                 else:
                     mirror.replace_worker(wid, cached, inflight)
             if not todo:
-                return True
-        mirror.synced = False  # still moving under every read: read everything again on the next catch-up
-        self.view.synced = False
-        return False
+                return
+        self._reload_later.update(todo)
 
     async def _restore_lost(self, found: dict[str, dict[str, str]]) -> int:
         lost = {wid: raw for wid, raw in self.view.raw_hashes().items() if wid not in found}
