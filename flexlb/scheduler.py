@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from flexlb.domain import NO_WORKER_CODE, ROLE_ORDER, ErrorCode, Role, ScheduleRequest, ScheduleResult
@@ -28,7 +28,7 @@ from flexlb.routing.decide import orders_per_role
 from flexlb.routing.strategies import PREFILL_ROLES
 from flexlb.state.block_mirror import BlockMirror
 from flexlb.state.errors import REDIS_UNAVAILABLE
-from flexlb.state.store import MAX_INFLIGHT_BLOCKS, FleetStore, PrefixHits
+from flexlb.state.store import FleetStore, PrefixHits
 from flexlb.state.view import FleetView
 from flexlb.state.view_sync import ViewSync
 
@@ -223,13 +223,12 @@ class Scheduler:
             picks = [(result.choices[r].worker.worker_id, result.choices[r].reserve_tokens) for r in roles]
             inflight_ttl, inflight_cap = self._inflight_hold(result)
             _add_load(self._reserving, picks, 1)
-            inflight_blocks = self._inflight_blocks(request, result, hits)
             try:
                 outcome = await self.store.reserve(
                     request.request_id,
                     picks,
                     ttl_ms,
-                    inflight_blocks=inflight_blocks,
+                    inflight_blocks=self._inflight_blocks(request, result, hits),
                     inflight_ttl_ms=inflight_ttl,
                     inflight_max_blocks=inflight_cap,
                     probe_block=probe,
@@ -243,8 +242,8 @@ class Scheduler:
                     self.view.set_pending(wid, count, tokens)
                 result.attempts = attempt
                 self._remember_reserved(request.request_id, [wid for wid, _ in picks])
-                if inflight_ttl:
-                    self._note_inflight(result, inflight_blocks, outcome.redis_ms + inflight_ttl, inflight_cap)
+                if outcome.inflight_blocks:
+                    self._note_inflight(result, outcome.inflight_blocks, outcome.redis_ms + inflight_ttl, inflight_cap)
                 self._count_hits(result, hits)
                 return result
             refused_role = roles[outcome.refused_index]
@@ -273,13 +272,12 @@ class Scheduler:
         hits = self.view_sync.lookup_prefix(block_keys)
         return await self.store.lookup_prefix(block_keys) if hits is None else hits
 
-    def _note_inflight(self, result: ScheduleResult, blocks: list[int], until_ms: int, cap: int) -> None:
-        """The reservation's in-flight blocks, into this router's block mirror at once (as lua/reserve.lua)."""
-        if not blocks:
-            return
+    def _note_inflight(self, result: ScheduleResult, blocks: Sequence[int], until_ms: int, cap: int) -> None:
+        """The reservation's in-flight blocks, into this router's block mirror at once (on its prefill-type worker,
+        as lua/reserve.lua records them)."""
         for role, choice in result.choices.items():
             if role in PREFILL_ROLES:
-                self.view_sync.note_inflight(choice.worker.worker_id, blocks[:MAX_INFLIGHT_BLOCKS], until_ms, cap)
+                self.view_sync.note_inflight(choice.worker.worker_id, blocks, until_ms, cap)
                 return
 
     def _inflight_hold(self, result: ScheduleResult) -> tuple[int, int]:

@@ -88,7 +88,7 @@ local expiry = now + ttl
 local out, changes = {1, now}, {}
 local prefill_seen = false
 local inflight_note
-local indexed = {}  -- the request's index hash: worker id -> tokens, of the new reservations
+local request_index = {}  -- KEYS[1]'s new fields: worker id -> tokens, of the new reservations
 for i = 1, n do
   local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
   local wid, tokens = ARGV[base + 2 * i - 1], tonumber(ARGV[base + 2 * i])
@@ -115,8 +115,8 @@ for i = 1, n do
   local pending
   if redis.call('ZADD', rk, expiry, rid) == 1 then
     redis.call('HSET', tk, rid, tokens)
-    indexed[#indexed + 1] = wid
-    indexed[#indexed + 1] = tokens
+    request_index[#request_index + 1] = wid
+    request_index[#request_index + 1] = tokens
     pending = add_pending(wk, 1, tokens)
   else  -- already held: its expiry moved, its load is counted
     pending = (seen[i][5] or '0') .. ' ' .. (seen[i][8] or '0')
@@ -130,7 +130,7 @@ if inflight_note then  -- for the routers' block mirrors (flexlb/state/block_mir
   changes[#changes + 1] = inflight_note
 end
 stream_add(KEYS[2], KEYS[3], 'p', changes)
-if #indexed > 0 then redis.call('HSET', KEYS[1], unpack(indexed)) end
+if #request_index > 0 then redis.call('HSET', KEYS[1], unpack(request_index)) end
 -- the index outlives the reservations a little so a late release still finds them gone, not unknown
 redis.call('PEXPIRE', KEYS[1], ttl + 60000)
 return out

@@ -81,7 +81,7 @@ class BlockMirror:
             if lo > 0:
                 deep = index[block_keys[lo]]
                 current |= set(self._rng.sample(tuple(deep), follow)) if len(deep) > follow else deep
-        self._match(block_keys, set(current), hits)
+        self._match(block_keys, current, hits)
         unheld = max(hits.values(), default=0)
         while unheld < len(block_keys) and index.get(block_keys[unheld]):
             unheld += 1
@@ -89,7 +89,8 @@ class BlockMirror:
         return hits
 
     def _match(self, block_keys: Sequence[int], current: set[str], hits: PrefixHits) -> None:
-        """Into ``hits``: how many leading blocks each of ``current`` (holders of the first block) holds."""
+        """Into ``hits``: how many leading blocks each of ``current`` (holders of the first block) holds (``current``
+        is only read: it may be the index's own set)."""
         index = self._index
         for depth in range(1, len(block_keys)):
             holders = index.get(block_keys[depth])

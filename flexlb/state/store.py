@@ -48,6 +48,7 @@ class ReserveOutcome:
     pending: tuple[tuple[int, int], ...] = ()
     seen: dict[str, str] | None = None
     redis_ms: int = 0  # Redis' clock at a reservation (its in-flight blocks expire from then)
+    inflight_blocks: tuple[int, ...] = ()  # the blocks a reservation put in flight (at most MAX_INFLIGHT_BLOCKS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +147,8 @@ class FleetStore:
             args += [wid, tokens]
         reply = await self.scripts.call("reserve", keys, args)
         if reply[0] == 1:
-            return ReserveOutcome(ok=True, pending=tuple(parse_pending(p) for p in reply[2:]), redis_ms=int(reply[1]))
+            pending = tuple(parse_pending(p) for p in reply[2:])
+            return ReserveOutcome(ok=True, pending=pending, redis_ms=int(reply[1]), inflight_blocks=tuple(blocks))
         seen = {name: value for name, value in zip(_CHECKED, reply[4], strict=False) if value is not None}
         return ReserveOutcome(ok=False, refused_index=int(reply[1]) - 1, reason=reply[2], detail=reply[3], seen=seen)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flexlb.state.block_mirror import INDEXED_ROLES, BlockMirror, parse_blocks
 from flexlb.state.store import FleetStore, PrefixHits
@@ -87,7 +87,7 @@ class ViewSync:
         self.view.replace_all(read.hashes)
         if self.mirror is not None:
             self.mirror.clear()
-            await self._reload_blocks(self._indexed(read.hashes))
+            await self._reload_blocks(sorted(read.hashes))
             self.mirror.synced = self.mirror.loaded = True
         self._last_id, self._last_seq = read.stream_id, read.seq
         self.fresh_at = self._clock()
@@ -152,7 +152,7 @@ class ViewSync:
             return None
         return mirror.lookup_prefix(block_keys, self.view.redis_now_ms(self._clock()))
 
-    def note_inflight(self, worker_id: str, blocks: list[int], until_ms: int, cap: int) -> None:
+    def note_inflight(self, worker_id: str, blocks: Sequence[int], until_ms: int, cap: int) -> None:
         """This router's own reservation put ``blocks`` in flight: in the mirror now, before the stream says so."""
         if self.mirror is not None and blocks:  # not a touch (see _reload_blocks): its stream entry comes too
             self.mirror.add_inflight(worker_id, blocks, until_ms, cap)
@@ -177,9 +177,6 @@ class ViewSync:
         elif kind == "r":
             self._touched.pop(wid := fields["w"], None)
             mirror.forget(wid)
-
-    def _indexed(self, hashes: dict[str, dict[str, str]]) -> list[str]:
-        return sorted(wid for wid in hashes if (v := self.view.get(wid)) is not None and v.spec.role in INDEXED_ROLES)
 
     async def _reload_blocks(self, worker_ids: list[str]) -> None:
         """Read these workers' blocks into the mirror (a worker no longer of a prefill-type role holds none there).
