@@ -107,3 +107,19 @@ async def test_mirror_lookups_answer_as_the_lua_lookup(real_store: FleetStore) -
         local = sync.lookup_prefix(request)
         assert local is not None
         assert dict(local) == dict(await store.lookup_prefix(request)), request
+
+
+async def test_only_a_role_change_of_a_worker_with_blocks_asks_the_mirrors_to_read_it_again(
+    real_store: FleetStore,
+) -> None:
+    store = real_store
+    spec = SPECS[0]
+
+    async def k_entries() -> list[dict[str, str]]:
+        entries = await store.redis.xrange(store.keys.changes)
+        return [fields for _, fields in entries if fields["t"] == "k"]
+
+    await store.register_worker(spec, WorkerStatus())  # new: it holds nothing, the mirrors have nothing to read
+    assert await k_entries() == []
+    await store.register_worker(WorkerSpec(spec.ip, spec.http_port, Role.DECODE))  # out of the index
+    assert [(e["w"], e["op"]) for e in await k_entries()] == [(spec.worker_id, "l")]
