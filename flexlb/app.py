@@ -4,6 +4,7 @@ election when it contends) and create_master_app (``flexlb master``: the electio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,7 +50,6 @@ from flexlb.state.events import FleetEvents
 from flexlb.state.pipelined import PipelinedRedis
 from flexlb.state.redis_url import parse_redis_url
 from flexlb.state.store import FleetStore
-from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.app")
 
@@ -267,7 +267,9 @@ def create_master_app(
         master.start()
         background = asyncio.create_task(_maintain(settings, store, static, None, master, started=started))
         yield
-        await cancel_until_done(background)
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
         await master.stop()
         await redis.aclose()
 
@@ -351,10 +353,14 @@ def _router_lifecycle(
         checks = asyncio.create_task(health.run(), name="health checks") if health is not None else None
         yield
         if checks is not None:
-            await cancel_until_done(checks)
+            checks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checks
         # The server has drained or cancelled every handler by now (shutdownTimeoutMs); queue and master stopped at
         # shutdown (both idempotent). Redis closes last: releases of cancelled handlers may still be writing.
-        await cancel_until_done(background)
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
         await queue.stop()
         await events.stop()
         await ctx.scheduler.view_sync.stop()

@@ -36,7 +36,6 @@ from redis.exceptions import RedisError
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import Scripts
 from flexlb.state.store import StaleEpoch
-from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.master.election")
 
@@ -291,7 +290,8 @@ class MasterElection:
         # a fresh token per term: a later acquire always makes a new epoch, never resumes this one
         self._token = uuid.uuid4().hex
         if self._duties is not None:
-            await cancel_until_done(self._duties)
+            self._duties.cancel()
+            await asyncio.wait([self._duties])
             self._duties = None
         log.warning("deposed: holder=%s epoch=%d: %s", self.holder, self._epoch, reason)
         await on_deposed()

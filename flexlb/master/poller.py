@@ -46,7 +46,6 @@ from flexlb.proto.flexlb_worker_pb2 import WorkerStatusPB
 from flexlb.scheduler import REDIS_UNAVAILABLE
 from flexlb.settings import Settings
 from flexlb.state.store import FleetStore, StaleEpoch
-from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.master.poller")
 
@@ -493,10 +492,14 @@ class MasterDuties:
     async def _stop(self, worker_id: str) -> None:
         sub = self.subscribers.pop(worker_id, None)
         if sub is not None:
-            await cancel_until_done(sub[1])
+            sub[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sub[1]
             log.info("%s: no longer followed", sub[0].name)
         poller, task = self.pollers.pop(worker_id)
-        await cancel_until_done(task)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         await poller.close()
         with contextlib.suppress(KeyError), warnings.catch_warnings():  # KeyError: never polled, no series
             # Multi-process mode cannot remove a series (prometheus_client warns); there the next master's writes,
