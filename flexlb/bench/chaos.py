@@ -48,6 +48,7 @@ import redis.asyncio as aioredis
 from flexlb.domain import ErrorCode, Role
 from flexlb.embedded_redis import RedisNotInstalled, free_port, free_port_pair
 from flexlb.master.election import holder_name, parse_lock_value
+from flexlb.stack.interrupts import sigterm_as_ctrl_c
 from flexlb.stack.local import FLEXLB, Stack, StackError, clean_environment
 from flexlb.stack.processes import Child, NotReady, stop_all, wait_http_ready
 from flexlb.state.keys import ServiceKeys
@@ -882,6 +883,7 @@ async def fault_worker_kill_restart(fleet: ChaosFleet, load: Load, result: Fault
     await poll(down, f"{worker.worker_id} marked not alive", 10.0, every_s=0.005)
     result.bounds["marked_down_s"] = time.monotonic() - died
     await asyncio.sleep(fleet.params.load_s)  # load on the three left
+    launched = time.monotonic()  # from here answers may name the new process: the master may poll it before HTTP is up
     fleet.stack.launch(worker)
     await fleet.wait_ready(worker)
     restarted = time.monotonic()
@@ -891,7 +893,7 @@ async def fault_worker_kill_restart(fleet: ChaosFleet, load: Load, result: Fault
 
     await poll(chosen_again, f"{worker.worker_id} chosen again", 20.0, every_s=0.05)
     result.bounds["chosen_again_s"] = time.monotonic() - restarted
-    check_dead_worker(result, load, worker.worker_id, died, restarted)
+    check_dead_worker(result, load, worker.worker_id, died, launched)
     result.add(
         "worker back",
         await fleet.db().hget(key, "alive") == "1",
@@ -1066,10 +1068,6 @@ def add_chaos_parser(bsub: argparse._SubParsersAction) -> None:
     c.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (their folder is printed)")
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def cmd_chaos(args: argparse.Namespace) -> int:
     from flexlb.bench.report import default_out_path, write_json
     from flexlb.bench.tables import table
@@ -1082,17 +1080,15 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     params = ChaosParams.heavy() if args.heavy else ChaosParams()
     overrides = {"repeat": args.repeat, "load_s": args.load}
     params = dataclasses.replace(params, **{k: v for k, v in overrides.items() if v is not None})
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # the Ctrl-C path: everything started is stopped
     try:
-        results = asyncio.run(_run_bench(params, names, keep_logs=args.keep_logs))
+        with sigterm_as_ctrl_c():  # everything started is stopped
+            results = asyncio.run(_run_bench(params, names, keep_logs=args.keep_logs))
     except (StackError, RedisNotInstalled) as exc:
         print(f"flexlb bench chaos: the fleet failed: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flexlb bench chaos: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     rows = []
     for r in results:
         if r.error:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 from flexlb.bench.argtypes import int_at_least, non_negative_float, positive_float
 from flexlb.bench.proxy_cli import add_proxy_parser, cmd_proxy
 from flexlb.bench.run_cli import add_compare_parser, add_run_parser, cmd_compare, cmd_run
 from flexlb.settings import Settings, load_settings
+from flexlb.stack.interrupts import sigterm_as_ctrl_c
 
 SCHEDULE_EPILOG = """\
 Starts a private stack (redis-server unless REDIS_URL / --redis-url is given, --workers workers under a fresh
@@ -120,10 +119,6 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_peers_parser(bsub)
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run_bench(args: argparse.Namespace) -> int:
     """Run ``flexlb bench <bench_cmd>``; schedule and control read the settings (REDIS_URL, and the routers they start
     inherit the environment), so they load them first; the others start their stacks with their own configuration."""
@@ -172,18 +167,15 @@ def _run_schedule(args: argparse.Namespace, settings: Settings) -> int:
         profile_router=args.profile_router,
         seed=args.seed,
     )
-    # SIGTERM takes the Ctrl-C path, so the finally blocks stop the router and redis-server.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        result = run_schedule_bench(params, out=lambda line: print(line, flush=True))
+        with sigterm_as_ctrl_c():  # the finally blocks stop the router and redis-server
+            result = run_schedule_bench(params, out=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         print("flexlb bench schedule: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
     except (BenchError, aiohttp.ClientError) as exc:
         print(f"flexlb bench schedule: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     path = write_json(result, Path(args.out) if args.out else default_out_path("schedule"))
     print()
     print(render_schedule_table(result), end="")

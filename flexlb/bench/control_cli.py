@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 from flexlb.bench.argtypes import int_at_least, non_negative_float, positive_float
 from flexlb.settings import Settings
+from flexlb.stack.interrupts import sigterm_as_ctrl_c
 
 CONTROL_EPILOG = """\
 Starts a private stack (redis-server unless REDIS_URL / --redis-url is given; --workers simulated workers in one
@@ -63,10 +62,6 @@ def add_control_parser(bsub: argparse._SubParsersAction) -> None:
     )
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
     from flexlb.bench.control_plane import BenchError, ControlBenchParams, render_control_table, run_control_bench
     from flexlb.bench.report import default_out_path, write_json
@@ -84,17 +79,15 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         poll_shards=args.poll_shards,
     )
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        result = run_control_bench(params, out=lambda line: print(line, flush=True))
+        with sigterm_as_ctrl_c():
+            result = run_control_bench(params, out=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         print("flexlb bench control: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
     except BenchError as exc:
         print(f"flexlb bench control: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     path = write_json(result, Path(args.out) if args.out else default_out_path("control"))
     print()
     print(render_control_table(result), end="")
