@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from aiohttp import web
 WATCH = web.AppKey("connection_watch", "ConnectionWatch")
 # what answers a connection before aiohttp does: an object with wrap(factory) -> factory (flexlb/http/fast_path.py)
 FRONT = web.AppKey("connection_front", object)
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LINGER_S = 1.0  # after an early answer (408, 413): unread body bytes drained this long, so the answer is not reset
 
 
@@ -154,27 +156,47 @@ def serve(
     app: web.Application, host: str, port: int, *, sock: socket.socket | None = None, **runner_kwargs: Any
 ) -> None:
     """``web.run_app(app, host=host, port=port, reuse_port=True, ...)`` with the app's ConnectionWatch on every
-    connection (``app[WATCH]``, set by create_app), behind ``app[FRONT]`` when set: the same start-up, signals and
-    shutdown as run_app. ``sock``: listen on that socket instead (bound before anything started, so a port in use
+    connection (``app[WATCH]``, set by create_app), behind ``app[FRONT]`` when set: the same start-up and shutdown as
+    run_app; SIGTERM / SIGINT stop it (after the start-up, when one comes during it), a second one cuts the shutdown
+    short. ``sock``: listen on that socket instead (bound before anything started, so a port in use
     fails first)."""
     watch = app[WATCH]
 
     async def main() -> None:
-        runner = web.AppRunner(app, handle_signals=True, **runner_kwargs)
+        # Our own signal handlers, not aiohttp's: those raise GracefulExit, and a signal during start-up then
+        # cancelled the start-up, where a cancellation lost in a Redis read (redis-py) left the process serving
+        # for ever. A first signal sets ``stop`` (seen once the start-up is done: it is bounded by Redis'
+        # timeouts); a second cancels what is left of the shutdown.
+        stop = asyncio.Event()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal() -> None:
+            if stop.is_set():
+                task.cancel()
+            stop.set()
+
+        running = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            running.add_signal_handler(sig, on_signal)
+        runner = web.AppRunner(app, handle_signals=False, **runner_kwargs)
         await runner.setup()
         try:
-            await _WatchedSite(runner, watch, host, port, sock, app.get(FRONT)).start()
-            await asyncio.Event().wait()  # until SIGTERM / SIGINT raise GracefulExit
+            if not stop.is_set():
+                await _WatchedSite(runner, watch, host, port, sock, app.get(FRONT)).start()
+                await stop.wait()
         finally:
             await runner.cleanup()
+            for sig in SIGNALS:
+                running.remove_signal_handler(sig)
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     task = loop.create_task(main())
     try:
         loop.run_until_complete(task)
-    except (web.GracefulExit, KeyboardInterrupt):
-        pass
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        pass  # a second signal cut the shutdown short
     finally:
         if not task.done():
             task.cancel()

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import Scripts
 from flexlb.state.store import StaleEpoch
+from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.master.election")
 
@@ -47,6 +48,7 @@ OnDeposed = Callable[[], Awaitable[None]]
 _REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 PRESENCE_NAME = "flexlb-master:"  # + the process's presence id: the presence connection's client name
 _PRESENCE_MARK = re.compile(r" \[presence ([0-9a-f]+)\]$")  # at the end of the lock's holder
+DUTIES_CANCEL_RETRY_S = 2.0
 
 
 def holder_name(holder: str) -> str:
@@ -225,6 +227,8 @@ class MasterElection:
         self._lease_end = sent + self.ttl_ms / 1000
         self._observed = None
         log.info("elected master: holder=%s epoch=%d", self.holder, self._epoch)
+        if self._stopping.is_set():
+            return  # stop() came during the acquire: run() releases the lock next, no duties to start
         self._duties = asyncio.ensure_future(on_elected(self._epoch))
         self._duties.add_done_callback(self._log_duties_end)
 
@@ -290,8 +294,9 @@ class MasterElection:
         # a fresh token per term: a later acquire always makes a new epoch, never resumes this one
         self._token = uuid.uuid4().hex
         if self._duties is not None:
-            self._duties.cancel()
-            await asyncio.wait([self._duties])
+            # sent again every 2 s: a cancellation lost in a Redis read (redis-py) left a shutting-down process
+            # waiting here for ever; 2 s leaves the duties' own clean-up (awaits in finally blocks) time to run
+            await cancel_until_done(self._duties, retry_s=DUTIES_CANCEL_RETRY_S)
             self._duties = None
         log.warning("deposed: holder=%s epoch=%d: %s", self.holder, self._epoch, reason)
         await on_deposed()

@@ -8,6 +8,7 @@ invariant the fault checked. The fleet, the load generator, the invariants and t
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,9 @@ from flexlb.bench.chaos import ChaosFleet, ChaosParams, FaultResult, run_fault
 
 HEAVY = os.environ.get("FLEXLB_CHAOS", "").lower() == "heavy"
 COMMON = ("answered", "counters", "drained", "counters after")  # every fault's invariants, read from Redis
+# a round that takes longer fails here, below pytest-timeout's 120 s, with the stack of every task of the loop: a
+# round has hung ~1 run in 10 of this module on the 2-core machine, and pytest-timeout shows only the threads
+ROUND_DEADLINE_S = 100.0 if not HEAVY else 600.0
 
 
 def fleet_fixture() -> Any:
@@ -43,7 +47,7 @@ async def assert_fault(fleet: ChaosFleet, fault: str, *invariants: str) -> Fault
     result = FaultResult(fault)
     try:
         for round_ in range(fleet.params.repeat):
-            result = await run_fault(fleet, fault, seed=round_)
+            result = await _bounded(run_fault(fleet, fault, seed=round_), f"{fault} round {round_ + 1}")
             checked = {c.invariant for c in result.checks}
             report = f"{result.report()}\nbounds {result.bounds}\ncalls {result.calls}"
             assert not result.error, f"{report}\n{fleet.log_tails()}"
@@ -52,3 +56,16 @@ async def assert_fault(fleet: ChaosFleet, fault: str, *invariants: str) -> Fault
     finally:
         await fleet.drop_client()
     return result
+
+
+async def _bounded(round_: Any, what: str) -> FaultResult:
+    task = asyncio.ensure_future(round_)
+    done, _ = await asyncio.wait({task}, timeout=ROUND_DEADLINE_S)
+    if task in done:
+        return task.result()
+    stacks = io.StringIO()
+    for other in asyncio.all_tasks():
+        print(f"--- {other!r}", file=stacks)
+        other.print_stack(limit=12, file=stacks)
+    task.cancel()
+    raise AssertionError(f"{what}: no result within {ROUND_DEADLINE_S:.0f} s; the loop's tasks:\n{stacks.getvalue()}")

@@ -301,6 +301,53 @@ async def test_stop_releases_the_lock_and_cancels_the_duties(any_redis: aioredis
     await task
 
 
+async def test_stop_ends_even_when_the_duties_lose_a_cancellation(
+    any_redis: aioredis.Redis, keys: ServiceKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation lost in a Redis read (redis-py) used to leave a shutting-down master waiting for ever."""
+    monkeypatch.setattr("flexlb.master.election.DUTIES_CANCEL_RETRY_S", 0.05, raising=False)  # absent before
+    rec = Recorder()
+
+    async def swallows_one_cancellation(epoch: int) -> None:
+        rec.events.append(f"elected {epoch}")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            rec.duties_cancelled += 1  # as a read that completed at the same moment: the cancellation is gone
+        await rec.on_elected(epoch)  # polls on, until cancelled again
+
+    e = MasterElection(any_redis, keys, holder="me", ttl_ms=3000, renew_interval_ms=1000)
+    task = asyncio.create_task(e.run(swallows_one_cancellation, rec.on_deposed))
+    async with asyncio.timeout(5):
+        while not e.is_master:
+            await asyncio.sleep(0.01)
+        await e.stop()
+    assert task.done() and rec.duties_cancelled == 2 and rec.events[-1] == "deposed"
+    assert await current_master(any_redis, keys) == (None, e.epoch)
+
+
+async def test_a_stop_during_the_acquire_starts_no_duties_and_releases_the_lock(
+    any_redis: aioredis.Redis, keys: ServiceKeys
+) -> None:
+    e = MasterElection(any_redis, keys, holder="me", ttl_ms=3000, renew_interval_ms=1000)
+    rec = Recorder()
+    acquire = e._scripts.call
+
+    async def stop_meanwhile(name: str, *args: object) -> object:
+        reply = await acquire(name, *args)
+        if name == "lock_acquire":
+            stopping = asyncio.create_task(e.stop())  # the SIGTERM arrives while the lock is being taken
+            await asyncio.sleep(0)
+            assert not stopping.done()
+        return reply
+
+    e._scripts.call = stop_meanwhile  # type: ignore[method-assign]
+    async with asyncio.timeout(5):
+        await e.run(rec.on_elected, rec.on_deposed)
+    assert rec.events == ["deposed"] and rec.duties_cancelled == 0  # never started
+    assert await current_master(any_redis, keys) == (None, e.epoch)
+
+
 async def test_a_take_over_replaces_only_the_term_seen_gone(
     any_redis: aioredis.Redis, scripts: Scripts, keys: ServiceKeys
 ) -> None:
