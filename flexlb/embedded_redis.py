@@ -10,31 +10,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from flexlb.ports import free_port, free_port_pair
 from flexlb.stack.processes import stop_process
+
+__all__ = ["EmbeddedRedis", "RedisNotInstalled", "free_port", "free_port_pair"]
 
 
 class RedisNotInstalled(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A port P with P and P + 1 free: a simulated worker serves HTTP on P and its status gRPC on P + 1."""
-    for _ in range(200):
-        with socket.socket() as http, socket.socket() as grpc_:
-            http.bind((host, 0))
-            port = http.getsockname()[1]
-            try:
-                grpc_.bind((host, port + 1))
-            except OSError:
-                continue
-            return port
-    raise OSError(f"no two adjacent free ports on {host}")
 
 
 class EmbeddedRedis:

@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -41,7 +40,8 @@ import redis.asyncio as aioredis
 
 from flexlb.bench.report import Target, latency_summary
 from flexlb.domain import Role, WorkerSpec
-from flexlb.embedded_redis import EmbeddedRedis, free_port
+from flexlb.embedded_redis import EmbeddedRedis
+from flexlb.ports import free_port, free_ports
 from flexlb.stack.processes import Child, NotReady, spawn, stop_all, wait_http_ready
 from flexlb.state.store import FleetStore
 
@@ -142,30 +142,6 @@ class CpuWindow:
         return out
 
 
-def consecutive_free_ports(count: int, host: str = "127.0.0.1", rng: random.Random | None = None) -> int:
-    """A port P with P .. P + count - 1 free just now (a later bind may still lose a race: retry then)."""
-    rng = rng or random.Random()
-    low, high = 10_000, 60_000
-    with contextlib.suppress(OSError, ValueError):  # stay below the ephemeral range: outgoing connections use it
-        high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(50):
-        base = rng.randrange(low, max(low + 1, high - count))
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is fine
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise BenchError(f"no {count} consecutive free ports on {host}")
-
-
 @dataclass
 class ControlStack:
     params: ControlBenchParams
@@ -210,7 +186,7 @@ class ControlStack:
     def start_sim(self, rng: random.Random) -> None:
         n = self.params.workers
         for _ in range(5):
-            self.base_port = consecutive_free_ports(2 * n, rng=rng)
+            self.base_port = free_ports(2 * n, rng=rng)
             args = ["sim-worker", "--role", "pdfusion", "--port", str(self.base_port), "--count", str(n)]
             self.sim = self._spawn("sim", args)
             deadline = time.monotonic() + self.params.startup_timeout_s

@@ -10,12 +10,12 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from flexlb.bench.control_plane import consecutive_free_ports
 from flexlb.blocks import tokenize
 from flexlb.domain import Role, WorkerSpec
 from flexlb.master.poller import PollOptions, WorkerPoller
 from flexlb.master.worker_client import WorkerStatusClient
 from flexlb.metrics import MasterMetrics
+from flexlb.ports import free_ports
 from flexlb.sim.engine import EngineConfig
 from flexlb.sim.fleet import SimFleet
 from flexlb.state.store import FleetStore
@@ -34,7 +34,7 @@ class ManualClock:
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[SimFleet]:
-    fleet = SimFleet(EngineConfig(role=Role.PDFUSION, kv_blocks=64), port=consecutive_free_ports(2), count=1)
+    fleet = SimFleet(EngineConfig(role=Role.PDFUSION, kv_blocks=64), port=free_ports(2), count=1)
     await fleet.start()
     yield fleet
     await fleet.stop()
@@ -89,7 +89,7 @@ async def test_idle_worker_backs_off_without_writes_and_snaps_back_on_change(
 async def test_failed_polls_back_off_and_mark_the_worker_down(
     real_redis: aioredis.Redis, real_store: FleetStore
 ) -> None:
-    port = consecutive_free_ports(2)  # nothing listens there
+    port = free_ports(2)  # nothing listens there
     spec = WorkerSpec("127.0.0.1", port, Role.DECODE)
     await real_store.register_worker(spec)
     await real_redis.set(real_store.keys.master_epoch, EPOCH)

@@ -14,12 +14,12 @@ from conftest import eventually
 from prometheus_client import CollectorRegistry
 from redis.crc import key_slot
 
-from flexlb.bench.control_plane import consecutive_free_ports
 from flexlb.domain import Role, WorkerSpec
 from flexlb.master.election import MasterElection
 from flexlb.master.poller import MasterDuties, PollOptions
 from flexlb.master.shards import fair_share, shard_of
 from flexlb.metrics import MasterMetrics
+from flexlb.ports import free_ports
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.store import FleetStore, StaleEpoch
 
@@ -58,7 +58,7 @@ def one_per_shard(specs: list[WorkerSpec]) -> dict[int, WorkerSpec]:
 async def test_two_holders_split_the_fleet_and_a_killed_holders_shard_is_taken_over(
     real_store: FleetStore, real_redis: aioredis.Redis, start_master, start_sim_worker
 ) -> None:
-    base = consecutive_free_ports(2 * WORKERS)
+    base = free_ports(2 * WORKERS)
     start_sim_worker(port=base, args=("--count", str(WORKERS)))
     specs = fleet_specs(base)
     for spec in specs:

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from conftest import eventually
 
-from flexlb.bench.control_plane import consecutive_free_ports
 from flexlb.master.worker_client import WorkerStatusClient
+from flexlb.ports import free_ports
 
 COUNT = 3
 PROMPT = " ".join(f"w{i}" for i in range(130))  # two full blocks of 64 tokens
@@ -19,7 +19,7 @@ PROMPT = " ".join(f"w{i}" for i in range(130))  # two full blocks of 64 tokens
 
 @pytest.fixture
 def fleet(start_sim_worker: Any) -> Any:
-    base = consecutive_free_ports(2 * COUNT)
+    base = free_ports(2 * COUNT)
     worker = start_sim_worker(port=base, args=("--count", str(COUNT)), wait=False)
     return worker
 
