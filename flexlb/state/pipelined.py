@@ -204,6 +204,25 @@ class PipelinedRedis:
         finally:
             timer.cancel()
 
+    def submit(self, *args: Any) -> asyncio.Future[Any] | None:
+        """Send a call now and return its reply's future (no coroutine, no task: the batch path's), or None when
+        there is no connection up; the future fails with the same errors :meth:`execute` raises, but a redirection
+        is not followed (the caller retries through execute)."""
+        conn = self._conn
+        if conn is None or conn.lost is not None:
+            return None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        conn.send(hiredis.pack_command(args), future)
+        timer = loop.call_later(self._timeout_s, self._time_out, conn, future)
+        future.add_done_callback(lambda _: timer.cancel())
+        return future
+
+    @staticmethod
+    def redirected(exc: BaseException) -> bool:
+        """Whether a call failed because its slot is elsewhere (execute follows that; a submitted call does not)."""
+        return isinstance(exc, _REDIRECTS)
+
     def sibling(self) -> PipelinedRedis:
         """A client of the same server on a connection of its own (for blocking reads), closed with this one."""
         other = PipelinedRedis(self._url, timeout_s=self._timeout_s, connect_timeout_s=self._connect_timeout_s)

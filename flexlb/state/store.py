@@ -156,11 +156,11 @@ class FleetStore:
         """Workers that hold (or held until expiry) a reservation of the request."""
         return sorted(await self.redis.hkeys(self.keys.request(request_id)))
 
-    async def _release(self, request_id: int, worker_ids: Sequence[str]) -> tuple[int, int]:
+    async def _release(self, request_id: int, worker_ids: Sequence[str], *, defer: bool = False) -> tuple[int, int]:
         keys = [self.keys.request(request_id), *self.keys.change_keys()]
         for wid in worker_ids:
             keys += self.keys.reservation_triple(wid)
-        released, remaining = await self.scripts.call("release", keys, [request_id, self.keys.events, *worker_ids])
+        released, remaining = await self.scripts.call("release", keys, [request_id, *worker_ids], defer=defer)
         return int(released), int(remaining)
 
     async def release(self, request_id: int, worker_ids: Sequence[str] | None = None) -> int:
@@ -174,8 +174,9 @@ class FleetStore:
 
     async def release_request(self, request_id: int, likely_workers: Sequence[str]) -> int:
         """Remove every reservation of the request, trying ``likely_workers`` first: one round trip when they are
-        all of them (the router that reserved knows), two when another router reserved some too."""
-        released, remaining = await self._release(request_id, likely_workers) if likely_workers else (0, 1)
+        all of them (the router that reserved knows), two when another router reserved some too. The request is over:
+        its release may wait a moment to share a batch with the next call (Scripts.call ``defer``)."""
+        released, remaining = await self._release(request_id, likely_workers, defer=True) if likely_workers else (0, 1)
         if remaining:
             released += await self.release(request_id)
         return released

@@ -165,7 +165,7 @@ class FleetView:
         kind = entry.get("t")
         if kind == "p":
             for wid, value in entry.items():
-                if wid not in ("t", "n", "+i"):  # '+i': in-flight blocks, the block mirror's (ViewSync)
+                if wid not in ("t", "n") and wid[0] != "+":  # '+i', '+i2', ...: in-flight blocks (ViewSync's)
                     count, _, tokens = value.partition(" ")
                     self.set_pending(wid, int(count), int(tokens or 0))
         elif kind in ("s", "a"):

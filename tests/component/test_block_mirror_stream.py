@@ -123,3 +123,38 @@ async def test_only_a_role_change_of_a_worker_with_blocks_asks_the_mirrors_to_re
     assert await k_entries() == []
     await store.register_worker(WorkerSpec(spec.ip, spec.http_port, Role.DECODE))  # out of the index
     assert [(e["w"], e["op"]) for e in await k_entries()] == [(spec.worker_id, "l")]
+
+
+async def test_a_read_overtaken_three_times_waits_for_the_next_batch_not_a_full_read(
+    real_store: FleetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's blocks read while another reader applied a 'k' entry of it are read again; after three such
+    reads it is left for the next batch (a full read of the fleet each time was the cost before)."""
+    store = real_store
+    spec = SPECS[0]
+    await store.register_worker(spec, WorkerStatus(kv_total=1_000_000))
+    await store.set_cache_blocks(spec.worker_id, [1, 2, 3])
+    mirror = BlockMirror()
+    sync = ViewSync(store, FleetView(), mirror=mirror)
+    await sync.catch_up()
+    assert mirror.blocks_of(spec.worker_id) == {1, 2, 3}
+    mirror.forget(spec.worker_id)  # as if its 'k' entry said "read it again"
+    reads = 0
+    read_worker_blocks = store.read_worker_blocks
+
+    async def overtaken(worker_ids: list[str]):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        answer = await read_worker_blocks(worker_ids)
+        for wid in worker_ids:  # a 'k' entry of the worker applied by the other reader while this read was away
+            sync._touched[wid] = sync._touched.get(wid, 0) + 1
+        return answer
+
+    monkeypatch.setattr(store, "read_worker_blocks", overtaken)
+    resyncs = sync.resyncs
+    await sync._reload_blocks([spec.worker_id])
+    assert reads == 3 and sync.resyncs == resyncs
+    assert mirror.blocks_of(spec.worker_id) == set()  # not taken from an overtaken read
+    monkeypatch.setattr(store, "read_worker_blocks", read_worker_blocks)
+    await sync.catch_up(block_ms=1)  # the next batch: no entry came, the worker is read all the same
+    assert mirror.blocks_of(spec.worker_id) == {1, 2, 3} and sync.resyncs == resyncs

@@ -128,11 +128,48 @@ async def test_overdue_reservations_expire_and_give_load_back(store: FleetStore)
     assert raw_pending(await worker_state(store, P1.worker_id)) == (1, 70)
 
 
+async def test_a_worker_with_room_looks_for_overdue_reservations_once_its_check_is_due(store: FleetStore) -> None:
+    """reserve.lua searches a worker's overdue reservations at most every min(1 s, TTL / 4) while it has room (a
+    full worker searches at once, above); once the check is due the next reservation gives their load back."""
+    await register_fleet(store)
+    assert (await store.reserve(21, [(P1.worker_id, 40)], ttl_ms=60_000)).ok
+    due_ms = int(await store.redis.hget(store.keys.worker(P1.worker_id), "resv_check"))
+    await store.redis.zadd(store.keys.reservations(P1.worker_id), {"21": 1})  # overdue since 1970
+    now = await store.redis.time()
+    await _wait_until_server_time_passes(store.redis, due_ms - (now[0] * 1000 + now[1] // 1000) + 1)
+    again = await store.reserve(22, [(P1.worker_id, 5)], ttl_ms=60_000)
+    assert again.ok and again.pending == ((1, 5),)
+    assert raw_pending(await worker_state(store, P1.worker_id)) == (1, 5)
+    assert await store.release(21) == 0 and await store.release(22) == 1
+    assert raw_pending(await worker_state(store, P1.worker_id)) == (0, 0)
+
+
+async def test_expired_in_flight_blocks_are_removed_once_the_worker_s_check_is_due_and_never_count_meanwhile(
+    store: FleetStore,
+) -> None:
+    """reserve.lua removes a worker's expired in-flight blocks at most every min(1 s, in-flight TTL / 4)
+    ('inflight_check'); until then they stay in its zset but no lookup counts them."""
+    await register_fleet(store)
+    assert (await store.reserve(31, [(P1.worker_id, 40)], 60_000, inflight_blocks=[71, 72], inflight_ttl_ms=20)).ok
+    worker_key = store.keys.worker(P1.worker_id)
+    await store.redis.hset(worker_key, "inflight_check", str(2**52))  # not due for a long time
+    await _wait_until_server_time_passes(store.redis, 25)
+    assert (await store.reserve(32, [(P1.worker_id, 5)], 60_000)).ok
+    assert set(await store.inflight_blocks(P1.worker_id)) == {71, 72}  # expired, still there
+    assert await store.lookup_prefix([71, 72]) == {}  # and held by nobody
+    await store.redis.hset(worker_key, "inflight_check", "0")  # due
+    assert await store.release(32) == 1  # P1 takes 2 at once
+    assert (await store.reserve(33, [(P1.worker_id, 5)], 60_000)).ok
+    assert await store.inflight_blocks(P1.worker_id) == {}
+    assert int(await store.redis.hget(worker_key, "inflight_check")) > 0  # the next one is set
+    assert P1.worker_id not in await store.block_holders(71)
+
+
 async def _wait_until_server_time_passes(redis: aioredis.Redis, ms: int) -> None:
     """Poll Redis's own clock (the scripts' clock) until ``ms`` have passed."""
     start = await redis.time()
     start_ms = start[0] * 1000 + start[1] // 1000
-    for _ in range(1000):
+    for _ in range(5000):
         now = await redis.time()
         if now[0] * 1000 + now[1] // 1000 >= start_ms + ms:
             return
@@ -224,21 +261,32 @@ async def test_status_version_grows_and_updated_ms_is_server_time(store: FleetSt
 async def test_every_script_call_touches_one_cluster_slot(store: FleetStore) -> None:
     """Redis Cluster: all keys of a script must hash to one slot; the {service} tag guarantees it."""
     seen: list[tuple[str, list[str]]] = []
-    real_call = Scripts.call
+    real_call = Scripts._call  # what goes to Redis: a batch of several calls too (flexlb/state/script_batch.py)
 
-    async def recording_call(self: Scripts, name: str, keys: list[str], args: list) -> object:
+    async def recording_call(self: Scripts, name: str, keys: list[str], args: list, **options: bool) -> object:
         seen.append((name, keys))
-        return await real_call(self, name, keys, args)
+        return await real_call(self, name, keys, args, **options)
 
-    store.scripts.call = recording_call.__get__(store.scripts)  # type: ignore[method-assign]
+    real_submit = Scripts.submit
+
+    def recording_submit(self: Scripts, name: str, keys: list[str], args: list) -> object:
+        seen.append((name, keys))
+        return real_submit(self, name, keys, args)
+
+    store.scripts._call = recording_call.__get__(store.scripts)  # type: ignore[method-assign]
+    store.scripts.submit = recording_submit.__get__(store.scripts)  # type: ignore[method-assign]
+    if store.scripts.batch is not None:
+        store.scripts.batch._call, store.scripts.batch._submit = store.scripts._call, store.scripts.submit
     await register_fleet(store)
     await store.set_cache_blocks(P1.worker_id, [1, 2])
     await store.lookup_prefix([1, 2])
     await store.reserve(5, [(P1.worker_id, 1), (D1.worker_id, 1)], 60_000)
     await store.sweep([P1.worker_id, D1.worker_id])
     await store.release(5)
+    await asyncio.gather(store.reserve(6, [(P1.worker_id, 1)], 60_000), store.release(6, [P1.worker_id]))
     await store.remove_worker(P2.worker_id)
-    own_tests = {"lock_acquire", "lock_renew", "lock_release", "lock_take_over", "fenced_set"}  # in their own tests, as
+    own_tests = {"batch"} if store.scripts.batch is None else set()  # batches: with the pipelined client only
+    own_tests |= {"lock_acquire", "lock_renew", "lock_release", "lock_take_over", "fenced_set"}  # own tests, as
     own_tests |= {"master_status", "master_cache", "master_forget"}  # are the master's writes
     own_tests |= {"shard_pollers"}  # tests/integration/test_poll_shards.py
     assert {name for name, _ in seen} == set(SCRIPT_NAMES) - own_tests
