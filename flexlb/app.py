@@ -164,6 +164,7 @@ def create_app(
         metrics,
     )
     events = FleetEvents(redis, store.keys)
+    events.follow(scheduler.view_sync)
     queue = RequestQueue(
         scheduler,
         events,
@@ -341,7 +342,6 @@ def _router_lifecycle(
         if master is not None:
             master.start()
         ctx.scheduler.view_sync.start()
-        events.start()
         queue.start()
 
         def on_started() -> None:

@@ -3,22 +3,21 @@
 -- KEYS[2], KEYS[3] the change stream and its entry counter
 -- KEYS[4..]        3 keys per worker: status hash, reservations zset, reservation tokens hash
 -- ARGV[1]          request id
--- ARGV[2]          pub/sub channel of fleet events
--- ARGV[3..]        worker id per KEYS triple
+-- ARGV[2..]        worker id per KEYS triple
 -- Returns {reservations removed, workers still in the request's index} (the caller releases those too when it
 -- wanted every reservation of the request but knew only some of its workers). When something was removed, a 'p'
--- stream entry carries the workers' new pending load and "released <worker id>,..." is published, so routers
--- waiting for capacity wake up.
+-- stream entry carries the workers' new pending load: routers waiting for capacity wake up on it
+-- (flexlb/state/events.py).
 -- Guarantees: exactly once per (request, worker): a second release, or a release after expiry, changes nothing;
 -- a worker removed meanwhile is not re-created; a 0-token reservation releases like any other.
 -- @include _lib.lua
 
 local rid = ARGV[1]
 local released = 0
-local freed_workers, changes = {}, {}
+local changes = {}
 for i = 1, (#KEYS - 3) / 3 do
   local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local wid = ARGV[2 + i]
+  local wid = ARGV[1 + i]
   -- a reservation still in the zset means the worker is still registered: remove_worker.lua deletes the zset with
   -- the worker's hash, so the pending counts below never re-create a removed worker
   if redis.call('ZREM', rk, rid) == 1 then
@@ -27,10 +26,8 @@ for i = 1, (#KEYS - 3) / 3 do
     changes[#changes + 1] = wid
     changes[#changes + 1] = add_pending(wk, -1, -tokens)
     released = released + 1
-    freed_workers[#freed_workers + 1] = wid
   end
 end
-if #ARGV > 2 then redis.call('HDEL', KEYS[1], unpack(ARGV, 3)) end
+if #ARGV > 1 then redis.call('HDEL', KEYS[1], unpack(ARGV, 2)) end
 if #changes > 0 then stream_add(KEYS[2], KEYS[3], 'p', changes) end
-if released > 0 then redis.call('PUBLISH', ARGV[2], 'released ' .. table.concat(freed_workers, ',')) end
 return {released, redis.call('HLEN', KEYS[1])}

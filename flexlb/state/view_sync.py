@@ -55,6 +55,8 @@ class ViewSync:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.connected = asyncio.Event()  # the tail is following the stream (set after its first read)
+        # called after a batch that may have freed capacity (flexlb.state.events: queue-mode waiters wake up)
+        self.on_freed: Callable[[], None] | None = None
 
     @property
     def running(self) -> bool:
@@ -93,6 +95,8 @@ class ViewSync:
         self.fresh_at = self._clock()
         self.view.observe_redis_clock(read.redis_ms, self.fresh_at)
         self.resyncs += 1
+        if self.on_freed is not None:
+            self.on_freed()  # anything may have changed
 
     async def catch_up(self, block_ms: int | None = None) -> int:
         """Apply the entries after the last one applied (waiting up to ``block_ms`` for one); a full read first if
@@ -111,6 +115,7 @@ class ViewSync:
             raise
         applied = 0
         reload: set[str] = set()
+        freed = False
         for entry_id, fields in entries:
             seq = int(fields.get("n", 0))
             if _stream_id(entry_id) <= _stream_id(self._last_id):
@@ -126,6 +131,7 @@ class ViewSync:
                 await self.resync()
                 return applied
             try:
+                freed = freed or (self.on_freed is not None and _frees(fields, self.view))
                 self.view.apply(fields)
                 if self.mirror is not None:
                     self._apply_blocks(fields, reload)
@@ -141,6 +147,8 @@ class ViewSync:
         if applied:  # an entry's id is Redis' clock when it was written, a moment ago
             self.view.observe_redis_clock(_stream_id(self._last_id)[0], self.fresh_at)
         self.entries += applied
+        if freed and self.on_freed is not None:
+            self.on_freed()
         return applied
 
     def lookup_prefix(self, block_keys: list[int], *, stale_ok: bool = False) -> PrefixHits | None:
@@ -162,11 +170,11 @@ class ViewSync:
         mirror = self.mirror
         assert mirror is not None
         kind = fields.get("t")
-        if kind == "p":
-            note = fields.get("+i")
-            if note:
-                wid, until, cap, *blocks = note.split()
-                self.note_inflight(wid, [int(b) for b in blocks], int(until), int(cap))
+        if kind == "p":  # a batch's entry (lua/batch.lua) has a note per reservation: '+i', '+i2', ...
+            for name, note in fields.items():
+                if name.startswith("+i") and note:
+                    wid, until, cap, *blocks = note.split()
+                    self.note_inflight(wid, [int(b) for b in blocks], int(until), int(cap))
         elif kind == "k":
             wid = fields["w"]
             self._touched[wid] = self._touched.get(wid, 0) + 1
@@ -256,3 +264,21 @@ class ViewSync:
 def _stream_id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _frees(fields: dict[str, str], view: FleetView) -> bool:
+    """Whether a stream entry, not yet applied to ``view``, may free capacity: a status write, a registration, or a
+    pending load (a release, an expiry) below what the view holds. A reservation's entry raises it: no wake-up."""
+    kind = fields.get("t")
+    if kind in ("s", "a"):
+        return True
+    if kind != "p":
+        return False
+    for wid, value in fields.items():
+        if wid in ("t", "n") or wid[0] == "+":
+            continue
+        worker = view.get(wid)
+        count, _, tokens = value.partition(" ")
+        if worker is not None and (int(count) < worker.pending_count or int(tokens or 0) < worker.pending_tokens):
+            return True
+    return False

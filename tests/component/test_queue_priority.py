@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from test_queueing import W, started_queue
+from test_queueing import W, started_queue, stop_router
 
 from flexlb.app import make_redis
 from flexlb.domain import ScheduleRequest
@@ -44,8 +44,7 @@ async def make_queue(redis_server: EmbeddedRedis, service: str) -> AsyncIterator
 
     yield make
     for queue, events in made:
-        await queue.stop()
-        await events.stop()
+        await stop_router(queue, events)
     for client in clients:
         await client.aclose()
 

@@ -44,7 +44,7 @@ async def started_queue(
     **options: object,
 ) -> tuple[RequestQueue, FleetEvents]:
     """A started queue (and its fleet events, whose waiting board is a ``board``) of one router over worker W, with a
-    one-slot scheduler; the caller stops both."""
+    one-slot scheduler whose view follows the change stream; the caller stops the three (:func:`stop_router`)."""
     store = FleetStore(client, service)
     await store.register_worker(W, WorkerStatus(kv_total=100_000))
     scheduler = Scheduler(
@@ -55,8 +55,9 @@ async def started_queue(
     )
     events = FleetEvents(client, store.keys)
     events.waiting = board(client, store.keys)
-    events.start()
-    await asyncio.wait_for(events.connected.wait(), 5)
+    events.follow(scheduler.view_sync)  # as a router: woken by its tail of the change stream
+    scheduler.view_sync.start()
+    await asyncio.wait_for(scheduler.view_sync.connected.wait(), 5)
     queue = RequestQueue(
         scheduler,
         events,
@@ -82,9 +83,14 @@ async def make_queue(redis_server: EmbeddedRedis, service: str) -> AsyncIterator
 
     yield make
     for queue, events in made:
-        await queue.stop()
-        await events.stop()
+        await stop_router(queue, events)
     await client.aclose()
+
+
+async def stop_router(queue: RequestQueue, events: FleetEvents) -> None:
+    await queue.stop()
+    await events.stop()
+    await queue.scheduler.view_sync.stop()
 
 
 def req(rid: int, timeout_ms: int = 60_000) -> ScheduleRequest:

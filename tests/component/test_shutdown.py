@@ -94,8 +94,9 @@ async def test_stop_in_the_middle_of_an_attempt_answers_its_reservation(fleet: t
     store, other = fleet
     scheduler = scheduler_on(store)
     events = FleetEvents(store.redis, store.keys)
-    events.start()
-    await asyncio.wait_for(events.connected.wait(), 5)
+    events.follow(scheduler.view_sync)
+    scheduler.view_sync.start()
+    await asyncio.wait_for(scheduler.view_sync.connected.wait(), 5)
     queue = RequestQueue(scheduler, events, QueueOptions(enabled=True), QueueMetrics(CollectorRegistry()))
     queue.start()
     assert (await other.reserve(100, [(W.worker_id, 10)], 60_000)).ok
@@ -112,6 +113,7 @@ async def test_stop_in_the_middle_of_an_attempt_answers_its_reservation(fleet: t
     assert result.success and result.choices[Role.PDFUSION].worker.worker_id == W.worker_id
     assert await scheduler.release(1) == 1
     await events.stop()
+    await scheduler.view_sync.stop()
 
 
 async def test_a_release_whose_caller_is_cancelled_still_reaches_redis(fleet: tuple[FleetStore, FleetStore]) -> None:
