@@ -81,12 +81,12 @@ async def run_schedule(
             except OwnerRefused as exc:
                 raise _refused(exc) from None
     except BadRequest as exc:
-        ctx.metrics.schedules.labels(code=str(int(exc.code))).inc()
+        ctx.metrics.schedules_by_code(str(int(exc.code))).inc()
         raise
     result = await ctx.queue.schedule(req)  # cancelled: the slot stays until its TTL (a reservation may exist)
     if owners is not None and new_slot and not result.success:
         owners.give_back(client, req.request_id)  # a refusal reserves nothing
-    ctx.metrics.schedules.labels(code=str(int(result.code))).inc()
+    ctx.metrics.schedules_by_code(str(int(result.code))).inc()
     ctx.metrics.schedule_latency.observe(time.perf_counter() - started)
     if not result.success:
         log.info("request %s%s: %s (%s)", req.request_id, via, result.code.name, result.message)
