@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from flexlb.domain import NO_WORKER_CODE, ROLE_ORDER, ErrorCode, Role, ScheduleRequest, ScheduleResult
+from flexlb.in_transit import InTransit
 from flexlb.metrics import SchedulerMetrics
 from flexlb.routing import ChoiceMemory, DecisionOptions, StrategyName, StrategyParams, decide, order_keys
 from flexlb.routing.decide import orders_per_role
@@ -96,9 +97,9 @@ class Scheduler:
         # Workers this router reserved per request, so a release here needs no lookup: request -> (workers, when).
         self._reserved_here: dict[int, tuple[list[str], float]] = {}
         self._releasing: set[asyncio.Task[int]] = set()  # releases still writing to Redis (see release)
-        # Picks whose reservation is on its way to Redis: worker -> (count, tokens). Decisions made meanwhile count
-        # them, so a burst through this router sees its own queue building up (a hot prefix's worker, say).
-        self._reserving: dict[str, tuple[int, int]] = {}
+        # Picks whose reservation is on its way to Redis. Decisions made meanwhile count them (once), so a burst
+        # through this router sees its own queue building up (a hot prefix's worker, say).
+        self._in_transit = InTransit()
 
     # ---- public API ----
 
@@ -199,13 +200,10 @@ class Scheduler:
     async def _schedule_shared(self, request: ScheduleRequest, ttl_ms: int) -> ScheduleResult:
         if not self.view_sync.running:  # no tail following the stream (not started, or reconnecting): read inline
             await self.view_sync.catch_up()
-        looked_up = self._needs_lookup(request)
-        hits = await self._lookup(request.block_cache_keys) if looked_up else {}
+        looked_up, hits, probe = await self._prefix_of(request)  # the probe once: a moved prefix costs one lookup more
         refusal = ""
         refused_role: Role | None = None
         caught_up = not self.view_sync.running
-        # once: a moved prefix costs at most one more lookup
-        probe = self._probe_block(request, hits) if looked_up else None
         attempt = 0
         while attempt <= self.options.retries:
             attempt += 1
@@ -218,11 +216,13 @@ class Scheduler:
                 await self.view_sync.catch_up()
                 caught_up = True
                 attempt -= 1
+                if not looked_up:  # the view may hold a prefill-type worker only now
+                    looked_up, hits, probe = await self._prefix_of(request)
                 continue
             roles = list(result.choices)
             picks = [(result.choices[r].worker.worker_id, result.choices[r].reserve_tokens) for r in roles]
             inflight_ttl, inflight_cap = self._inflight_hold(result)
-            _add_load(self._reserving, picks, 1)
+            in_transit = self._in_transit.add(picks, self._view_pending)
             try:
                 outcome = await self.store.reserve(
                     request.request_id,
@@ -235,7 +235,7 @@ class Scheduler:
                     limits=not request.ttft_bound_ms,
                 )
             finally:
-                _add_load(self._reserving, picks, -1)
+                self._in_transit.remove(in_transit)
             probe = None
             if outcome.ok:
                 for (wid, _), (count, tokens) in zip(picks, outcome.pending, strict=True):
@@ -266,6 +266,13 @@ class Scheduler:
             attempts=self.options.retries + 1,
             busy=True,  # other routers took the capacity first
         )
+
+    async def _prefix_of(self, request: ScheduleRequest) -> tuple[bool, dict[str, int], int | None]:
+        """Whether the request's prefix matters to the decision (``_needs_lookup``), its hits and its probe block."""
+        if not self._needs_lookup(request):
+            return False, {}, None
+        hits = await self._lookup(request.block_cache_keys)
+        return True, hits, self._probe_block(request, hits)
 
     async def _lookup(self, block_keys: list[int]) -> PrefixHits:
         """The request's prefix hits: from the router's block mirror when it is synced, else from Redis."""
@@ -381,12 +388,14 @@ class Scheduler:
         """Reservations only this process knows (made in degraded mode, or on their way to Redis): worker ->
         (count, tokens)."""
         self._prune_local()
-        if not self._local:
-            return self._reserving
-        load = dict(self._reserving)
+        load = self._in_transit.extra(self._view_pending) if self._in_transit else {}
         for res in self._local.values():
-            _add_load(load, res.picks, 1)
+            _add_load(load, res.picks)
         return load
+
+    def _view_pending(self, worker_id: str) -> tuple[int, int]:
+        view = self.view.get(worker_id)
+        return (view.pending_count, view.pending_tokens) if view is not None else (0, 0)
 
     def _count_hits(self, result: ScheduleResult, hits: dict[str, int]) -> None:
         if not hits:
@@ -398,8 +407,8 @@ class Scheduler:
                 if view is not None and view.spec.role is role:
                     best = max(best, blocks * view.status.block_size)
             if best:
-                self.metrics.hit_tokens.labels(role=role.value, kind="chosen").inc(choice.worker.hit_tokens)
-                self.metrics.hit_tokens.labels(role=role.value, kind="available").inc(best)
+                self.metrics.hit_tokens_by(role.value, "chosen").inc(choice.worker.hit_tokens)
+                self.metrics.hit_tokens_by(role.value, "available").inc(best)
 
     def _remember_reserved(self, request_id: int, workers: list[str]) -> None:
         now = self._clock()
@@ -439,12 +448,8 @@ class Scheduler:
             log.warning("Redis reachable again after %.1fs: shared scheduling resumed", down_s)
 
 
-def _add_load(load: dict[str, tuple[int, int]], picks: list[tuple[str, int]], sign: int) -> None:
-    """Add (``sign`` 1) or take back (-1) one reservation of each of ``picks`` in ``load``."""
+def _add_load(load: dict[str, tuple[int, int]], picks: list[tuple[str, int]]) -> None:
+    """Add one reservation of each of ``picks`` to ``load``."""
     for wid, tokens in picks:
         count, total = load.get(wid, (0, 0))
-        count, total = count + sign, total + sign * tokens
-        if count > 0:
-            load[wid] = (count, total)
-        else:
-            load.pop(wid, None)
+        load[wid] = (count + 1, total + tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 from collections.abc import Sequence
@@ -133,6 +134,79 @@ async def test_refused_reservation_is_retried_on_what_the_script_saw(store: Flee
     result = await make_scheduler(racing).schedule(ScheduleRequest(request_id=6, seq_len=100))
     assert result.success and result.attempts == 2
     assert result.choices[Role.DECODE].worker.worker_id == d2
+
+
+class SlowReplyStore(FleetStore):
+    """A FleetStore whose first reservation's reply reaches the router only after the router's view applied that
+    reservation's change-stream entry and made another decision (``during``): the tail reading the stream on its own
+    connection can be faster than the reply to the script call."""
+
+    def __init__(self, store: FleetStore) -> None:
+        super().__init__(store.redis, store.keys.service)
+        self.during: Any = None
+        self.seen_meanwhile: Any = None
+
+    async def reserve(
+        self, request_id: int, picks: Sequence[tuple[str, int]], ttl_ms: int, **inflight: Any
+    ) -> ReserveOutcome:
+        outcome = await super().reserve(request_id, picks, ttl_ms, **inflight)
+        if self.during is not None:
+            during, self.during = self.during, None
+            self.seen_meanwhile = await during()
+        return outcome
+
+
+async def test_a_reservation_whose_entry_the_view_applied_before_its_reply_counts_once(store: FleetStore) -> None:
+    slow = SlowReplyStore(store)
+    p = await add(slow, "10.0.6.5", Role.PREFILL)
+    scheduler = make_scheduler(slow)
+
+    async def decide_meanwhile() -> dict:
+        await scheduler.view_sync.catch_up()  # the view now holds request 1's reservation, from the stream
+        result = await scheduler.schedule(ScheduleRequest(request_id=2, seq_len=1000, explain=True))
+        assert result.success
+        explanation = result.choices[Role.PREFILL].explanation
+        return next(c for c in explanation["candidates"] if c["worker"] == p)
+
+    slow.during = decide_meanwhile
+    assert (await scheduler.schedule(ScheduleRequest(request_id=1, seq_len=1000))).success
+    # request 2 saw request 1 once: in the view, not again as on its way
+    assert slow.seen_meanwhile["pending"] == 1
+    assert slow.seen_meanwhile["queued_tokens"] == 1000
+
+
+class HeldTailStore(FleetStore):
+    """A FleetStore whose blocking stream reads (the view's tail) wait until ``release``: the view lags the stream
+    while inline catch-ups still read it."""
+
+    def __init__(self, store: FleetStore) -> None:
+        super().__init__(store.redis, store.keys.service, store._pipelined)
+        self.release = asyncio.Event()
+
+    async def read_changes(self, after_id: str, *, block_ms: int | None = None, count: int = 2000) -> list:
+        if block_ms is not None:
+            await self.release.wait()
+        return await super().read_changes(after_id, block_ms=block_ms, count=count)
+
+
+async def test_a_worker_the_view_learns_of_at_the_decision_is_chosen_by_its_cache(store: FleetStore) -> None:
+    held = HeldTailStore(store)
+    scheduler = make_scheduler(held)
+    scheduler.view_sync.start()
+    try:
+        await asyncio.wait_for(scheduler.view_sync.connected.wait(), 10)
+        blocks = [11, 12, 13, 14]
+        await add(store, "10.0.6.6", Role.PREFILL)  # the tail has not applied them: the view has no worker
+        cached = await add(store, "10.0.6.7", Role.PREFILL)
+        await store.set_cache_blocks(cached, blocks)
+        request = ScheduleRequest(request_id=3, seq_len=4 * 64, block_cache_keys=blocks)
+        result = await scheduler.schedule(request)
+        assert result.success
+        assert result.choices[Role.PREFILL].worker.worker_id == cached  # the catch-up also looked the prefix up
+        assert result.choices[Role.PREFILL].worker.hit_tokens > 0
+    finally:
+        held.release.set()
+        await scheduler.view_sync.stop()
 
 
 async def test_retries_are_bounded(store: FleetStore) -> None:

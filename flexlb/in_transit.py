@@ -1,0 +1,64 @@
+"""This router's reservations on their way to Redis, counted once in its decisions.
+
+A reservation sent when the router saw its worker at pending ``(count, tokens)`` leaves that worker at least at
+``(count + 1, tokens + t)`` once Redis has it. Adding it on top of the view would count it twice from the moment the
+view applies the script's change-stream entry (the tail may read it before the reply to the call arrives) until the
+reply: a burst through one router then saw a hot prefix's worker twice as loaded as it was and spread over the
+fleet. As a floor under the view's value it counts once either way; what it may miss meanwhile is another router's
+reservation, which the view shows one entry later anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+Load = tuple[int, int]  # (count, tokens) of pending reservations on one worker
+Floor = tuple[str, Load]  # a worker and the load it has at least once the reservation is in Redis
+
+
+class InTransit:
+    """Floors on the workers' pending load, one per reservation on its way; ``extra`` is what decisions add."""
+
+    def __init__(self) -> None:
+        self._floors: dict[str, list[Load]] = {}
+        self._highest: dict[str, Load] = {}  # worker -> the highest of its floors (count, tokens apart): per decision
+
+    def add(self, picks: Sequence[tuple[str, int]], pending: Callable[[str], Load]) -> list[Floor]:
+        """Reservations of ``(worker_id, tokens)`` sent now, ``pending`` giving the view's load of a worker; returns
+        the handle for ``remove``."""
+        added = []
+        for wid, tokens in picks:
+            count, held = self._at_least(wid, pending(wid))
+            floor = (count + 1, held + tokens)
+            self._floors.setdefault(wid, []).append(floor)
+            self._highest[wid] = floor  # at least every floor before it, by construction
+            added.append((wid, floor))
+        return added
+
+    def remove(self, added: Sequence[Floor]) -> None:
+        """The reservations' replies arrived (the caller sets the view from them) or the calls failed."""
+        for wid, floor in added:
+            floors = self._floors[wid]
+            floors.remove(floor)
+            if floors:
+                self._highest[wid] = (max(f[0] for f in floors), max(f[1] for f in floors))
+            else:
+                del self._floors[wid], self._highest[wid]
+
+    def extra(self, pending: Callable[[str], Load]) -> dict[str, Load]:
+        """worker id -> what its floors add to the view's load ``pending(worker_id)``, where they add anything."""
+        out = {}
+        for wid, (count, held) in self._highest.items():
+            base_count, base_held = pending(wid)
+            if count > base_count or held > base_held:
+                out[wid] = (max(count - base_count, 0), max(held - base_held, 0))
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self._floors)
+
+    def _at_least(self, wid: str, base: Load) -> Load:
+        highest = self._highest.get(wid)
+        if highest is None:
+            return base
+        return max(base[0], highest[0]), max(base[1], highest[1])
