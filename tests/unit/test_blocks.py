@@ -48,6 +48,33 @@ def test_matches_a_plain_reading_of_the_formula() -> None:
         assert block_cache_keys(tokens, block_size) == reference(tokens, block_size)
 
 
+def test_remembered_blocks_and_tokens_give_the_formula_s_keys() -> None:
+    """The memo of hashed blocks is keyed by the chain state too: the same block after another prefix, or under
+    another parent, gets its own key; ids beyond int64 or negative ones go the plain way; bounds hold."""
+    import flexlb.blocks as blocks
+
+    rng = random.Random(11)
+
+    def reference(tokens: list[int], block_size: int, parent: int | None) -> list[int]:
+        h, keys = (0 if parent is None else parent & M), []
+        for i in range(len(tokens) - len(tokens) % block_size):
+            h = h ^ ((token_hash(tokens[i]) + 0x9E3779B97F4A7C15 + (h << 12) + (h >> 32)) % (1 << 64))
+            if (i + 1) % block_size == 0:
+                keys.append(to_int64(h))
+        return keys
+
+    shared = [rng.randrange(1 << 31) for _ in range(64)]
+    for _ in range(300):
+        size = rng.choice((1, 4, 16))
+        pool = [rng.randrange(1 << 31), -rng.randrange(1 << 40), rng.randrange(1 << 70), 0]
+        tokens = [rng.choice(pool) for _ in range(rng.randrange(40))] + shared[: rng.randrange(64)]
+        parent = rng.choice((None, rng.randrange(-(1 << 63), 1 << 63)))
+        for seq in (tokens, tuple(tokens)):
+            assert block_cache_keys(seq, size, parent) == reference(tokens, size, parent)
+            assert block_cache_keys(seq, size, parent) == reference(tokens, size, parent)  # remembered now
+    assert len(blocks._BLOCK_MEMO) <= blocks._BLOCK_MEMO_MAX and len(blocks._TOKEN_MIX) <= blocks._TOKEN_MIX_MAX
+
+
 def test_prefix_property() -> None:
     base = list(range(100, 164))  # 8 blocks of 8
     other = [*base[:40], 7, *base[41:]]  # differs inside block 5 (tokens 40..47)
