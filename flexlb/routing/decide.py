@@ -22,7 +22,9 @@ request's cache holders, not with the fleet:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +66,10 @@ SAMPLE_TRIES = 64
 TIE_CANDIDATES = 16
 # WEIGHTED_CACHE: workers whose weight is below this fraction of the largest are left out of the pruned draw
 NEGLIGIBLE_WEIGHT = 1e-6
+BANDS = math.ceil(-math.log(NEGLIGIBLE_WEIGHT))  # WEIGHTED_CACHE's proposal bands, each a factor e of weight
+# proposals by band: an eligible one is accepted with probability >= 1/e, so 16 all fail 1 time in 1,500; when the
+# least used are at their limits, the scan of the eligible ones near them (cheaper than more proposals) decides
+BAND_TRIES = 16
 
 
 def queue_ms(view: WorkerView, model: TtftModel) -> float:
@@ -329,14 +335,28 @@ class _Scan:
         if strategy is StrategyName.WEIGHTED_CACHE:
             decay = self.params.weighted_cache_decay
             least_used = next(self.fleet.ordered(role, BY_KV_USED))[0]
-            horizon = least_used - math.log(NEGLIGIBLE_WEIGHT) / decay if decay > 0 else math.inf
-            size = self.fleet.count_up_to(role, BY_KV_USED, horizon)
-            for _ in range(SAMPLE_TRIES):
-                view = self.fleet.nth(role, BY_KV_USED, rng.randrange(size))
+            # Proposals by band of 1 / decay tokens above the least used, each band drawn by its count times the
+            # largest weight in it, so a proposal is accepted with probability >= 1/e: proposing uniformly from the
+            # horizon failed SAMPLE_TRIES times, and fell back to the full scan, when most of it had tiny weights.
+            width = 1 / decay if decay > 0 else math.inf
+            bands = BANDS if decay > 0 else 1
+            edges = [self.fleet.count_up_to(role, BY_KV_USED, least_used + (k + 1) * width) for k in range(bands)]
+            starts = [0, *edges[:-1]]
+            counts = (e - s for s, e in zip(starts, edges, strict=True))
+            mass = list(itertools.accumulate(n * math.exp(-k) for k, n in enumerate(counts)))
+            for _ in range(BAND_TRIES if mass[-1] > 0 else 0):
+                k = min(bisect.bisect_right(mass, rng.random() * mass[-1]), bands - 1)
+                if edges[k] == starts[k]:
+                    continue
+                view = self.fleet.nth(role, BY_KV_USED, rng.randrange(starts[k], edges[k]))
                 if (seen := self.as_seen(view, role)) is None:
                     continue
-                if rng.random() < math.exp(-decay * (seen.status.kv_used + seen.pending_tokens - least_used)):
+                used = seen.status.kv_used + seen.pending_tokens - least_used
+                if rng.random() < math.exp(k - decay * used):  # its weight over its band's largest
                     return seen
+            if decay > 0:  # the least used are not eligible (at their limits): the eligible ones near them
+                return pick(strategy, role, self._least_used_eligible(role, bands * width), self.request,
+                            self.memory, self.params)  # fmt: skip
         else:
             ids = self.fleet.ids(role)
             for _ in range(SAMPLE_TRIES):
@@ -344,6 +364,20 @@ class _Scan:
                 if view is not None and (seen := self.as_seen(view, role)) is not None:
                     return seen
         return pick(strategy, role, self.all_eligible(role), self.request, self.memory, self.params)
+
+    def _least_used_eligible(self, role: Role, horizon: float) -> list[WorkerView]:
+        """The eligible workers by KV used, up to ``horizon`` tokens past the first: those after it weigh less than
+        NEGLIGIBLE_WEIGHT of it (a key is a lower bound of what the worker holds as seen)."""
+        found: list[WorkerView] = []
+        limit = math.inf
+        for key, view in self.fleet.ordered(role, BY_KV_USED):
+            if key > limit:
+                break
+            if (seen := self.as_seen(view, role)) is not None:
+                if not found:
+                    limit = seen.status.kv_used + seen.pending_tokens + horizon
+                found.append(seen)
+        return found
 
 
 def kv_needed(role: Role, request: ScheduleRequest) -> int:

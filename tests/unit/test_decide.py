@@ -7,6 +7,7 @@ import dataclasses
 import random
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,17 +134,28 @@ def test_pruned_round_robin_and_random_pick_eligible_workers(seed: int, size: in
             assert pruned.choices[Role.DECODE].worker.worker_id in eligible_ids
 
 
-def test_pruned_weighted_cache_samples_the_full_scans_distribution() -> None:
-    """Rejection sampling keeps WEIGHTED_CACHE's probabilities: compare frequencies with the weights."""
+@pytest.mark.parametrize(
+    ("kv_used", "full"),
+    [
+        ([0, 300, 600, 1_000, 2_500, 4_000], 0),
+        ([0, 2_000, 5_000, 5_100, 5_200, 9_000, 9_500, 12_000, 12_500, 13_000, 30_000], 0),  # most mass is tiny
+        ([0, 0, 100, 20_000, 20_300, 21_000, 60_000], 3),  # the least used are at their limit: the next ones share
+    ],
+)
+def test_pruned_weighted_cache_samples_the_full_scans_distribution(kv_used: list[int], full: int) -> None:
+    """Rejection sampling keeps WEIGHTED_CACHE's probabilities: compare frequencies with the weights of the
+    eligible workers (the first ``full`` are at their concurrency limit)."""
     from flexlb.routing import weighted_cache_weights
 
     rng = random.Random(5)
     hashes = {}
-    for i, used in enumerate([0, 300, 600, 1_000, 2_500, 4_000]):
-        h = worker_hash(i, Role.DECODE, rng) | {"alive": "1", "available": "1", "max_concurrency": "0"}
+    for i, used in enumerate(kv_used):
+        limit = {"max_concurrency": "1", "running": "1"} if i < full else {"max_concurrency": "0"}
+        h = worker_hash(i, Role.DECODE, rng) | {"alive": "1", "available": "1"} | limit
         hashes[f"{h['ip']}:8000"] = h | {"kv_used": str(used), "pending_tokens": "0", "kv_total": "0"}
     fleet = fleet_of(hashes)
-    workers = fleet.workers(Role.DECODE)
+    workers = [v for v in fleet.workers(Role.DECODE) if not v.spec.max_concurrency]
+    assert len(workers) == len(kv_used) - full
     expected = dict(zip([v.worker_id for v in workers], weighted_cache_weights(workers, 0.001), strict=True))
     memory = ChoiceMemory(rng=random.Random(11))
     draws = 20_000
@@ -158,6 +170,7 @@ def test_pruned_weighted_cache_samples_the_full_scans_distribution() -> None:
         .worker.worker_id
         for i in range(draws)
     )
+    assert set(picks) <= set(expected)
     for wid, p in expected.items():
         assert abs(picks[wid] / draws - p) < 0.015, (wid, picks[wid] / draws, p)
 
