@@ -186,7 +186,8 @@ def reconcile_status(
 
 def cache_diff(known: Iterable[int], current: Iterable[int]) -> tuple[list[int], list[int]]:
     """(keys to add, keys to remove) that turn the set ``known`` into ``current``."""
-    known_set, current_set = set(known), set(current)
+    known_set = known if isinstance(known, (set, frozenset)) else set(known)  # a poll's sets: no copies
+    current_set = current if isinstance(current, (set, frozenset)) else set(current)
     return sorted(current_set - known_set), sorted(known_set - current_set)
 
 
