@@ -167,7 +167,7 @@ def _server_status(
         "debug_info": {
             "running_batch_size": status.running,
             "queue_size": status.waiting + view.pending_count,
-            "waiting_time_ms": 0 if queue is None else round(queue.waited_ms),
+            "waiting_time_ms": 0 if queue is None else round(_waited_ms(queue)),
             "available_kv_cache_len": max(view.kv_free, 0) if status.kv_total > 0 else 0,
             "estimate_ttft_ms": round(choice.estimate_ttft_ms, 3),
             "estimate_tpot_ms": status.step_latency_ms,
@@ -180,8 +180,14 @@ def _server_status(
     }
 
 
+def _waited_ms(queue: QueueStay) -> float:
+    """The wait both fields of an answer report (``waiting_time_ms`` rounds it further): rounded once, so they agree
+    (47.46 ms was 47 in one and 47.5, then 48, in the other)."""
+    return round(queue.waited_ms, 1)
+
+
 def _queue_info(queue: QueueStay) -> dict[str, Any]:
-    return {"waited_ms": round(queue.waited_ms, 1), "position": queue.position, "depth": queue.depth}
+    return {"waited_ms": _waited_ms(queue), "position": queue.position, "depth": queue.depth}
 
 
 def schedule_body(result: ScheduleResult, request_id: int, *, master_host: str | None) -> dict[str, Any]:

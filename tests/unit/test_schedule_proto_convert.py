@@ -3,11 +3,23 @@ a reply is the HTTP answer's dict field for field (flexlb/grpc_api/convert.py)."
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import orjson
 import pytest
 
-from flexlb.domain import Choice, ErrorCode, Role, ScheduleRequest, ScheduleResult, WorkerSpec, WorkerStatus, WorkerView
+from flexlb.domain import (
+    Choice,
+    ErrorCode,
+    QueueStay,
+    Role,
+    ScheduleRequest,
+    ScheduleResult,
+    WorkerSpec,
+    WorkerStatus,
+    WorkerView,
+)
 from flexlb.grpc_api.convert import (
     release_fields,
     release_response_pb,
@@ -116,6 +128,14 @@ def test_a_success_reply_is_the_http_body_field_for_field(degraded: bool) -> Non
     assert to_json(reply) == body
     assert [s.role for s in reply.server_status] == ["DECODE", "PREFILL"]
     assert reply.server_status[1].debug_info.hit_cache_len == 3 * 64
+
+
+@pytest.mark.parametrize("waited_ms", [47.46, 47.44, 0.05, 12.0])
+def test_a_queued_requests_two_wait_fields_agree(waited_ms: float) -> None:
+    explained = dataclasses.replace(choice(Role.PREFILL, 8000), explanation={"reason": "x"})
+    result = ScheduleResult(success=True, choices={Role.PREFILL: explained}, queue=QueueStay(waited_ms, 1, 2))
+    info = schedule_body(result, 1, master_host=None)["server_status"][0]["debug_info"]
+    assert info["waiting_time_ms"] == round(info["queue"]["waited_ms"])  # 47.46 was 47 and 47.5 (-> 48)
 
 
 @pytest.mark.parametrize(
