@@ -18,6 +18,7 @@ from typing import Any
 from flexlb.bench.client import RequestRecord
 from flexlb.bench.report import Target, latency_summary
 from flexlb.bench.tables import num, pct, table, worker_balance
+from flexlb.master.prom_text import read_samples
 
 FLEXLB = "flexlb"
 VENV_VARIABLE = "FLEXLB_PEERS_VENV"
@@ -201,6 +202,41 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
+_HITS = "flexlb_cache_hit_tokens_total"  # kind="chosen": on the workers chosen; kind="available": the best any held
+_PREDICTED = "flexlb_proxy_predicted_hit_tokens_total"
+_REPORTED = "flexlb_proxy_reported_cached_tokens_total"
+
+
+def router_hits(pages: Sequence[str]) -> dict[str, float]:
+    """flexlb's own account of its cache routing, summed over its routers' ``/metrics`` pages: the hit tokens of the
+    workers it chose and of the best worker for each request (``chosen`` / ``available``: equal when it always took
+    the best cached one), and the cached tokens it predicted against those the workers reported (equal when its
+    index matched the workers' caches)."""
+    out = {"chosen": 0.0, "available": 0.0, "predicted": 0.0, "reported": 0.0}
+    for page in pages:
+        samples = read_samples(page, (_HITS, _PREDICTED, _REPORTED))
+        for labels, value in samples.series.get(_HITS, ()):
+            if labels.get("kind") in ("chosen", "available"):
+                out[labels["kind"]] += value
+        out["predicted"] += samples.total(_PREDICTED) or 0.0
+        out["reported"] += samples.total(_REPORTED) or 0.0
+    return out
+
+
+def render_router_hits(label: str, hits: Mapping[str, float]) -> str:
+    def share(part: float, whole: float) -> str:
+        return pct(part / whole) if whole else "-"
+
+    line = (
+        f"{label}, by its own metrics: chose workers holding {share(hits['chosen'], hits['available'])} of the best"
+        f" available hit tokens; predicted {hits['predicted']:,.0f} cached tokens where the workers reported"
+        f" {hits['reported']:,.0f} ({share(hits['reported'], hits['predicted'])})"
+    )
+    if hits["available"] and hits["chosen"] >= 0.995 * hits["available"]:
+        line += ": what the hit ratio lacks of the oracle's is prefixes no worker held any more (evicted)"
+    return line
+
+
 def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """A target's runs together: TTFT over all their requests, counts per run, hit ratio over all prompt tokens."""
     ttft = [v for r in runs for v in r["ttft_values_ms"]]
@@ -216,7 +252,13 @@ def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "busiest_share": _mean([r["busiest_share"] for r in runs]),
         "router_cpu_s": _mean([r["router_cpu_s"] for r in runs]),
         "control_cpu_s": _mean([r["control_cpu_s"] for r in runs]),
+        "router_hits": _summed([r.get("router_hits") for r in runs]),
     }
+
+
+def _summed(parts: Sequence[Mapping[str, float] | None]) -> dict[str, float] | None:
+    present = [p for p in parts if p is not None]
+    return {k: sum(p[k] for p in present) for k in present[0]} if present else None
 
 
 def _span(values: Sequence[int]) -> str:

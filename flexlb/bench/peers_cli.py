@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flexlb.bench import peers as pp
-from flexlb.bench.argtypes import int_at_least, positive_float
+from flexlb.bench.argtypes import int_at_least, json_object, positive_float
 from flexlb.bench.run_cli import DEFAULT_SEED, add_workload_options, workload_params
 from flexlb.bench.workloads import WORKLOADS, Arrivals, WorkloadError, apply_arrivals
 from flexlb.domain import Role
@@ -72,6 +72,13 @@ def add_peers_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-router-bin", metavar="PATH", help="vllm-router executable (default: as --smg-bin)")
     p.add_argument("--policy", default="cache_aware", help="the peers' --policy (default cache_aware)")
     p.add_argument("--strategy", default="SHORTEST_TTFT", help="flexlb's loadBalanceStrategy (default SHORTEST_TTFT)")
+    p.add_argument(
+        "--flexlb-config",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help="more FLEXLB_CONFIG options for flexlb's routers, e.g. '{\"ttftTieRatio\": 0.3}' (over the bench's own)",
+    )
     p.add_argument("--workers", type=int_at_least(1), default=4, help="simulated workers (default 4)")
     p.add_argument("--kv-blocks", type=int_at_least(1), default=192, help="KV blocks per worker (default 192)")
     p.add_argument("--max-concurrency", type=int_at_least(1), default=8, help="running limit per worker (default 8)")
@@ -106,6 +113,8 @@ def render(result: dict[str, Any]) -> str:
             f"oracle bound on the workers' hit ratio: {pp.pct(oracle)} (every request on a worker holding the longest"
             " prefix any earlier request had, infinite KV)"
         )
+    hits = [(label, c["router_hits"]) for label, c in result["combined"].items() if c.get("router_hits")]
+    lines += [pp.render_router_hits(label, counts) for label, counts in hits]
     lines += [f"skipped: {s}" for s in result["skipped"]]
     targets = pp.render_targets(pp.check_targets(result["combined"], result["peers"], oracle))
     if targets:
@@ -165,6 +174,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         time_scale=args.worker_time_scale,
         strategy=args.strategy,
+        flexlb_config=args.flexlb_config,
         policy=args.policy,
         repeats=args.repeats,
         request_timeout_s=args.request_timeout,

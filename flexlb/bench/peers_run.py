@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flexlb.bench import peers as pp
@@ -41,6 +41,7 @@ class PeersParams:
     max_concurrency: int = 8
     time_scale: float = 1.0
     strategy: str = "SHORTEST_TTFT"
+    flexlb_config: dict[str, Any] = field(default_factory=dict)  # more FLEXLB_CONFIG options for its routers
     policy: str = "cache_aware"
     repeats: int = 3
     request_timeout_s: float = 120.0
@@ -72,6 +73,19 @@ def _healthy_workers(url: str) -> int:
     return sum(1 for w in data.get("workers") or [] if w.get("is_healthy"))
 
 
+def _router_hits(urls: Sequence[str]) -> dict[str, float] | None:
+    """flexlb's routers' own account of their cache routing (peers.router_hits); None when a page cannot be read.
+    Routers sharing a port answer for all of them (multiprocess metrics): each URL once."""
+    pages = []
+    try:
+        for url in dict.fromkeys(urls):
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+                pages.append(resp.read().decode())
+    except OSError:
+        return None
+    return pp.router_hits(pages)
+
+
 def wait_peer_ready(url: str, child: Child, workers: int, timeout_s: float, checkpoint: Callable[[], None]) -> None:
     """Until the peer at ``url`` lists all ``workers`` as healthy: both answer /health before their workers are in."""
     deadline = time.monotonic() + timeout_s
@@ -97,7 +111,7 @@ def wait_peer_ready(url: str, child: Child, workers: int, timeout_s: float, chec
 def start_flexlb(stack: Stack, params: PeersParams, replicas: int, name: str) -> Deployment:
     stack.start_redis()
     options = {Role.PDFUSION: params.worker_options()}
-    config = {"contendForMaster": False, "loadBalanceStrategy": params.strategy}
+    config = {"contendForMaster": False, "loadBalanceStrategy": params.strategy, **params.flexlb_config}
     service = stack.start_service(name, [Role.PDFUSION] * params.workers, options, replicas, config)
     assert stack.redis is not None and service.master is not None
     return Deployment(
@@ -240,6 +254,8 @@ def run_one(
             None if control_before is None or control_after is None else control_after - control_before,
         )
         row["interrupted"] = outcome.interrupted
+        if target.router == pp.FLEXLB:
+            row["router_hits"] = _router_hits(deployment.urls)
         row["router_urls"] = deployment.urls
         failed = False
     finally:

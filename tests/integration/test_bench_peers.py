@@ -24,6 +24,7 @@ def test_bench_peers_with_flexlb_only(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "flexlb.cli", "bench", "peers", "--workload", "hot-prefix", "--rate", "40"]
     command += ["--hot-requests", "12", "--hot-prefixes", "2", "--hot-prefix-len", "128", "--hot-suffix-len", "8"]
     command += ["--hot-output-len", "3", "--repeats", "2", "--workers", "2", "--out", str(out)]
+    command += ["--flexlb-config", '{"ttftTieRatio": 0.25}']
     proc = subprocess.run(command, capture_output=True, text=True, timeout=55, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for peer in ("smg", "vllm-router"):
@@ -34,6 +35,7 @@ def test_bench_peers_with_flexlb_only(tmp_path: Path) -> None:
     result = orjson.loads(out.read_bytes())
     assert result["benchmark"] == "peers" and not result["interrupted"]
     assert result["peers"] == [] and len(result["skipped"]) == 2
+    assert result["config"]["flexlb_config"] == {"ttftTieRatio": 0.25}
     assert [(p["repeat"], p["label"]) for p in result["plan"]] == [(1, "flexlb x1"), (2, "flexlb x1")]
     assert len(result["runs"]) == 2
     for run in result["runs"]:

@@ -165,3 +165,26 @@ def test_table_has_one_row_per_router() -> None:
     assert "50.0%" in lines[2] and "40.0%" in lines[3]
     targets = pp.render_targets(pp.check_targets(combined, ["smg"]))
     assert targets[0].split()[0] == "target" and any("MISS" in line or "PASS" in line for line in targets[2:])
+
+
+def test_router_hits_sum_the_routers_own_metrics_pages() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from flexlb.metrics import SchedulerMetrics
+    from flexlb.proxy.metrics import ProxyMetrics
+
+    pages = []
+    for chosen, available, predicted, reported in ((900, 1000, 800, 700), (100, 100, 50, 50)):
+        registry = CollectorRegistry()
+        scheduler, proxy = SchedulerMetrics(registry), ProxyMetrics(registry)
+        scheduler.hit_tokens.labels(role="PDFUSION", kind="chosen").inc(chosen)
+        scheduler.hit_tokens.labels(role="PDFUSION", kind="available").inc(available)
+        proxy.hit_reported("PDFUSION", predicted, reported)
+        pages.append(generate_latest(registry).decode())
+    hits = pp.router_hits(pages)
+    assert hits == {"chosen": 1000, "available": 1100, "predicted": 850, "reported": 750}
+    line = pp.render_router_hits("flexlb x2", hits)
+    assert "holding 90.9% of the best available" in line and "reported 750 (88.2%)" in line
+    combined = pp.combine([{**_run([10.0], 0, 500, 1.0), "router_hits": hits}, _run([20.0], 0, 500, 1.0)])
+    assert combined["router_hits"] == hits  # a run without the pages adds nothing
+    assert pp.combine([_run([10.0], 0, 500, 1.0)])["router_hits"] is None
