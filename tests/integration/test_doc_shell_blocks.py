@@ -210,3 +210,16 @@ def test_every_marker_sits_right_before_a_bash_block() -> None:
             assert following == "```bash", f"{page.name}:{number}: the marker is not right before a ```bash block"
             if text.strip().startswith("<!-- shell-block: skip"):
                 assert MARKER.match(text.strip())["arg"].strip("() "), f"{page.name}:{number}: a skip needs a reason"
+
+
+BACKGROUND_SERVER = re.compile(r"flexlb (?:sim-worker|serve)\b[^&\n]*?--port (\d+)[^&\n]*&")
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.kind != "skip"], ids=lambda b: b.id)
+def test_a_block_waits_for_each_server_it_starts_in_the_background(block: Block) -> None:
+    """A curl right after `... --port P &` races the process's start-up (it failed in CI on a busy machine)."""
+    for match in BACKGROUND_SERVER.finditer(block.code):
+        port = match.group(1)
+        later = block.code[match.end() :]
+        if f"localhost:{port}" in later or f"127.0.0.1:{port}" in later or f'"http_port": {port}' in later:
+            assert f"localhost:{port}/health" in later, f"{block.id}: uses port {port} without waiting for it to listen"
