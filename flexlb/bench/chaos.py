@@ -53,6 +53,7 @@ from flexlb.stack.local import FLEXLB, Stack, StackError, clean_environment
 from flexlb.stack.processes import Child, NotReady, stop_all, wait_http_ready
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import script_source
+from flexlb.tasks import cancel_until_done
 
 NO_WORKER = int(ErrorCode.NO_PDFUSION_WORKER)
 STATE_UNAVAILABLE = int(ErrorCode.STATE_UNAVAILABLE)
@@ -580,6 +581,7 @@ class CounterSampler:
         self.samples = 0
         self.mismatches: list[str] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def __aenter__(self) -> CounterSampler:
         self._task = asyncio.create_task(self._run())
@@ -587,12 +589,13 @@ class CounterSampler:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        # the flag as well as the cancellation: a cancellation that lands in a Redis read can be lost there
+        # (redis-py), and the loop then sampled for ever while the fault's round waited for it (seen in CI)
+        self._stopping = True
+        await cancel_until_done(self._task)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(aioredis.RedisError, OSError):
                 self.mismatches += await counter_mismatches(self.fleet)
                 self.samples += 1
