@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from flexlb.admission import AdmissionControl
 from flexlb.domain import ErrorCode, QueueStay, ScheduleRequest, ScheduleResult
+from flexlb.metrics import Children
 from flexlb.scheduler import Scheduler
 from flexlb.state.events import FleetEvents
 from flexlb.state.waiting import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, Waiter, WaitingBoard
@@ -105,6 +106,7 @@ class QueueMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=registry,
         )
+        self.wait_by = Children(self.wait)  # (outcome): looked up once
         self.position = Histogram(
             "flexlb_queue_position",
             "Where requests entered the queue (1 = at its head): the requests ahead of them, plus one.",
@@ -226,7 +228,7 @@ class RequestQueue:
                 self._remove(entry)
                 self._kick.set()  # those behind it may go now
                 self.metrics.rejected.labels(reason="cancelled").inc()
-                self.metrics.wait.labels(outcome="cancelled").observe(self._clock() - entry.enqueued)
+                self.metrics.wait_by("cancelled").observe(self._clock() - entry.enqueued)
                 log.info("request %s left the queue: client went away", request.request_id)
 
     def _enqueue(self, entry: _Entry) -> None:
@@ -433,7 +435,7 @@ class RequestQueue:
         """Answer ``entry``, taken out of the queue already."""
         self.metrics.size.set(len(self._queue))
         waited = self._clock() - entry.enqueued
-        self.metrics.wait.labels(outcome=outcome).observe(waited)
+        self.metrics.wait_by(outcome).observe(waited)
         result.attempts = entry.attempts
         result.queue = QueueStay(waited * 1000, entry.position, len(self._queue) + 1)
         entry.answered = True
