@@ -41,7 +41,8 @@ class InTransit:
             floors = self._floors[wid]
             floors.remove(floor)
             if floors:
-                self._highest[wid] = (max(f[0] for f in floors), max(f[1] for f in floors))
+                # each floor added is above every one before it (add() starts from the highest), so the last is
+                self._highest[wid] = floors[-1]
             else:
                 del self._floors[wid], self._highest[wid]
 

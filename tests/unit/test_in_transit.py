@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from flexlb.in_transit import InTransit
 
 
@@ -28,3 +31,24 @@ def test_a_release_seen_meanwhile_does_not_hide_a_reservation_on_its_way() -> No
     assert transit.extra(view.__getitem__) == {"w": (2, 110)}  # at least what it was sent on: conservative
     transit.remove(added)
     assert transit.extra(view.__getitem__) == {}
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 500), st.integers(0, 10)), max_size=40))
+def test_what_decisions_add_is_the_highest_floor_still_on_its_way(steps: list[tuple[bool, int, int, int]]) -> None:
+    """Any order of sends and replies: ``extra`` is the highest of the floors still out (counts and tokens apart)."""
+    view = {"w": (0, 0)}
+    transit = InTransit()
+    out: list[list[tuple[str, tuple[int, int]]]] = []
+    for send, count, tokens, which in steps:
+        view["w"] = (count, tokens * 10)  # the view moves as it likes meanwhile (other routers, releases)
+        if send or not out:
+            out.append(transit.add([("w", tokens)], view.__getitem__))
+        else:
+            transit.remove(out.pop(which % len(out)))
+        floors = [floor for handle in out for _, floor in handle]
+        want = {}
+        if floors:
+            top = (max(f[0] for f in floors), max(f[1] for f in floors))
+            if top[0] > view["w"][0] or top[1] > view["w"][1]:
+                want = {"w": (max(top[0] - view["w"][0], 0), max(top[1] - view["w"][1], 0))}
+        assert transit.extra(view.__getitem__) == want
