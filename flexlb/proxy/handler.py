@@ -1,9 +1,10 @@
 """One proxied request: validate, schedule, forward to the chosen worker(s), relay the answer, release.
 
 The reservation is released however the request ends (answered, failed, client gone): the ``finally`` around
-everything after scheduling, once the answer was sent whole (an answer not streamed is sent by the handler itself, not
-after it returns), so the answer does not wait for Redis while the release still belongs to the request (a router's
-shutdown drain waits for it); a request the scheduler refused holds nothing and costs no release. A worker that fails
+everything after scheduling starts it once the answer was sent whole (an answer not streamed is sent by the handler
+itself, not after it returns), as a task of its own, so neither the answer nor the connection's next request waits
+for Redis (the scheduler's shutdown waits for it before Redis closes); a request the scheduler refused holds nothing
+and costs no release. A worker that fails
 before its first byte is released at once, and waited for, before the request is scheduled again without it (the
 new reservation has the same request id), ``retries`` times at most.
 
@@ -186,10 +187,13 @@ async def _serve(
         pctx.metrics.retries_exhausted.labels(route=parsed.route.value).inc()
         raise _no_worker(None, failures)
     finally:
-        # The answer was sent whole (or the client is gone), so the release does not hold it up; the handler waits for
-        # it all the same, so a router's shutdown drain covers it.
+        # The answer was sent whole (or the client is gone): the release runs on its own, so neither the answer nor
+        # the next request on the client's connection (aiohttp serves a connection's requests one after the other)
+        # waits for Redis; the scheduler's shutdown (finish_releases) waits for it before Redis closes.
         if held:
-            await _release_after(router.scheduler, request_id)
+            task = asyncio.ensure_future(_release_after(router.scheduler, request_id))
+            pctx.releasing.add(task)
+            task.add_done_callback(pctx.releasing.discard)
 
 
 async def _attempt(

@@ -135,6 +135,30 @@ async def test_the_answer_does_not_wait_for_the_release(proxy: tuple[str, GatedS
     assert scheduler.released == [request_id]
 
 
+async def test_the_next_request_on_the_connection_does_not_wait_for_the_release(
+    proxy: tuple[str, GatedScheduler],
+) -> None:
+    """aiohttp serves a keep-alive connection's requests one after the other: a handler that waited for its release
+    held the client's next request back by a Redis round trip (and a batch's wait)."""
+    url, scheduler = proxy
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:  # one connection for both
+        ids = []
+        for _ in range(2):
+            try:
+                async with asyncio.timeout(GUARD_S):
+                    async with http.post(f"{url}/v1/completions", json=BODY) as resp:
+                        assert resp.status == 200 and b"hi" in await resp.read()
+            except TimeoutError:
+                raise AssertionError("the second request waited for the first one's release") from None
+            ids.append(int(resp.headers["X-Request-Id"]))
+    assert scheduler.releasing == ids and scheduler.released == []  # both still held at the gate
+    scheduler.gate.set()
+    async with asyncio.timeout(GUARD_S):
+        while len(scheduler.released) < 2:
+            await asyncio.sleep(0.01)
+    assert sorted(scheduler.released) == sorted(ids)
+
+
 async def test_a_client_that_goes_away_still_gets_its_release(
     proxy: tuple[str, GatedScheduler],
 ) -> None:
