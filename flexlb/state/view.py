@@ -66,6 +66,14 @@ class SortedWorkers:
         return len(self._entries)
 
 
+def pending_loads(entry: Mapping[str, str]) -> Iterator[tuple[str, int, int]]:
+    """(worker id, pending count, pending tokens) of each worker a 'p' change-stream entry names."""
+    for wid, value in entry.items():
+        if wid not in ("t", "n") and wid[0] != "+":  # '+i', '+i2', ...: in-flight blocks (ViewSync's)
+            count, _, tokens = value.partition(" ")
+            yield wid, int(count), int(tokens or 0)
+
+
 class FleetView:
     def __init__(
         self, orders: Mapping[str, OrderKey] | None = None, per_role: Mapping[Role, Iterable[str]] | None = None
@@ -164,10 +172,8 @@ class FleetView:
         """Apply one change stream entry (its fields). Raises NeedsResync when it cannot be applied."""
         kind = entry.get("t")
         if kind == "p":
-            for wid, value in entry.items():
-                if wid not in ("t", "n") and wid[0] != "+":  # '+i', '+i2', ...: in-flight blocks (ViewSync's)
-                    count, _, tokens = value.partition(" ")
-                    self.set_pending(wid, int(count), int(tokens or 0))
+            for wid, count, tokens in pending_loads(entry):
+                self.set_pending(wid, count, tokens)
         elif kind in ("s", "a"):
             wid = entry["w"]
             raw = self._raw.get(wid)

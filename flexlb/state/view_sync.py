@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from flexlb.state.block_mirror import INDEXED_ROLES, BlockMirror, parse_blocks
 from flexlb.state.store import FleetStore, PrefixHits
-from flexlb.state.view import FleetView, NeedsResync
+from flexlb.state.view import FleetView, NeedsResync, pending_loads
 from flexlb.tasks import cancel_until_done
 
 log = logging.getLogger("flexlb.view")
@@ -274,11 +274,8 @@ def _frees(fields: dict[str, str], view: FleetView) -> bool:
         return True
     if kind != "p":
         return False
-    for wid, value in fields.items():
-        if wid in ("t", "n") or wid[0] == "+":
-            continue
+    for wid, count, tokens in pending_loads(fields):
         worker = view.get(wid)
-        count, _, tokens = value.partition(" ")
-        if worker is not None and (int(count) < worker.pending_count or int(tokens or 0) < worker.pending_tokens):
+        if worker is not None and (count < worker.pending_count or tokens < worker.pending_tokens):
             return True
     return False
