@@ -4,9 +4,8 @@ The reservation is released however the request ends (answered, failed, client g
 everything after scheduling starts it once the answer was sent whole (an answer not streamed is sent by the handler
 itself, not after it returns), as a task of its own, so neither the answer nor the connection's next request waits
 for Redis (the scheduler's shutdown waits for it before Redis closes); a request the scheduler refused holds nothing
-and costs no release. A worker that fails
-before its first byte is released at once, and waited for, before the request is scheduled again without it (the
-new reservation has the same request id), ``retries`` times at most.
+and costs no release. A worker that fails before its first byte is released at once, and waited for, before the
+request is scheduled again without it (the new reservation has the same request id), ``retries`` times at most.
 
 A client that disconnects cancels its handler (the router's server runs with ``handler_cancellation``, see
 ``flexlb serve``): the cancellation unwinds through the ``finally`` blocks, which close the upstream connection (the

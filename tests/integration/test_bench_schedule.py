@@ -4,8 +4,12 @@ schedule decision (the JSON is checked, not the speed)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -36,10 +40,6 @@ def test_bench_schedule_runs_without_errors_and_reports_round_trips(tmp_path: Pa
 def test_a_sigterm_stops_the_bench_and_everything_it_started(tmp_path: Path) -> None:
     """SIGTERM takes the Ctrl-C path (flexlb.stack.interrupts.sigterm_as_ctrl_c): exit 130, no router or
     redis-server left behind."""
-    import os
-    import signal
-    import time
-
     command = [sys.executable, "-m", "flexlb.cli", "bench", "schedule", "--workers", "4", "--duration", "60",
                "--split-requests", "0", "--idle-baseline", "0", "--out", str(tmp_path / "out.json")]  # fmt: skip
     bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
@@ -68,7 +68,5 @@ def test_a_sigterm_stops_the_bench_and_everything_it_started(tmp_path: Path) -> 
         time.sleep(0.05)
     else:
         raise AssertionError(f"router {router_pid} still running after the bench stopped")
-    import socket
-
     with socket.socket() as probe:  # its private redis-server is stopped too
         assert probe.connect_ex(("127.0.0.1", redis_port)) != 0
