@@ -49,21 +49,44 @@ local function add_pending(worker_key, count, tokens)
   return c .. ' ' .. t
 end
 
--- Drop the reservations of one worker whose expiry has passed and give their load back.
+-- The prefix of the request indexes ("flexlb:{svc}:req:") from a worker's status hash key ("flexlb:{svc}:worker:<wid>").
+local function request_prefix(worker_key, wid)
+  return string.sub(worker_key, 1, #worker_key - #wid - 7) .. 'req:'
+end
+
+-- A reservation's tokens live in its request's index only (req:<rid>, field: the worker id), which outlives the
+-- reservation by a minute (reserve.lua). When one is missing (an expiry that ran later than that, an eviction), the
+-- worker's pending tokens are counted again from the reservations it has left; returns the new count.
+local function recount_pending_tokens(worker_key, resv_key, req_prefix, wid)
+  local held = 0
+  for _, rid in ipairs(redis.call('ZRANGE', resv_key, 0, -1)) do
+    held = held + (tonumber(redis.call('HGET', req_prefix .. rid, wid)) or 0)
+  end
+  redis.call('HSET', worker_key, 'pending_tokens', string.format('%d', held))
+  return held
+end
+
+-- Drop the reservations of worker `wid` whose expiry has passed and give their load back.
 -- A router that crashed never releases; this is what returns its capacity. Returns how many were dropped and
 -- their tokens.
-local function expire_reservations(worker_key, resv_key, tokens_key, now)
+local function expire_reservations(worker_key, resv_key, wid, now)
   local overdue = redis.call('ZRANGEBYSCORE', resv_key, '-inf', now)
   if #overdue == 0 then return 0, 0 end
-  local freed = 0
+  local req_prefix = request_prefix(worker_key, wid)
+  local freed, lost = 0, false
   for _, rid in ipairs(overdue) do
-    freed = freed + (tonumber(redis.call('HGET', tokens_key, rid)) or 0)
-    redis.call('HDEL', tokens_key, rid)
+    local tokens = redis.call('HGET', req_prefix .. rid, wid)
+    if tokens then freed = freed + tonumber(tokens) else lost = true end
   end
   redis.call('ZREM', resv_key, unpack(overdue))
   if redis.call('EXISTS', worker_key) == 1 then
     hincr(worker_key, 'pending_count', -#overdue)
-    hincr(worker_key, 'pending_tokens', -freed)
+    if lost then
+      local before = tonumber(redis.call('HGET', worker_key, 'pending_tokens')) or 0
+      freed = before - recount_pending_tokens(worker_key, resv_key, req_prefix, wid)
+    else
+      hincr(worker_key, 'pending_tokens', -freed)
+    end
   end
   return #overdue, freed
 end

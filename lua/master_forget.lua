@@ -2,9 +2,8 @@
 -- KEYS[1]          master epoch
 -- KEYS[2]          the worker's status hash
 -- KEYS[3]          its reservations zset
--- KEYS[4]          its reservation tokens hash
--- KEYS[5]          its cache block set
--- KEYS[6], KEYS[7] the change stream and its entry counter
+-- KEYS[4]          its cache block set
+-- KEYS[5], KEYS[6] the change stream and its entry counter
 -- ARGV[1]          epoch of the writer's term
 -- ARGV[2]          worker id
 -- ARGV[3]          pub/sub channel of fleet events
@@ -19,11 +18,11 @@
 
 local ok, current = check_epoch(KEYS[1], ARGV[1])
 if not ok then return {0, 'stale epoch ' .. ARGV[1] .. ', current ' .. (current or 'none')} end
-local wk, rk, tk, ck = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local wk, rk, ck = KEYS[2], KEYS[3], KEYS[4]
 if redis.call('EXISTS', wk) == 0 then return {0, 'gone'} end
 
 local released = redis.call('ZCARD', rk)
-redis.call('DEL', rk, tk)
+redis.call('DEL', rk)
 unindex_blocks(ck, ARGV[4], ARGV[2])
 local fields = {'alive', 0, 'running', 0, 'waiting', 0, 'queued_tokens', 0, 'kv_used', 0,
                 'pending_count', 0, 'pending_tokens', 0, 'updated_ms', now_ms()}
@@ -33,7 +32,7 @@ fields[#fields + 1] = 'status_version'
 fields[#fields + 1] = version
 fields[#fields + 1] = 'w'
 fields[#fields + 1] = ARGV[2]
-stream_add(KEYS[6], KEYS[7], 's', fields)
-stream_add(KEYS[6], KEYS[7], 'k', {'w', ARGV[2], 'op', 'l'})  -- the block mirrors: it holds nothing now
+stream_add(KEYS[5], KEYS[6], 's', fields)
+stream_add(KEYS[5], KEYS[6], 'k', {'w', ARGV[2], 'op', 'l'})  -- the block mirrors: it holds nothing now
 redis.call('PUBLISH', ARGV[3], 'status ' .. ARGV[2] .. ' ' .. version)
 return {1, released}

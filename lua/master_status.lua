@@ -2,9 +2,8 @@
 -- KEYS[1]          master epoch
 -- KEYS[2]          the worker's status hash
 -- KEYS[3]          its reservations zset (request id -> expiry ms)
--- KEYS[4]          its reservation tokens hash (request id -> tokens)
--- KEYS[5], KEYS[6] the change stream and its entry counter
--- KEYS[7..]        the index hash req:<rid> of each request id in ARGV, in the same order
+-- KEYS[4], KEYS[5] the change stream and its entry counter
+-- KEYS[6..]        the index hash req:<rid> of each request id in ARGV, in the same order (it holds their tokens)
 -- ARGV[1]          epoch of the writer's term
 -- ARGV[2]          worker id
 -- ARGV[3]          pub/sub channel of fleet events
@@ -21,30 +20,34 @@
 
 local ok, current = check_epoch(KEYS[1], ARGV[1])
 if not ok then return {0, 'stale epoch ' .. ARGV[1] .. ', current ' .. (current or 'none')} end
-local wk, rk, tk = KEYS[2], KEYS[3], KEYS[4]
+local wk, rk = KEYS[2], KEYS[3]
+local wid, n = ARGV[2], tonumber(ARGV[4])
 if redis.call('EXISTS', wk) == 0 then return {0, 'gone'} end
 
 local now = now_ms()
-expire_reservations(wk, rk, tk, now)
-local wid, n = ARGV[2], tonumber(ARGV[4])
+expire_reservations(wk, rk, wid, now)
 local first_rid = 5 + 2 * n
 local fields = {'updated_ms', now}
 for i = 5, first_rid - 1 do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', wk, unpack(fields))
 local version = redis.call('HINCRBY', wk, 'status_version', 1)
 
-local dropped, freed = 0, 0
+local dropped, freed, lost = 0, 0, false
 for i = first_rid, #ARGV do
-  local rid = ARGV[i]
-  if redis.call('ZREM', rk, rid) == 1 then
-    freed = freed + (tonumber(redis.call('HGET', tk, rid)) or 0)
-    redis.call('HDEL', tk, rid)
-    redis.call('HDEL', KEYS[i - first_rid + 7], wid)
+  if redis.call('ZREM', rk, ARGV[i]) == 1 then
+    local index = KEYS[i - first_rid + 6]
+    local tokens = redis.call('HGET', index, wid)
+    if tokens then freed = freed + tonumber(tokens) else lost = true end
+    redis.call('HDEL', index, wid)
     dropped = dropped + 1
   end
 end
 hincr(wk, 'pending_count', -dropped)
-hincr(wk, 'pending_tokens', -freed)
+if lost then  -- an index lost its field (evicted): count the worker's tokens again
+  recount_pending_tokens(wk, rk, request_prefix(wk, wid), wid)
+else
+  hincr(wk, 'pending_tokens', -freed)
+end
 local pending = redis.call('HMGET', wk, 'pending_count', 'pending_tokens')  -- after the expiry and the drops
 fields[#fields + 1] = 'status_version'
 fields[#fields + 1] = version
@@ -54,6 +57,6 @@ fields[#fields + 1] = 'pending_tokens'
 fields[#fields + 1] = pending[2] or '0'
 fields[#fields + 1] = 'w'
 fields[#fields + 1] = wid
-stream_add(KEYS[5], KEYS[6], 's', fields)
+stream_add(KEYS[4], KEYS[5], 's', fields)
 redis.call('PUBLISH', ARGV[3], 'status ' .. wid .. ' ' .. version)
 return {1, dropped, version}

@@ -1,9 +1,9 @@
 -- release: give back a request's reservations (request finished or failed, or rollback of earlier roles).
 -- KEYS[1]          the request's index hash (worker id -> reserved tokens)
 -- KEYS[2], KEYS[3] the change stream and its entry counter
--- KEYS[4..]        3 keys per worker: status hash, reservations zset, reservation tokens hash
+-- KEYS[4..]        2 keys per worker: status hash, reservations zset
 -- ARGV[1]          request id
--- ARGV[2..]        worker id per KEYS triple
+-- ARGV[2..]        worker id per KEYS pair
 -- Returns {reservations removed, workers still in the request's index} (the caller releases those too when it
 -- wanted every reservation of the request but knew only some of its workers). When something was removed, a 'p'
 -- stream entry carries the workers' new pending load: routers waiting for capacity wake up on it
@@ -15,16 +15,20 @@
 local rid = ARGV[1]
 local released = 0
 local changes = {}
-for i = 1, (#KEYS - 3) / 3 do
-  local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+local held = #ARGV > 1 and redis.call('HMGET', KEYS[1], unpack(ARGV, 2)) or {}  -- each worker's reserved tokens
+for i = 1, (#KEYS - 3) / 2 do
+  local wk, rk = KEYS[2 * i + 2], KEYS[2 * i + 3]
   local wid = ARGV[1 + i]
   -- a reservation still in the zset means the worker is still registered: remove_worker.lua deletes the zset with
   -- the worker's hash, so the pending counts below never re-create a removed worker
   if redis.call('ZREM', rk, rid) == 1 then
-    local tokens = tonumber(redis.call('HGET', tk, rid)) or 0
-    redis.call('HDEL', tk, rid)
     changes[#changes + 1] = wid
-    changes[#changes + 1] = add_pending(wk, -1, -tokens)
+    if held[i] then
+      changes[#changes + 1] = add_pending(wk, -1, -tonumber(held[i]))
+    else  -- its index lost the field (evicted): count the worker's tokens again
+      local count = redis.call('HINCRBY', wk, 'pending_count', -1)
+      changes[#changes + 1] = count .. ' ' .. recount_pending_tokens(wk, rk, request_prefix(wk, wid), wid)
+    end
     released = released + 1
   end
 end

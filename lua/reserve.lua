@@ -1,8 +1,8 @@
 -- reserve: reserve capacity for one request on one worker per role, all of them or none.
--- KEYS[1]          the request's index hash (worker id -> reserved tokens), so release needs only the request id
+-- KEYS[1]          the request's index hash (worker id -> reserved tokens): what release and expiry give back, so
+--                  release needs only the request id
 -- KEYS[2], KEYS[3] the change stream and its entry counter
--- KEYS[4..]        3 keys per worker: status hash, reservations zset (request id -> expiry ms),
---                  reservation tokens hash (request id -> tokens)
+-- KEYS[4..]        2 keys per worker: status hash, reservations zset (request id -> expiry ms)
 -- ARGV[1]          request id
 -- ARGV[2]          TTL of the reservations in ms
 -- ARGV[3]          TTL of in-flight blocks in ms (0: none are recorded)
@@ -38,7 +38,7 @@ local limits, cap = ARGV[6] ~= '1', tonumber(ARGV[7])
 local base = 8 + nblocks  -- ARGV[base + 2i - 1], ARGV[base + 2i]: worker i's id and tokens
 local probed = probe == ''  -- only the first prefill-type worker is probed
 local now = now_ms()
-local n = (#KEYS - 3) / 3
+local n = (#KEYS - 3) / 2
 -- A worker's overdue reservations are looked for at most this often ('resv_check' in its hash: when next), or at
 -- once when its load would refuse the request: every call searching them was 2 of the ~40 redis.calls a decision
 -- makes, each ~3 us of server time; an overdue reservation counting a little longer only ever delays, and only
@@ -55,7 +55,7 @@ local seen, expired, checked = {}, {}, {}
 -- Expire worker i's overdue reservations now and correct its values read before (s) to after.
 local function expire_now(i, s)
   checked[i] = true
-  local dropped, freed = expire_reservations(KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3], now)
+  local dropped, freed = expire_reservations(KEYS[2 * i + 2], KEYS[2 * i + 3], ARGV[base + 2 * i - 1], now)
   if dropped > 0 then
     s[5], s[8] = tostring(num(s[5]) - dropped), tostring(num(s[8]) - freed)
     expired[#expired + 1] = ARGV[base + 2 * i - 1]
@@ -77,7 +77,7 @@ end
 
 for i = 1, n do
   local tokens = tonumber(ARGV[base + 2 * i])
-  local s = redis.call('HMGET', KEYS[3 * i + 1], unpack(CHECKED))
+  local s = redis.call('HMGET', KEYS[2 * i + 2], unpack(CHECKED))
   if not s[9] then
     if #expired > 0 then stream_add(KEYS[2], KEYS[3], 'p', expired) end
     return {0, i, 'gone', 'worker is not registered', {}}
@@ -98,7 +98,7 @@ for i = 1, n do
     end
   end
   -- a request already holding this worker (a retry) is counted in its load: it is not checked again
-  if refusal and redis.call('ZSCORE', KEYS[3 * i + 2], rid) == false then
+  if refusal and redis.call('ZSCORE', KEYS[2 * i + 3], rid) == false then
     if #expired > 0 then stream_add(KEYS[2], KEYS[3], 'p', expired) end
     s[10] = nil
     return {0, i, refusal, detail, s}
@@ -111,7 +111,7 @@ local prefill_seen = false
 local inflight_note, inflight_checked
 local request_index = {}  -- KEYS[1]'s new fields: worker id -> tokens, of the new reservations
 for i = 1, n do
-  local wk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local wk, rk = KEYS[2 * i + 2], KEYS[2 * i + 3]
   local wid, tokens = ARGV[base + 2 * i - 1], tonumber(ARGV[base + 2 * i])
   if not prefill_seen and INDEXED_ROLES[seen[i][9]] then
     prefill_seen = true
@@ -138,7 +138,6 @@ for i = 1, n do
   end
   local pending
   if redis.call('ZADD', rk, expiry, rid) == 1 then
-    redis.call('HSET', tk, rid, tokens)
     request_index[#request_index + 1] = wid
     request_index[#request_index + 1] = tokens
     -- the values read above plus this reservation (the script is atomic): one HSET instead of two HINCRBY
@@ -162,6 +161,7 @@ if inflight_note then  -- for the routers' block mirrors (flexlb/state/block_mir
 end
 stream_add(KEYS[2], KEYS[3], 'p', changes)
 if #request_index > 0 then redis.call('HSET', KEYS[1], unpack(request_index)) end
--- the index outlives the reservations a little so a late release still finds them gone, not unknown
+-- the index outlives the reservations a little: a late release finds them gone, not unknown, and an expiry finds
+-- their tokens (lua/_lib.lua expire_reservations)
 redis.call('PEXPIRE', KEYS[1], ttl + 60000)
 return out

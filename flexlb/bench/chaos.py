@@ -13,8 +13,8 @@ A fault (``FAULTS``) runs as: heal the fleet, load, inject, observe, heal, load;
 
 - ``answered``: every call to a live router got an HTTP answer before its deadline, 200 or an expected 503 (a
   router's own death cuts only the calls to it);
-- ``counters``: each worker's ``pending_count`` = ``ZCARD resv:<wid>`` and ``pending_tokens`` = the sum of
-  ``resv_tokens:<wid>``, sampled atomically (MULTI) all along and after;
+- ``counters``: each worker's ``pending_count`` = ``ZCARD resv:<wid>`` and ``pending_tokens`` = the sum of its
+  reservations' tokens (``req:<rid>``), each worker sampled atomically all along and after;
 - ``drained``: once the load stops, no reservation (``resv:``, ``req:``) and no pending load is left within
   ``reservationTtlMs`` plus a sweep interval;
 
@@ -53,6 +53,7 @@ from flexlb.stack.local import FLEXLB, Stack, StackError, clean_environment
 from flexlb.stack.processes import Child, NotReady, stop_all, wait_http_ready
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.scripts import script_source
+from flexlb.state.store import FleetStore
 from flexlb.tasks import cancel_until_done
 
 NO_WORKER = int(ErrorCode.NO_PDFUSION_WORKER)
@@ -193,6 +194,7 @@ class ChaosFleet:
             router_env = clean_environment({**env, "FLEXLB_CONFIG": orjson.dumps(params.router_config()).decode()})
             self.routers.append(Member(f"router{i}", port, command, router_env))
         self._redis: aioredis.Redis | None = None
+        self._store: FleetStore | None = None
 
     # ---- start, heal, stop ----
 
@@ -203,6 +205,13 @@ class ChaosFleet:
             self._redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2)
             self._redis_loop = loop
         return self._redis
+
+    def store(self) -> FleetStore:
+        """The service's store on ``db()`` (its audit reads)."""
+        db = self.db()
+        if self._store is None or self._store.redis is not db:
+            self._store = FleetStore(db, self.service)
+        return self._store
 
     async def start(self) -> None:
         self.redis_dir.mkdir(parents=True, exist_ok=True)
@@ -557,20 +566,10 @@ def check_answered(result: FaultResult, load: Load) -> None:
 
 
 async def counter_mismatches(fleet: ChaosFleet) -> list[str]:
-    """Workers whose pending counters differ from their reservation keys, in one atomic read (MULTI)."""
-    async with fleet.db().pipeline(transaction=True) as pipe:
-        for w in fleet.workers:
-            pipe.hmget(fleet.keys.worker(w.worker_id), ["pending_count", "pending_tokens"])
-            pipe.zcard(fleet.keys.reservations(w.worker_id))
-            pipe.hvals(fleet.keys.reservation_tokens(w.worker_id))
-        replies = await pipe.execute()
-    out = []
-    for i, w in enumerate(fleet.workers):
-        (count, tokens), zcard, token_values = replies[3 * i : 3 * i + 3]
-        count, tokens = int(count or 0), int(tokens or 0)
-        if count != zcard or tokens != sum(int(v) for v in token_values) or count < 0:
-            out.append(f"{w.worker_id}: pending {count}/{tokens} tokens, {zcard} reservations/{token_values}")
-    return out
+    """Workers whose pending counters differ from their reservations, each read in one atomic step."""
+    store = fleet.store()
+    audits = [await store.audit_reservations(w.worker_id) for w in fleet.workers]
+    return [a.mismatch for a in audits if a.mismatch]
 
 
 class CounterSampler:
@@ -619,9 +618,7 @@ async def check_drained(result: FaultResult, fleet: ChaosFleet) -> None:
     async def drained() -> bool:
         db = fleet.db()
         for w in fleet.workers:
-            if await db.zcard(fleet.keys.reservations(w.worker_id)) or await db.hlen(
-                fleet.keys.reservation_tokens(w.worker_id)
-            ):
+            if await db.zcard(fleet.keys.reservations(w.worker_id)):
                 return False
             count, tokens = await db.hmget(fleet.keys.worker(w.worker_id), ["pending_count", "pending_tokens"])
             if int(count or 0) or int(tokens or 0):

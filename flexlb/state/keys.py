@@ -98,9 +98,6 @@ class ServiceKeys:
     def reservations(self, worker_id: str) -> str:
         return f"{self.prefix}:resv:{worker_id}"
 
-    def reservation_tokens(self, worker_id: str) -> str:
-        return f"{self.prefix}:resv_tokens:{worker_id}"
-
     @property
     def cache_prefix(self) -> str:
         """Prefix of the workers' own block sets: ``<cache_prefix><worker id>``."""
@@ -135,6 +132,7 @@ class ServiceKeys:
     def request(self, request_id: int) -> str:
         return f"{self.prefix}:req:{request_id}"
 
-    def reservation_triple(self, worker_id: str) -> list[str]:
-        """Status hash, reservations zset and tokens hash: the keys reserve/release/sweep take per worker."""
-        return [self.worker(worker_id), self.reservations(worker_id), self.reservation_tokens(worker_id)]
+    def reservation_pair(self, worker_id: str) -> list[str]:
+        """Status hash and reservations zset: the keys reserve/release/sweep take per worker (a reservation's tokens
+        are in its request's index, ``request``)."""
+        return [self.worker(worker_id), self.reservations(worker_id)]

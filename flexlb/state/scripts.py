@@ -21,6 +21,7 @@ SCRIPT_NAMES = (
     "release",
     "batch",
     "sweep",
+    "audit_reservations",
     "upsert_worker",
     "remove_worker",
     "cache_set",

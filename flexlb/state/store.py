@@ -52,6 +52,28 @@ class ReserveOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class ReservationAudit:
+    """A worker's pending load and what its reservations hold, read together (lua/audit_reservations.lua)."""
+
+    worker_id: str
+    pending_count: int
+    pending_tokens: int
+    reserved: dict[int, int | None]  # request id -> tokens its index holds for the worker (None: the index lost them)
+
+    @property
+    def mismatch(self) -> str:
+        """What does not add up ('' when the counters are exactly their reservations')."""
+        tokens = sum(t or 0 for t in self.reserved.values())
+        counted = (self.pending_count, self.pending_tokens) == (len(self.reserved), tokens)
+        if counted and None not in self.reserved.values():
+            return ""
+        return (
+            f"{self.worker_id}: pending {self.pending_count} / {self.pending_tokens} tokens, "
+            f"reservations {len(self.reserved)} / {tokens} tokens {sorted(self.reserved.items())[:8]}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class FleetRead:
     """Every worker's status hash at one moment, and the change stream's position just before it was read: a view
     built from it and then following the stream from ``stream_id`` misses nothing."""
@@ -143,7 +165,7 @@ class FleetStore:
         args += ["1" if not limits else "0", inflight_max_blocks, len(blocks)]
         args += blocks
         for wid, tokens in picks:
-            keys += self.keys.reservation_triple(wid)
+            keys += self.keys.reservation_pair(wid)
             args += [wid, tokens]
         reply = await self.scripts.call("reserve", keys, args)
         if reply[0] == 1:
@@ -159,7 +181,7 @@ class FleetStore:
     async def _release(self, request_id: int, worker_ids: Sequence[str], *, defer: bool = False) -> tuple[int, int]:
         keys = [self.keys.request(request_id), *self.keys.change_keys()]
         for wid in worker_ids:
-            keys += self.keys.reservation_triple(wid)
+            keys += self.keys.reservation_pair(wid)
         released, remaining = await self.scripts.call("release", keys, [request_id, *worker_ids], defer=defer)
         return int(released), int(remaining)
 
@@ -185,8 +207,17 @@ class FleetStore:
         """Expire overdue reservations of these workers; returns how many were expired."""
         if not worker_ids:
             return 0
-        keys = [*self.keys.change_keys(), *(k for wid in worker_ids for k in self.keys.reservation_triple(wid))]
+        keys = [*self.keys.change_keys(), *(k for wid in worker_ids for k in self.keys.reservation_pair(wid))]
         return int(await self.scripts.call("sweep", keys, list(worker_ids)))
+
+    async def audit_reservations(self, worker_id: str) -> ReservationAudit:
+        """A worker's pending load and its reservations' tokens, read in one atomic step: for checks that the two
+        agree (``ReservationAudit.mismatch``)."""
+        count, tokens, flat = await self.scripts.call(
+            "audit_reservations", self.keys.reservation_pair(worker_id), [worker_id]
+        )
+        held = {int(rid): int(t) if t != "" else None for rid, t in zip(flat[::2], flat[1::2], strict=True)}
+        return ReservationAudit(worker_id, int(count), int(tokens), held)
 
     # ---- membership and status (admin API / CLI now, the master's poller later) ----
 
@@ -235,7 +266,7 @@ class FleetStore:
         keys = [
             self.keys.members_version,
             *self.keys.role_sets(),
-            *self.keys.reservation_triple(worker_id),
+            *self.keys.reservation_pair(worker_id),
             self.keys.cache_blocks(worker_id),
             *self.keys.change_keys(),
         ]
@@ -359,7 +390,7 @@ class FleetStore:
         if owned:
             raise ValueError(f"fields owned by the scripts cannot be written: {', '.join(sorted(owned))}")
         keys = [
-            *self.keys.reservation_triple(worker_id),
+            *self.keys.reservation_pair(worker_id),
             *self.keys.change_keys(),
             *map(self.keys.request, handled_request_ids),
         ]
@@ -382,7 +413,7 @@ class FleetStore:
     async def forget_worker(self, epoch: int, worker_id: str) -> int | None:
         """A worker silent past the worker timeout: mark it not alive with no load, drop all its reservations and its
         cache blocks (it stays registered). Returns the number of reservations dropped."""
-        keys = [*self.keys.reservation_triple(worker_id), self.keys.cache_blocks(worker_id), *self.keys.change_keys()]
+        keys = [*self.keys.reservation_pair(worker_id), self.keys.cache_blocks(worker_id), *self.keys.change_keys()]
         args = [epoch, worker_id, self.keys.events, self.keys.block_prefix]
         reply = await self._fenced("master_forget", keys, args)
         return None if reply is None else int(reply[1])

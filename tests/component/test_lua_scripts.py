@@ -30,7 +30,10 @@ async def worker_state(store: FleetStore, wid: str) -> tuple:
         h.get("pending_count"),
         h.get("pending_tokens"),
         await r.zrange(store.keys.reservations(wid), 0, -1, withscores=True),
-        await r.hgetall(store.keys.reservation_tokens(wid)),
+        {
+            rid: await r.hget(store.keys.request(int(rid)), wid)
+            for rid in await r.zrange(store.keys.reservations(wid), 0, -1)
+        },
     )
 
 
@@ -281,6 +284,7 @@ async def test_every_script_call_touches_one_cluster_slot(store: FleetStore) -> 
     await store.set_cache_blocks(P1.worker_id, [1, 2])
     await store.lookup_prefix([1, 2])
     await store.reserve(5, [(P1.worker_id, 1), (D1.worker_id, 1)], 60_000)
+    assert (await store.audit_reservations(P1.worker_id)).reserved == {5: 1}
     await store.sweep([P1.worker_id, D1.worker_id])
     await store.release(5)
     await asyncio.gather(store.reserve(6, [(P1.worker_id, 1)], 60_000), store.release(6, [P1.worker_id]))
@@ -292,11 +296,11 @@ async def test_every_script_call_touches_one_cluster_slot(store: FleetStore) -> 
     assert {name for name, _ in seen} == set(SCRIPT_NAMES) - own_tests
     for name, keys in seen:
         assert len({key_slot(k.encode()) for k in keys}) == 1, (name, keys)
-    # keys the scripts name from a prefix (a worker's blocks in the inverted index, a candidate's own block set)
-    # are in the same slot as every declared key
+    # keys the scripts name from a prefix (a worker's blocks in the inverted index, a candidate's own block set, a
+    # request's index named from a worker's key) are in the same slot as every declared key
     home = key_slot(store.keys.worker("w").encode())
-    for prefix in (store.keys.block_prefix, store.keys.cache_prefix):
-        assert key_slot(f"{prefix}12345".encode()) == home
+    for key in (store.keys.block(12345), store.keys.cache_blocks("w"), store.keys.request(12345)):
+        assert key_slot(key.encode()) == home
 
 
 def test_script_sources_have_their_includes_expanded_and_a_header() -> None:
@@ -334,3 +338,24 @@ async def test_a_zero_token_reservation_is_released_like_any_other(store: FleetS
     assert await store.release(31) == 2
     assert raw_pending(await worker_state(store, P1.worker_id)) == (0, 0)
     assert raw_pending(await worker_state(store, D1.worker_id)) == (0, 0)
+
+
+async def test_reservations_whose_request_index_was_lost_give_back_exactly_what_is_left(store: FleetStore) -> None:
+    """A reservation's tokens are in its request's index only (req:<rid>), which outlives it by a minute; when the
+    index is gone (an expiry that ran later, an eviction), release and expiry count the worker's tokens again from the
+    reservations it has left instead of leaving its pending tokens wrong for good."""
+    await register_fleet(store)
+    p1 = P1.worker_id
+    for rid, tokens in ((1, 100), (2, 200), (3, 50)):
+        assert (await store.reserve(rid, [(p1, tokens)], ttl_ms=60_000, limits=False)).ok  # over max_concurrency 2
+    assert raw_pending(await worker_state(store, p1)) == (3, 350)
+    await store.redis.delete(store.keys.request(1), store.keys.request(3))
+
+    assert await store.release(1, [p1]) == 1  # 3's tokens are unknown too: only 2's 200 are known to be held
+    assert raw_pending(await worker_state(store, p1)) == (2, 200)
+    await store.redis.zadd(store.keys.reservations(p1), {"3": 1})  # overdue since 1970
+    assert await store.sweep([p1]) == 1
+    assert raw_pending(await worker_state(store, p1)) == (1, 200)
+    assert (await store.audit_reservations(p1)).mismatch == ""
+    assert await store.release(2) == 1
+    assert raw_pending(await worker_state(store, p1)) == (0, 0)

@@ -158,7 +158,7 @@ async def test_handled_ids_drop_exactly_the_reservations_present(store: FleetSto
 
     assert await pending(store, p1) == (1, 300)
     assert await store.redis.zrange(store.keys.reservations(p1), 0, -1) == ["3"]
-    assert await store.redis.hgetall(store.keys.reservation_tokens(p1)) == {"3": "300"}
+    assert (await store.audit_reservations(p1)).reserved == {3: 300}
     assert await store.redis.hgetall(store.keys.request(1)) == {d1: "10"}  # the other role's reservation stays
     assert await store.redis.exists(store.keys.request(2)) == 0
     assert await store.redis.hgetall(store.keys.request(3)) == {p1: "300"}
@@ -183,6 +183,23 @@ async def test_handled_ids_drop_exactly_the_reservations_present(store: FleetSto
     assert await pending(store, p1) == (1, 300) and await pending(store, d1) == (0, 0)
     assert await store.release(3) == 1
     assert await pending(store, p1) == (0, 0)
+
+
+async def test_a_handled_reservation_whose_request_index_was_lost_leaves_the_tokens_of_the_rest(
+    store: FleetStore,
+) -> None:
+    """The reported request's tokens are in its index only: without it the worker's pending tokens are counted
+    again from its other reservations."""
+    epoch = await become_master(store, "a")
+    await store.register_worker(P1, WorkerStatus(alive=True, kv_total=10_000))
+    p1 = P1.worker_id
+    assert (await store.reserve(1, [(p1, 100)], TTL)).ok
+    assert (await store.reserve(2, [(p1, 200)], TTL)).ok
+    await store.redis.delete(store.keys.request(1))
+    write = await store.write_worker_status(epoch, p1, {"running": "1"}, [1])
+    assert write is not None and write.dropped == 1
+    assert await pending(store, p1) == (1, 200)
+    assert (await store.audit_reservations(p1)).mismatch == ""
 
 
 async def test_overdue_reservations_expire_before_the_write(store: FleetStore) -> None:
@@ -273,7 +290,7 @@ async def test_forget_releases_everything_and_clears_the_cache(store: FleetStore
     assert (state["pending_count"], state["pending_tokens"], state["kv_total"]) == ("0", "0", "10000")
     assert state["status_version"] == str(version + 1)
     assert await next_event(events) == f"status {p1} {version + 1}"
-    for key in (store.keys.reservations(p1), store.keys.reservation_tokens(p1), store.keys.cache_blocks(p1)):
+    for key in (store.keys.reservations(p1), store.keys.cache_blocks(p1)):
         assert await store.redis.exists(key) == 0
     assert await store.cache_blocks(p1) == set()
     assert [await store.block_holders(b) for b in (1, 2, 3)] == [set(), set(), set()]  # gone from the index too
@@ -366,13 +383,9 @@ async def test_concurrent_reserve_release_and_status_writes_keep_pending_exact(
     async def observe() -> None:
         nonlocal observations
         while not done.is_set():
-            async with observer.redis.pipeline(transaction=True) as pipe:
-                pipe.hmget(observer.keys.worker(wid), "pending_count", "pending_tokens")
-                pipe.zcard(observer.keys.reservations(wid))
-                pipe.hvals(observer.keys.reservation_tokens(wid))
-                (count, total), zcard, values = await pipe.execute()
-            assert int(count) >= 0 and int(total) >= 0
-            assert (int(count), int(total)) == (zcard, sum(map(int, values)))
+            audit = await observer.audit_reservations(wid)
+            assert audit.pending_count >= 0 and audit.pending_tokens >= 0
+            assert audit.mismatch == "", audit
             observations += 1
 
     try:
