@@ -41,7 +41,7 @@ async def state(store: FleetStore) -> dict[str, object]:
     for spec in WORKERS:
         w = spec.worker_id
         out[w] = await store.redis.hmget(store.keys.worker(w), "pending_count", "pending_tokens")
-        out[f"{w} reservations"] = sorted(await store.redis.zrange(store.keys.reservation_triple(w)[1], 0, -1))
+        out[f"{w} reservations"] = sorted(await store.redis.zrange(store.keys.reservations(w), 0, -1))
     for rid in range(40):
         out[f"request {rid}"] = await store.redis.hgetall(store.keys.request(rid))
     return out
