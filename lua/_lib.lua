@@ -49,7 +49,8 @@ local function add_pending(worker_key, count, tokens)
   return c .. ' ' .. t
 end
 
--- The prefix of the request indexes ("flexlb:{svc}:req:") from a worker's status hash key ("flexlb:{svc}:worker:<wid>").
+-- The prefix of the request indexes ("flexlb:{svc}:req:") from a worker's status hash key
+-- ("flexlb:{svc}:worker:<wid>").
 local function request_prefix(worker_key, wid)
   return string.sub(worker_key, 1, #worker_key - #wid - 7) .. 'req:'
 end
@@ -66,6 +67,19 @@ local function recount_pending_tokens(worker_key, resv_key, req_prefix, wid)
   return held
 end
 
+-- Give back the load of `count` reservations of worker `wid` already removed from its zset: `freed` tokens as their
+-- indexes held them, or, when an index had lost its field (`lost`), the worker's tokens counted again. Returns the
+-- tokens given back.
+local function give_back(worker_key, resv_key, wid, count, freed, lost)
+  hincr(worker_key, 'pending_count', -count)
+  if not lost then
+    hincr(worker_key, 'pending_tokens', -freed)
+    return freed
+  end
+  local before = tonumber(redis.call('HGET', worker_key, 'pending_tokens')) or 0
+  return before - recount_pending_tokens(worker_key, resv_key, request_prefix(worker_key, wid), wid)
+end
+
 -- Drop the reservations of worker `wid` whose expiry has passed and give their load back.
 -- A router that crashed never releases; this is what returns its capacity. Returns how many were dropped and
 -- their tokens.
@@ -79,15 +93,7 @@ local function expire_reservations(worker_key, resv_key, wid, now)
     if tokens then freed = freed + tonumber(tokens) else lost = true end
   end
   redis.call('ZREM', resv_key, unpack(overdue))
-  if redis.call('EXISTS', worker_key) == 1 then
-    hincr(worker_key, 'pending_count', -#overdue)
-    if lost then
-      local before = tonumber(redis.call('HGET', worker_key, 'pending_tokens')) or 0
-      freed = before - recount_pending_tokens(worker_key, resv_key, req_prefix, wid)
-    else
-      hincr(worker_key, 'pending_tokens', -freed)
-    end
-  end
+  if redis.call('EXISTS', worker_key) == 1 then freed = give_back(worker_key, resv_key, wid, #overdue, freed, lost) end
   return #overdue, freed
 end
 

@@ -42,12 +42,7 @@ for i = first_rid, #ARGV do
     dropped = dropped + 1
   end
 end
-hincr(wk, 'pending_count', -dropped)
-if lost then  -- an index lost its field (evicted): count the worker's tokens again
-  recount_pending_tokens(wk, rk, request_prefix(wk, wid), wid)
-else
-  hincr(wk, 'pending_tokens', -freed)
-end
+give_back(wk, rk, wid, dropped, freed, lost)
 local pending = redis.call('HMGET', wk, 'pending_count', 'pending_tokens')  -- after the expiry and the drops
 fields[#fields + 1] = 'status_version'
 fields[#fields + 1] = version

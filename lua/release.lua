@@ -25,9 +25,9 @@ for i = 1, (#KEYS - 3) / 2 do
     changes[#changes + 1] = wid
     if held[i] then
       changes[#changes + 1] = add_pending(wk, -1, -tonumber(held[i]))
-    else  -- its index lost the field (evicted): count the worker's tokens again
-      local count = redis.call('HINCRBY', wk, 'pending_count', -1)
-      changes[#changes + 1] = count .. ' ' .. recount_pending_tokens(wk, rk, request_prefix(wk, wid), wid)
+    else  -- its index lost the field (evicted)
+      give_back(wk, rk, wid, 1, 0, true)
+      changes[#changes + 1] = pending_of(wk)
     end
     released = released + 1
   end
