@@ -158,11 +158,16 @@ class MasterElection:
                     await asyncio.wait_for(self._stopping.wait(), delay)
         finally:
             await self._leave(on_deposed)
-            if self._presence is not None:
-                with contextlib.suppress(*_REDIS_FAILURES):
-                    await self._presence.aclose()
-                self._presence = None
+            await self.close_presence()
             self._idle.set()
+
+    async def close_presence(self) -> None:
+        """Close the presence connection (:meth:`run` does on its way out; a caller driving :meth:`step` itself
+        does once it is done), so no connection outlives its event loop."""
+        if self._presence is not None:
+            with contextlib.suppress(*_REDIS_FAILURES):
+                await self._presence.aclose()
+            self._presence = None
 
     async def stop(self) -> None:
         """Graceful handover: stop the master duties and release the lock so another process takes over now."""

@@ -121,6 +121,7 @@ class PollShards:
             for shard in self.shards:
                 if shard.lease.holding:
                     await shard.lease.resign(self._deposed(shard))
+                await shard.lease.close_presence()
             with contextlib.suppress(*_REDIS_FAILURES):
                 await self._scripts.call("shard_pollers", [self.keys.pollers], [self.poller_id, 0])
 

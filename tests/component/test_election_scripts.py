@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -206,8 +207,21 @@ class Recorder:
         self.events.append("deposed")
 
 
-def election(redis: aioredis.Redis, keys: ServiceKeys, clock: FakeClock, holder: str = "me") -> MasterElection:
-    return MasterElection(redis, keys, holder=holder, ttl_ms=3000, renew_interval_ms=1000, clock=clock)
+MakeElection = Callable[..., MasterElection]
+
+
+@pytest.fixture
+async def election() -> AsyncIterator[MakeElection]:
+    """Elections driven by step(), their presence connections closed after the test (run() would close them)."""
+    made: list[MasterElection] = []
+
+    def make(redis: aioredis.Redis, keys: ServiceKeys, clock: FakeClock, holder: str = "me") -> MasterElection:
+        made.append(MasterElection(redis, keys, holder=holder, ttl_ms=3000, renew_interval_ms=1000, clock=clock))
+        return made[-1]
+
+    yield make
+    for e in made:
+        await e.close_presence()
 
 
 async def step(e: MasterElection, rec: Recorder) -> float:
@@ -222,7 +236,7 @@ async def test_renew_interval_must_be_below_half_the_ttl(any_redis: aioredis.Red
 
 
 async def test_elected_then_renews_and_the_next_round_is_at_most_the_lease(
-    any_redis: aioredis.Redis, keys: ServiceKeys
+    any_redis: aioredis.Redis, keys: ServiceKeys, election: MakeElection
 ) -> None:
     clock, rec = FakeClock(), Recorder()
     e = election(any_redis, keys, clock)
@@ -237,7 +251,7 @@ async def test_elected_then_renews_and_the_next_round_is_at_most_the_lease(
 
 
 async def test_a_master_paused_past_its_ttl_is_no_longer_master_before_any_round_trip(
-    any_redis: aioredis.Redis, keys: ServiceKeys
+    any_redis: aioredis.Redis, keys: ServiceKeys, election: MakeElection
 ) -> None:
     clock, rec = FakeClock(), Recorder()
     e = election(any_redis, keys, clock)
@@ -252,7 +266,7 @@ async def test_a_master_paused_past_its_ttl_is_no_longer_master_before_any_round
 
 
 async def test_redis_errors_keep_the_master_until_the_local_lease_runs_out(
-    any_redis: aioredis.Redis, keys: ServiceKeys, monkeypatch: pytest.MonkeyPatch
+    any_redis: aioredis.Redis, keys: ServiceKeys, election: MakeElection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock, rec = FakeClock(), Recorder()
     e = election(any_redis, keys, clock)
@@ -274,7 +288,7 @@ async def test_redis_errors_keep_the_master_until_the_local_lease_runs_out(
 
 
 async def test_a_refused_renew_deposes_at_once_and_another_is_elected_with_a_higher_epoch(
-    any_redis: aioredis.Redis, keys: ServiceKeys
+    any_redis: aioredis.Redis, keys: ServiceKeys, election: MakeElection
 ) -> None:
     clock, rec_a, rec_b = FakeClock(), Recorder(), Recorder()
     a, b = election(any_redis, keys, clock, "a"), election(any_redis, keys, clock, "b")

@@ -135,6 +135,8 @@ async def test_a_deposed_shard_holders_write_is_refused(real_store: FleetStore, 
         raise AssertionError("a shard epoch passed the master's fence")
     await old.resign(deposed)
     await new.resign(deposed)
+    await old.close_presence()
+    await new.close_presence()
 
 
 async def test_a_cold_workers_change_shows_and_brings_it_back_to_fast_polls(
