@@ -146,10 +146,14 @@ class Scheduler:
 
         The release runs as a task of its own: a caller cancelled meanwhile (client gone, shutdown) does not cut it
         short, and :meth:`finish_releases` waits for it before the Redis client closes."""
+        return await asyncio.shield(self.release_soon(request_id))
+
+    def release_soon(self, request_id: int) -> asyncio.Task[int]:
+        """Start the release of :meth:`release` without waiting for it (the proxy, once its answer is out)."""
         task = asyncio.ensure_future(self._release(request_id))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
-        return await asyncio.shield(task)
+        return task
 
     async def finish_releases(self) -> None:
         """At shutdown, before the Redis client closes: wait for the releases still running and write the ones Redis

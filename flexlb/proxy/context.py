@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from dataclasses import dataclass, field
 
@@ -53,8 +52,6 @@ class ProxyContext:
     session: UpstreamPool | None = None  # the one client to the workers, open while the app runs
     upstream_auth: UpstreamAuth = field(default_factory=UpstreamAuth)  # the Authorization each engine gets
     tokenizer: PromptTokenizer = field(default_factory=WhitespaceTokenizer)  # prompts -> the engines' token ids
-    # releases of answered requests, running on their own (flexlb/proxy/handler.py): referenced until done
-    releasing: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def model_name(self) -> str:

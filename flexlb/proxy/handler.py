@@ -18,6 +18,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import orjson
@@ -190,9 +191,7 @@ async def _serve(
         # the next request on the client's connection (aiohttp serves a connection's requests one after the other)
         # waits for Redis; the scheduler's shutdown (finish_releases) waits for it before Redis closes.
         if held:
-            task = asyncio.ensure_future(_release_after(router.scheduler, request_id))
-            pctx.releasing.add(task)
-            task.add_done_callback(pctx.releasing.discard)
+            router.scheduler.release_soon(request_id).add_done_callback(partial(_release_done, request_id))
 
 
 async def _attempt(
@@ -303,9 +302,7 @@ async def _release(scheduler: Scheduler, request_id: int) -> None:
     await asyncio.shield(scheduler.release(request_id))
 
 
-async def _release_after(scheduler: Scheduler, request_id: int) -> None:
+def _release_done(request_id: int, task: asyncio.Task[int]) -> None:
     """The release once the answer is out: its failure is logged, not answered (the client has its answer)."""
-    try:
-        await _release(scheduler, request_id)
-    except Exception:
-        log.exception("release of request %s failed; its reservation expires by its TTL", request_id)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("release of request %s failed; its reservation expires by its TTL", request_id, exc_info=exc)

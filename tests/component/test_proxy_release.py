@@ -42,6 +42,7 @@ class GatedScheduler:
         self.started = asyncio.Event()
         self.done = asyncio.Event()  # a release finished
         self.fail = False  # releases raise
+        self.tasks: set[asyncio.Task[int]] = set()
         self.last_snapshot = None  # the block size: the default
         self.view = SimpleNamespace(block_size=lambda: 64, all=lambda: iter(()))  # no vLLM workers: whitespace tokens
 
@@ -52,6 +53,12 @@ class GatedScheduler:
             return ScheduleResult(success=False, code=ErrorCode.NO_PDFUSION_WORKER, message="no worker")
         choice = Choice(WorkerView(self.worker, WorkerStatus()))
         return ScheduleResult(success=True, choices={Role.PDFUSION: choice})
+
+    def release_soon(self, request_id: int) -> asyncio.Task[int]:
+        task = asyncio.ensure_future(self.release(request_id))
+        self.tasks.add(task)  # referenced until done, as the scheduler's are
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     async def release(self, request_id: int) -> int:
         self.releasing.append(request_id)
