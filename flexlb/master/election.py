@@ -166,7 +166,8 @@ class MasterElection:
         does once it is done), so no connection outlives its event loop."""
         if self._presence is not None:
             with contextlib.suppress(*_REDIS_FAILURES):
-                await self._presence.aclose()
+                # its own pool: a client given a pool only hands its connection back to it on a plain aclose()
+                await self._presence.aclose(close_connection_pool=True)
             self._presence = None
 
     async def stop(self) -> None:

@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import signal
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 from conftest import eventually
 from prometheus_client import CollectorRegistry
 from redis.crc import key_slot
 
 from flexlb.domain import Role, WorkerSpec
-from flexlb.master.election import MasterElection
+from flexlb.embedded_redis import EmbeddedRedis
+from flexlb.master.election import PRESENCE_NAME, MasterElection
 from flexlb.master.poller import MasterDuties, PollOptions
+from flexlb.master.service import MasterService
 from flexlb.master.shards import fair_share, shard_of
 from flexlb.metrics import MasterMetrics
 from flexlb.ports import free_ports
+from flexlb.settings.environment import load_settings
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.store import FleetStore, StaleEpoch
 
@@ -185,3 +191,33 @@ def test_shard_keys_share_the_service_slot_and_shares_cover_every_shard() -> Non
         for live in range(1, 10):
             assert fair_share(shards, live) * live >= shards
     assert {shard_of(f"10.0.0.{i}:8000", 4) for i in range(64)} == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("shards", [1, SHARDS])
+async def test_a_stopped_master_leaves_no_presence_connection(
+    real_redis: aioredis.Redis, redis_server: EmbeddedRedis, service: str, shards: int
+) -> None:
+    """One process holding the master lock (and every shard's lease), in this event loop, then stopped: the presence
+    connection each lease named itself by (flexlb/master/election.py's docstring) is closed with it."""
+    config = {**CONFIG, "pollShards": shards}
+    environ = {"FLEXLB_CONFIG": json.dumps(config), "FLEXLB_SERVICE_ID": service, "REDIS_URL": redis_server.url}
+    master = MasterService(real_redis, load_settings(environ), MasterMetrics(CollectorRegistry()), holder="solo")
+    keys = ServiceKeys(service)
+    locks = [keys.master_lock, *(keys.shard_lock(i) for i in range(1, shards))]
+
+    async def presence_ids() -> list[str] | None:
+        marks = [re.search(r"\[presence ([0-9a-f]+)\]$", v or "") for v in await real_redis.mget(locks)]
+        return [m[1] for m in marks if m is not None] if all(marks) else None
+
+    master.start()
+    try:
+        ids = await eventually(presence_ids, "every shard's lease held and marked with its presence id")
+        named = {c["name"] for c in await real_redis.client_list()}
+        assert {PRESENCE_NAME + i for i in ids} <= named  # their connections are open while held
+    finally:
+        await master.stop()
+
+    async def closed() -> bool:  # the server notices a closed socket on its next round, not at once
+        return not {PRESENCE_NAME + i for i in ids} & {c["name"] for c in await real_redis.client_list()}
+
+    await eventually(closed, "the stopped master's presence connections closed", timeout_s=5)
