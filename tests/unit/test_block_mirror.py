@@ -108,3 +108,61 @@ def test_the_first_block_held_nowhere_skips_blocks_held_without_their_prefix() -
     mirror.replace_worker("b", [3, 4], {})  # the later half of the prompt, without its prefix: no match
     hits = mirror.lookup_prefix([1, 2, 3, 4, 5])
     assert hits == {"a": 2} and hits.held_by_any == 4  # the probe is block 5, not block 3 (held by b)
+
+
+WORKERS = [f"w{i}" for i in range(4)]
+blocks = st.sets(st.integers(0, 7), max_size=5)
+operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("replace"), st.sampled_from(WORKERS), blocks, st.dictionaries(st.integers(0, 7), st.integers(0, 30))
+        ),
+        st.tuples(st.just("diff"), st.sampled_from(WORKERS), blocks, blocks),
+        st.tuples(st.just("inflight"), st.sampled_from(WORKERS), blocks, st.integers(0, 30)),
+        st.tuples(st.just("forget"), st.sampled_from(WORKERS)),
+        st.tuples(st.just("time"), st.integers(0, 5)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=operations)
+def test_holders_equal_a_model_through_any_sequence_of_changes(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    """Blocks gaining and losing holders (one holder is kept as a str, more as a set: block_mirror's docstring)
+    always give the holders a plain per-worker model gives."""
+    mirror = BlockMirror(follow=len(WORKERS) + 1)
+    cached: dict[str, set[int]] = {}
+    inflight: dict[str, dict[int, int]] = {}
+    now = 0
+    for op, *args in ops:
+        if op == "replace":
+            wid, cache, held = args
+            mirror.replace_worker(wid, cache, held)
+            cached[wid], inflight[wid] = set(cache), dict(held)
+        elif op == "diff":
+            wid, added, removed = args
+            mirror.apply_diff(wid, added, removed)
+            mine = inflight.setdefault(wid, {})
+            cached[wid] = (cached.get(wid, set()) | added) - removed
+            for block in added:
+                mine.pop(block, None)
+        elif op == "inflight":
+            wid, new, until = args
+            mirror.add_inflight(wid, sorted(new), until, 0)
+            inflight.setdefault(wid, {}).update(dict.fromkeys(new, until))
+        elif op == "forget":
+            mirror.forget(args[0])
+            cached.pop(args[0], None)
+            inflight.pop(args[0], None)
+        else:
+            now += args[0]
+
+        def held(w: str, block: int, now: int = now) -> bool:
+            return block in cached.get(w, ()) or inflight.get(w, {}).get(block, -1) > now
+
+        for block in range(8):
+            assert mirror.holders(block, now_ms=now) == {w for w in WORKERS if held(w, block)}, (op, block)
+        prefix = [0, 1, 2]
+        depths = {w: next((i for i, b in enumerate(prefix) if not held(w, b)), len(prefix)) for w in WORKERS}
+        assert mirror.lookup_prefix(prefix, now_ms=now) == {w: d for w, d in depths.items() if d}
