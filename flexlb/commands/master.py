@@ -8,6 +8,7 @@ import uvloop
 from aiohttp import web
 
 from flexlb.cli_options import UsageError, port
+from flexlb.gc_policy import apply_gc_policy
 from flexlb.ports import PortInUse, listen
 from flexlb.settings import load_settings
 
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     except PortInUse as exc:
         raise UsageError(str(exc)) from None
     uvloop.install()
+    apply_gc_policy(settings.flexlb.gc_young_threshold)
     app = create_master_app(settings, holder=args.holder)
     port = sock.getsockname()[1]
     print(

@@ -12,6 +12,7 @@ import uvloop
 
 from flexlb.cli_options import UsageError, add_operator_flags, flag_environment, port
 from flexlb.embedded_redis import EmbeddedRedis
+from flexlb.gc_policy import apply_gc_policy
 from flexlb.ports import PortInUse, claim_shared, listen
 from flexlb.settings import Settings, load_settings
 
@@ -99,6 +100,7 @@ def _run_router(args: argparse.Namespace, settings: Settings, host: str, port: i
     from flexlb.http.server import runner_options, serve
 
     uvloop.install()
+    apply_gc_policy(settings.flexlb.gc_young_threshold)
     app = create_app(settings, master_host=args.advertise or _advertised(host, port))
     grpc = [("gRPC", settings.flexlb.grpc_host)] if settings.flexlb.enable_grpc_prefill_master else []
     warn_if_open(settings.auth, [("HTTP", host), *grpc])

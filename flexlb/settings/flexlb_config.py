@@ -197,6 +197,14 @@ class FlexlbConfig:
         " request handling (same checks and answers, about half the CPU per call); false sends them through aiohttp.",
         origin="flexlb",
     )
+    gc_young_threshold: int = _opt(
+        10_000,
+        "Python's garbage collector in router and master processes: a young collection every this many new"
+        " container objects, older ones 50 and 100 times less often (Python's own 700 / 10 / 10 made a router"
+        " pause ~35 ms about every second under load); 0 = Python's defaults. docs/performance.md.",
+        origin="flexlb",
+        low=0,
+    )
     http_idle_timeout_ms: int = _opt(
         30_000,
         "A keep-alive connection with no request is closed after this time, in ms; keep it above the idle timeout"

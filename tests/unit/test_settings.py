@@ -62,6 +62,7 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "httpHeaderTimeoutMs": 10_000,
     "httpBodyTimeoutMs": 15_000,
     "httpFastPath": True,
+    "gcYoungThreshold": 10_000,
     "httpIdleTimeoutMs": 30_000,
     "maxBlockCacheKeys": 65_536,
     "contendForMaster": True,
