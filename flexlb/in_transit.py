@@ -10,7 +10,7 @@ reservation, which the view shows one entry later anyway.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 Load = tuple[int, int]  # (count, tokens) of pending reservations on one worker
 Floor = tuple[str, Load]  # a worker and the load it has at least once the reservation is in Redis
@@ -46,14 +46,9 @@ class InTransit:
             else:
                 del self._floors[wid], self._highest[wid]
 
-    def extra(self, pending: Callable[[str], Load]) -> dict[str, Load]:
+    def extra(self, pending: Callable[[str], Load]) -> ExtraLoad:
         """worker id -> what its floors add to the view's load ``pending(worker_id)``, where they add anything."""
-        out = {}
-        for wid, (count, held) in self._highest.items():
-            base_count, base_held = pending(wid)
-            if count > base_count or held > base_held:
-                out[wid] = (max(count - base_count, 0), max(held - base_held, 0))
-        return out
+        return ExtraLoad(self._highest, pending)
 
     def __bool__(self) -> bool:
         return bool(self._floors)
@@ -63,3 +58,38 @@ class InTransit:
         if highest is None:
             return base
         return max(base[0], highest[0]), max(base[1], highest[1])
+
+
+class ExtraLoad(Mapping[str, Load]):
+    """``InTransit.extra``: worked out per worker when asked, as a decision asks about a few workers of many while
+    a busy router has reservations in transit on dozens. Valid until the next add or remove."""
+
+    __slots__ = ("_highest", "_pending")
+
+    def __init__(self, highest: Mapping[str, Load], pending: Callable[[str], Load]) -> None:
+        self._highest, self._pending = highest, pending
+
+    def get(self, worker_id: str, default: Load | None = None) -> Load | None:  # type: ignore[override]
+        floor = self._highest.get(worker_id)
+        if floor is None:
+            return default
+        count, held = floor
+        base_count, base_held = self._pending(worker_id)
+        if count > base_count or held > base_held:
+            return max(count - base_count, 0), max(held - base_held, 0)
+        return default
+
+    def __getitem__(self, worker_id: str) -> Load:
+        extra = self.get(worker_id)
+        if extra is None:
+            raise KeyError(worker_id)
+        return extra
+
+    def __iter__(self) -> Iterator[str]:
+        return (wid for wid in self._highest if self.get(wid) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __bool__(self) -> bool:
+        return bool(self._highest)  # a quick "maybe": get() says for each worker

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flexlb.domain import NO_WORKER_CODE, ROLE_ORDER, ErrorCode, Role, ScheduleRequest, ScheduleResult
@@ -388,11 +388,14 @@ class Scheduler:
             )
         return result
 
-    def _local_load(self) -> dict[str, tuple[int, int]]:
+    def _local_load(self) -> Mapping[str, tuple[int, int]]:
         """Reservations only this process knows (made in degraded mode, or on their way to Redis): worker ->
         (count, tokens)."""
         self._prune_local()
-        load = self._in_transit.extra(self._view_pending) if self._in_transit else {}
+        in_transit = self._in_transit.extra(self._view_pending) if self._in_transit else None
+        if not self._local:
+            return in_transit or {}
+        load = dict(in_transit or {})
         for res in self._local.values():
             _add_load(load, res.picks)
         return load
@@ -405,6 +408,8 @@ class Scheduler:
         if not hits:
             return
         for role, choice in result.choices.items():
+            if role not in PREFILL_ROLES:  # hits are of prefill-type workers only (the index's)
+                continue
             best = 0
             for wid, blocks in hits.items():
                 view = self.view.get(wid)

@@ -151,23 +151,30 @@ class BlockMirror:
         inflight = self._inflight.setdefault(worker_id, {})
         index = self._index
         add = self._add
-        fresh = []
-        for block in blocks:
-            until = until_ms if expiries is None else expiries[block]
-            old = inflight.pop(block, None)  # to the end: the newest
-            inflight[block] = until
-            if old == until:
-                continue  # the stream's echo of this router's own reservation: already indexed and in the heap
-            if block not in index:
-                index[block] = worker_id
-            else:
-                add(block, worker_id)
-            if expiries is None:
-                fresh.append(block)
-            else:
-                self._push(until, worker_id, (block,))
-        if fresh:
-            self._push(until_ms, worker_id, tuple(fresh))
+        if expiries is None:
+            held = inflight.get
+            # a block already in flight as long (this router's note, then the stream's echo of it) or longer (a
+            # later reservation noted before the echo of an earlier one) stays as it is: Redis holds the latest
+            fresh = tuple(b for b in blocks if (old := held(b)) is None or old < until_ms)
+            if not fresh:
+                return
+            for block in fresh:
+                inflight.pop(block, None)  # to the end: the newest
+                inflight[block] = until_ms
+                holders = index.get(block)
+                if holders is None:
+                    index[block] = worker_id
+                elif holders != worker_id:
+                    add(block, worker_id)
+            self._push(until_ms, worker_id, fresh)
+        else:  # a read of the worker's blocks: each with its own expiry
+            for block in blocks:
+                until = expiries[block]
+                old = inflight.pop(block, None)
+                inflight[block] = until
+                if old != until:
+                    add(block, worker_id)
+                    self._push(until, worker_id, (block,))
         if len(self._expiry) > self._compact_above:
             self._compact()
         if cap > 0 and len(inflight) > cap:

@@ -40,6 +40,16 @@ def test_a_refreshed_in_flight_block_keeps_its_later_expiry() -> None:
     assert mirror.lookup_prefix([1], now_ms=3_000) == {}
 
 
+def test_the_echo_of_an_earlier_reservation_does_not_shorten_a_later_one() -> None:
+    """A router notes its own reservations at once and applies the stream's copy later: a later reservation's note
+    can come before the echo of an earlier one, and Redis holds the later expiry."""
+    mirror = BlockMirror()
+    mirror.add_inflight("a", [1, 2], until_ms=1_000, cap=0)  # reservation 1, noted
+    mirror.add_inflight("a", [1, 2], until_ms=2_000, cap=0)  # reservation 2, noted
+    mirror.add_inflight("a", [1, 2], until_ms=1_000, cap=0)  # the stream's echo of reservation 1
+    assert mirror.lookup_prefix([1, 2], now_ms=1_500) == {"a": 2}
+
+
 def test_a_removed_block_still_in_flight_stays_held_until_it_expires() -> None:
     mirror = BlockMirror()
     mirror.replace_worker("a", [1, 2], {})
@@ -150,7 +160,8 @@ def test_holders_equal_a_model_through_any_sequence_of_changes(ops: list[tuple])
         elif op == "inflight":
             wid, new, until = args
             mirror.add_inflight(wid, sorted(new), until, 0)
-            inflight.setdefault(wid, {}).update(dict.fromkeys(new, until))
+            mine = inflight.setdefault(wid, {})
+            mine.update({b: max(until, mine.get(b, until)) for b in new})  # Redis holds the latest: the longest
         elif op == "forget":
             mirror.forget(args[0])
             cached.pop(args[0], None)
