@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 Load = tuple[int, int]  # (count, tokens) of pending reservations on one worker
 Floor = tuple[str, Load]  # a worker and the load it has at least once the reservation is in Redis
+EAGER_UP_TO = 32  # workers with floors up to which ``extra`` is a plain dict (a C lookup per worker, not a call)
 
 
 class InTransit:
@@ -46,9 +47,12 @@ class InTransit:
             else:
                 del self._floors[wid], self._highest[wid]
 
-    def extra(self, pending: Callable[[str], Load]) -> ExtraLoad:
-        """worker id -> what its floors add to the view's load ``pending(worker_id)``, where they add anything."""
-        return ExtraLoad(self._highest, pending)
+    def extra(self, pending: Callable[[str], Load]) -> Mapping[str, Load]:
+        """worker id -> what its floors add to the view's load ``pending(worker_id)``, where they add anything: a
+        dict while few workers have floors (a decision may look at each of them), else worked out per worker asked
+        (a decision in a large fleet looks at a few)."""
+        lazy = ExtraLoad(self._highest, pending)
+        return lazy if len(self._highest) > EAGER_UP_TO else lazy.as_dict()
 
     def __bool__(self) -> bool:
         return bool(self._floors)
@@ -78,6 +82,15 @@ class ExtraLoad(Mapping[str, Load]):
         if count > base_count or held > base_held:
             return max(count - base_count, 0), max(held - base_held, 0)
         return default
+
+    def as_dict(self) -> dict[str, Load]:
+        out = {}
+        pending = self._pending
+        for wid, (count, held) in self._highest.items():
+            base_count, base_held = pending(wid)
+            if count > base_count or held > base_held:
+                out[wid] = (max(count - base_count, 0), max(held - base_held, 0))
+        return out
 
     def __getitem__(self, worker_id: str) -> Load:
         extra = self.get(worker_id)

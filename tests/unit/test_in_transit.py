@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flexlb.in_transit import InTransit
+from flexlb.in_transit import EAGER_UP_TO, InTransit
 
 
 def test_reservations_on_their_way_are_floors_under_the_view() -> None:
@@ -52,3 +52,23 @@ def test_what_decisions_add_is_the_highest_floor_still_on_its_way(steps: list[tu
             if top[0] > view["w"][0] or top[1] > view["w"][1]:
                 want = {"w": (max(top[0] - view["w"][0], 0), max(top[1] - view["w"][1], 0))}
         assert transit.extra(view.__getitem__) == want
+
+
+@given(st.integers(0, 3 * EAGER_UP_TO), st.integers(0, 2))
+def test_a_large_fleet_gets_the_same_load_worked_out_per_worker(workers: int, seen: int) -> None:
+    """Past EAGER_UP_TO workers with floors, ``extra`` answers per worker asked: the same values as the dict."""
+    view = {f"w{i}": (0, 0) for i in range(workers)}
+    transit = InTransit()
+    transit.add([(wid, 10) for wid in view], view.__getitem__)
+    transit.add([(wid, 5) for wid in list(view)[::2]], view.__getitem__)
+    for wid in list(view)[::3]:
+        view[wid] = (seen, 10 * seen)  # the view applied some of them
+    extra = transit.extra(view.__getitem__)
+    want = {}
+    for i, wid in enumerate(view):
+        top = (2, 15) if i % 2 == 0 else (1, 10)
+        base = view[wid]
+        if top[0] > base[0] or top[1] > base[1]:
+            want[wid] = (max(top[0] - base[0], 0), max(top[1] - base[1], 0))
+    assert dict(extra) == want and len(extra) == len(want) and bool(extra) == bool(workers)
+    assert all(extra.get(wid) == want.get(wid) for wid in [*view, "unknown"])
