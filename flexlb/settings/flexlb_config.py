@@ -200,8 +200,8 @@ class FlexlbConfig:
     gc_young_threshold: int = _opt(
         10_000,
         "Python's garbage collector in router and master processes: a young collection every this many new"
-        " container objects, older ones 50 and 100 times less often (Python's own 700 / 10 / 10 made a router"
-        " pause ~35 ms about every second under load); 0 = Python's defaults. docs/performance.md.",
+        " container objects, the older generations at Python's ratios (its 700 made a loaded router run a 35-70 ms"
+        " full collection about every second); 0 = Python's defaults. docs/performance.md.",
         origin="flexlb",
         low=0,
     )
