@@ -35,7 +35,13 @@ from flexlb.master.election import current_master
 from flexlb.master.health import HealthOptions, HttpGetter
 from flexlb.master.router_health import RouterHealthChecks
 from flexlb.master.service import MasterService, default_holder
-from flexlb.metrics import MasterMetrics, SchedulerMetrics, exposition_registry, register_fleet_collector
+from flexlb.metrics import (
+    MasterMetrics,
+    SchedulerMetrics,
+    exposition_registry,
+    register_fleet_collector,
+    register_process_collectors,
+)
 from flexlb.proxy import setup_proxy
 from flexlb.proxy.routes import PROXY_ROUTES
 from flexlb.queueing import QueueMetrics, QueueOptions, RequestQueue
@@ -154,7 +160,9 @@ def create_app(
     # connection (flexlb.state.pipelined) and everything else goes through redis-py
     pipelined = None if redis is not None else make_pipelined(settings.redis_url, config.redis_timeout_ms)
     redis = _redis_for(settings, redis)
-    registry = registry or CollectorRegistry()
+    if registry is None:  # this process's own (tests pass theirs)
+        registry = CollectorRegistry()
+        register_process_collectors(registry)
     metrics = SchedulerMetrics(registry)
     store = FleetStore(redis, settings.service.service_id, pipelined)
     scheduler = Scheduler(
@@ -254,7 +262,9 @@ def create_master_app(
     """``flexlb master``: contends for the master lock and polls the workers while it holds it; serves /health,
     /metrics and /rtp_llm/master/info. It also keeps the static workers registered."""
     redis = _redis_for(settings, redis)
-    registry = registry or CollectorRegistry()
+    if registry is None:
+        registry = CollectorRegistry()
+        register_process_collectors(registry)
     store = FleetStore(redis, settings.service.service_id)
     master = MasterService(redis, settings, MasterMetrics(registry), holder=holder or default_holder("master"))
     app = web.Application(middlewares=[json_errors])

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -29,6 +29,16 @@ def exposition_registry(registry: CollectorRegistry) -> CollectorRegistry:
     aggregate = CollectorRegistry()
     MultiProcessCollector(aggregate, directory)
     return aggregate
+
+
+def register_process_collectors(registry: CollectorRegistry) -> None:
+    """This process's ``python_gc_*`` (collections and objects collected per generation: a full collection shows
+    as ``generation="2"``) and ``process_*`` (CPU seconds, resident memory, open files) on its registry. Not in
+    multiprocess mode: /metrics serves the processes' summed files there, and one process's own figures would pass
+    for all of them."""
+    if not os.environ.get(MULTIPROC_DIR_ENV):
+        registry.register(GC_COLLECTOR)
+        registry.register(PROCESS_COLLECTOR)
 
 
 class Children:
