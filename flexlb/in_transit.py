@@ -84,6 +84,7 @@ class ExtraLoad(Mapping[str, Load]):
         return default
 
     def as_dict(self) -> dict[str, Load]:
+        """Every worker's, at once: ``get``'s rule inline, as this runs once per decision over every floor."""
         out = {}
         pending = self._pending
         for wid, (count, held) in self._highest.items():
