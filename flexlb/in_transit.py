@@ -10,7 +10,7 @@ reservation, which the view shows one entry later anyway.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence
 
 Load = tuple[int, int]  # (count, tokens) of pending reservations on one worker
 Floor = tuple[str, Load]  # a worker and the load it has at least once the reservation is in Redis
@@ -92,6 +92,9 @@ class ExtraLoad(Mapping[str, Load]):
             if count > base_count or held > base_held:
                 out[wid] = (max(count - base_count, 0), max(held - base_held, 0))
         return out
+
+    def items(self) -> ItemsView[str, Load]:  # type: ignore[override]
+        return self.as_dict().items()  # each worker's worked out once, not by __iter__ and then __getitem__
 
     def __getitem__(self, worker_id: str) -> Load:
         extra = self.get(worker_id)

@@ -70,6 +70,7 @@ BANDS = math.ceil(-math.log(NEGLIGIBLE_WEIGHT))  # WEIGHTED_CACHE's proposal ban
 # proposals by band: an eligible one is accepted with probability >= 1/e, so 16 all fail 1 time in 1,500; when the
 # least used are at their limits, the scan of the eligible ones near them (cheaper than more proposals) decides
 BAND_TRIES = 16
+PLAIN_BAND_TRIES = 4  # WEIGHTED_CACHE's proposals before this router's reservations in transit are proposed apart
 
 
 def queue_ms(view: WorkerView, model: TtftModel) -> float:
@@ -340,20 +341,22 @@ class _Scan:
             # horizon failed SAMPLE_TRIES times, and fell back to the full scan, when most of it had tiny weights.
             width = 1 / decay if decay > 0 else math.inf
             bands = BANDS if decay > 0 else 1
-            edges = [self.fleet.count_up_to(role, BY_KV_USED, least_used + (k + 1) * width) for k in range(bands)]
-            starts = [0, *edges[:-1]]
-            counts = (e - s for s, e in zip(starts, edges, strict=True))
-            mass = list(itertools.accumulate(n * math.exp(-k) for k, n in enumerate(counts)))
-            for _ in range(BAND_TRIES if mass[-1] > 0 else 0):
-                k = min(bisect.bisect_right(mass, rng.random() * mass[-1]), bands - 1)
-                if edges[k] == starts[k]:
-                    continue
-                view = self.fleet.nth(role, BY_KV_USED, rng.randrange(starts[k], edges[k]))
-                if (seen := self.as_seen(view, role)) is None:
-                    continue
-                used = seen.status.kv_used + seen.pending_tokens - least_used
-                if rng.random() < math.exp(k - decay * used):  # its weight over its band's largest
-                    return seen
+            limits = [least_used + (k + 1) * width for k in range(bands)]
+            edges = [self.fleet.count_up_to(role, BY_KV_USED, limit) for limit in limits]
+            counts = [e - s for s, e in zip([0, *edges[:-1]], edges, strict=True)]
+            seen = self._band_draws(role, PLAIN_BAND_TRIES, least_used, edges, counts, {})
+            if seen is None and self.local_load and decay > 0:
+                # A worker this router has reservations in transit on holds more than its order key says, so its
+                # band's largest weight overstates it: a busy router's least used workers are the ones it just
+                # chose, and in a mid-sized fleet most proposals of the first band were rejected until the sampler
+                # fell back to its scan. Such workers are then proposed apart, each by its own weight, and left out
+                # of their band's count (each trial of either kind is exact on its own).
+                apart = self._in_transit_apart(role, decay, least_used, limits, counts)
+                seen = self._band_draws(role, BAND_TRIES, least_used, edges, counts, apart)
+            elif seen is None:
+                seen = self._band_draws(role, BAND_TRIES - PLAIN_BAND_TRIES, least_used, edges, counts, {})
+            if seen is not None:
+                return seen
             if decay > 0:  # the least used are not eligible (at their limits): the eligible ones near them
                 return pick(strategy, role, self._least_used_eligible(role, bands * width), self.request,
                             self.memory, self.params)  # fmt: skip
@@ -364,6 +367,64 @@ class _Scan:
                 if view is not None and (seen := self.as_seen(view, role)) is not None:
                     return seen
         return pick(strategy, role, self.all_eligible(role), self.request, self.memory, self.params)
+
+    def _band_draws(
+        self,
+        role: Role,
+        tries: int,
+        least_used: float,
+        edges: Sequence[int],
+        counts: Sequence[int],
+        apart: Mapping[str, tuple[WorkerView, float]],
+    ) -> WorkerView | None:
+        """Up to ``tries`` WEIGHTED_CACHE proposals: a band by its count times its largest weight, then one of its
+        workers uniformly, accepted by its weight over that largest; or one of ``apart`` by its own weight
+        (``counts`` leaves them out of their bands)."""
+        rng, decay = self.memory.rng, self.params.weighted_cache_decay
+        mass = list(
+            itertools.accumulate([*(w for _, w in apart.values()), *(n * math.exp(-k) for k, n in enumerate(counts))])
+        )
+        if mass[-1] <= 0:
+            return None
+        views = [v for v, _ in apart.values()]
+        for _ in range(tries):
+            i = bisect.bisect_right(mass, rng.random() * mass[-1])
+            if i < len(views):  # its exact weight: taken as it is, if it may take the request
+                if (seen := self.as_seen(views[i], role)) is not None:
+                    return seen
+                continue
+            k = min(i - len(views), len(counts) - 1)
+            if counts[k] <= 0:
+                continue
+            start = edges[k - 1] if k else 0
+            view = self.fleet.nth(role, BY_KV_USED, rng.randrange(start, edges[k]))
+            while view.worker_id in apart:  # uniform over the band's other workers (counts[k] > 0 of them)
+                view = self.fleet.nth(role, BY_KV_USED, rng.randrange(start, edges[k]))
+            if (seen := self.as_seen(view, role)) is None:
+                continue
+            used = seen.status.kv_used + seen.pending_tokens - least_used
+            if rng.random() < math.exp(k - decay * used):  # its weight over its band's largest
+                return seen
+        return None
+
+    def _in_transit_apart(
+        self, role: Role, decay: float, least_used: float, limits: Sequence[float], counts: list[int]
+    ) -> dict[str, tuple[WorkerView, float]]:
+        """WEIGHTED_CACHE's workers of the role with this router's reservations in transit, within the bands'
+        horizon (``limits``: each band's largest key): each with its weight relative to the least used, counting
+        what is in transit; each is taken out of its band's count in ``counts``."""
+        apart: dict[str, tuple[WorkerView, float]] = {}
+        for wid, (_, tokens) in self.local_load.items():
+            view = self.fleet.get(wid)
+            if view is None or view.spec.role is not role:
+                continue
+            key = view.status.kv_used + view.pending_tokens  # its BY_KV_USED key
+            k = bisect.bisect_left(limits, key)
+            if k == len(limits):
+                continue  # past the horizon: negligible, as the bands leave it
+            counts[k] -= 1
+            apart[wid] = (view, math.exp(-decay * (key + tokens - least_used)))
+        return apart
 
     def _least_used_eligible(self, role: Role, horizon: float) -> list[WorkerView]:
         """The eligible workers by KV used, up to ``horizon`` tokens past the first: those after it weigh less than

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from flexlb.domain import ErrorCode, Role, ScheduleRequest
 from flexlb.routing import ChoiceMemory, DecisionOptions, StrategyName, StrategyParams, decide, eligible, order_keys
+from flexlb.routing.decide import PLAIN_BAND_TRIES
 from flexlb.routing.strategies import near_best
 from flexlb.routing.ttft import estimate_ttft_ms
 from flexlb.state.view import FleetView
@@ -135,16 +136,22 @@ def test_pruned_round_robin_and_random_pick_eligible_workers(seed: int, size: in
 
 
 @pytest.mark.parametrize(
-    ("kv_used", "full"),
+    ("kv_used", "full", "in_transit"),
     [
-        ([0, 300, 600, 1_000, 2_500, 4_000], 0),
-        ([0, 2_000, 5_000, 5_100, 5_200, 9_000, 9_500, 12_000, 12_500, 13_000, 30_000], 0),  # most mass is tiny
-        ([0, 0, 100, 20_000, 20_300, 21_000, 60_000], 3),  # the least used are at their limit: the next ones share
+        ([0, 300, 600, 1_000, 2_500, 4_000], 0, {}),
+        ([0, 2_000, 5_000, 5_100, 5_200, 9_000, 9_500, 12_000, 12_500, 13_000, 30_000], 0, {}),  # most mass is tiny
+        ([0, 0, 100, 20_000, 20_300, 21_000, 60_000], 3, {}),  # the least used are at their limit: the next share
+        # this router's reservations on their way: the least used hold more than their band says
+        ([0, 0, 0, 100, 900, 1_500, 3_000, 3_100], 0, {0: 2_000, 1: 4_000, 2: 500, 3: 2_000, 6: 20_000}),
+        ([0, 0, 100, 20_000, 20_300, 21_000, 60_000], 3, {3: 3_000, 5: 50_000}),
     ],
 )
-def test_pruned_weighted_cache_samples_the_full_scans_distribution(kv_used: list[int], full: int) -> None:
+def test_pruned_weighted_cache_samples_the_full_scans_distribution(
+    kv_used: list[int], full: int, in_transit: dict[int, int]
+) -> None:
     """Rejection sampling keeps WEIGHTED_CACHE's probabilities: compare frequencies with the weights of the
-    eligible workers (the first ``full`` are at their concurrency limit)."""
+    eligible workers (the first ``full`` are at their concurrency limit), counting what this router has in transit
+    (``in_transit``: worker index -> tokens)."""
     from flexlb.routing import weighted_cache_weights
 
     rng = random.Random(5)
@@ -154,7 +161,13 @@ def test_pruned_weighted_cache_samples_the_full_scans_distribution(kv_used: list
         h = worker_hash(i, Role.DECODE, rng) | {"alive": "1", "available": "1"} | limit
         hashes[f"{h['ip']}:8000"] = h | {"kv_used": str(used), "pending_tokens": "0", "kv_total": "0"}
     fleet = fleet_of(hashes)
-    workers = [v for v in fleet.workers(Role.DECODE) if not v.spec.max_concurrency]
+    ids = list(hashes)
+    local_load = {ids[i]: (1, tokens) for i, tokens in in_transit.items()}
+    workers = [
+        dataclasses.replace(v, pending_tokens=v.pending_tokens + local_load.get(v.worker_id, (0, 0))[1])
+        for v in fleet.workers(Role.DECODE)
+        if not v.spec.max_concurrency
+    ]
     assert len(workers) == len(kv_used) - full
     expected = dict(zip([v.worker_id for v in workers], weighted_cache_weights(workers, 0.001), strict=True))
     memory = ChoiceMemory(rng=random.Random(11))
@@ -165,6 +178,7 @@ def test_pruned_weighted_cache_samples_the_full_scans_distribution(kv_used: list
             fleet,
             options(StrategyName.WEIGHTED_CACHE, Role.DECODE, prune_above=0),
             memory,
+            local_load=local_load,
         )
         .choices[Role.DECODE]
         .worker.worker_id
@@ -288,3 +302,45 @@ def test_an_explained_decision_names_its_best_candidates_and_the_rule_that_chose
         assert why["candidates"][0]["estimate_ttft_ms"] == 530.0 and why["candidates"][1]["queued_tokens"] == 40_000
     plain = decide(ScheduleRequest(request_id=1, seq_len=100, ttft_bound_ms=5_000), fleet, opts, ChoiceMemory())
     assert plain.choices[Role.PDFUSION].explanation is None  # only when asked: it scans every eligible worker
+
+
+class CountingFleet(FleetView):
+    """A fleet view that counts the workers drawn from its orders (the pruned samplers' proposals)."""
+
+    draws = 0
+
+    def nth(self, role: Role, order: str, index: int):  # type: ignore[no-untyped-def]
+        self.draws += 1
+        return super().nth(role, order, index)
+
+
+def test_weighted_cache_proposes_workers_in_transit_by_their_own_weight() -> None:
+    """A busy router's least used workers are those it just chose, with reservations still on their way: their band
+    overstates them, and proposing from it was rejected until the sampler fell back to its scan. Proposed apart by
+    their own weight once a few plain proposals failed, a decision needs no more draws from the bands."""
+    hashes = {}
+    for i in range(200):
+        h = worker_hash(i, Role.DECODE, random.Random(i)) | {"alive": "1", "available": "1", "max_concurrency": "0"}
+        hashes[f"{h['ip']}:8000"] = h | {"kv_used": str(20_000 * (i % 7)), "pending_tokens": "0", "kv_total": "0"}
+    fleet = CountingFleet(order_keys(PARAMS))
+    fleet.replace_all(hashes)
+    least_used = [wid for i, wid in enumerate(hashes) if i % 7 == 0]  # every worker within the bands' horizon
+    local_load = {wid: (1, 2_000 * (1 + j % 3)) for j, wid in enumerate(least_used)}
+    memory = ChoiceMemory(rng=random.Random(1))
+    chosen = Counter(
+        decide(
+            ScheduleRequest(request_id=i + 1, seq_len=10),
+            fleet,
+            options(StrategyName.WEIGHTED_CACHE, Role.DECODE, prune_above=0),
+            memory,
+            local_load=local_load,
+        )
+        .choices[Role.DECODE]
+        .worker.worker_id
+        for i in range(500)
+    )
+    # a few plain proposals, then the ones in transit by their own weight: was ~11 per decision, then the scan
+    assert fleet.draws <= PLAIN_BAND_TRIES * 500
+    assert set(chosen) <= set(least_used)
+    light = [wid for j, wid in enumerate(least_used) if j % 3 == 0]  # 2,000 tokens in transit, not 4,000 or 6,000
+    assert sum(chosen[w] for w in light) > 0.6 * 500  # exp(-2) against exp(-4), exp(-6): ~86% of the weight
