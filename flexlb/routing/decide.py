@@ -70,6 +70,7 @@ BANDS = math.ceil(-math.log(NEGLIGIBLE_WEIGHT))  # WEIGHTED_CACHE's proposal ban
 # proposals by band: an eligible one is accepted with probability >= 1/e, so 16 all fail 1 time in 1,500; when the
 # least used are at their limits, the scan of the eligible ones near them (cheaper than more proposals) decides
 BAND_TRIES = 16
+REDRAWS = 8  # draws from a band landing on workers proposed apart before the band's others are listed
 PLAIN_BAND_TRIES = 4  # WEIGHTED_CACHE's proposals before this router's reservations in transit are proposed apart
 
 
@@ -396,16 +397,24 @@ class _Scan:
             k = min(i - len(views), len(counts) - 1)
             if counts[k] <= 0:
                 continue
-            start = edges[k - 1] if k else 0
-            view = self.fleet.nth(role, BY_KV_USED, rng.randrange(start, edges[k]))
-            while view.worker_id in apart:  # uniform over the band's other workers (counts[k] > 0 of them)
-                view = self.fleet.nth(role, BY_KV_USED, rng.randrange(start, edges[k]))
-            if (seen := self.as_seen(view, role)) is None:
+            view = self._uniform_in_band(role, edges[k - 1] if k else 0, edges[k], apart)
+            if view is None or (seen := self.as_seen(view, role)) is None:
                 continue
             used = seen.status.kv_used + seen.pending_tokens - least_used
             if rng.random() < math.exp(k - decay * used):  # its weight over its band's largest
                 return seen
         return None
+
+    def _uniform_in_band(self, role: Role, start: int, end: int, apart: Mapping[str, object]) -> WorkerView | None:
+        """A worker drawn uniformly from positions [start, end) of the role's KV order, less those in ``apart``."""
+        rng = self.memory.rng
+        for _ in range(REDRAWS):
+            view = self.fleet.nth(role, BY_KV_USED, rng.randrange(start, end))
+            if view.worker_id not in apart:
+                return view
+        # mostly apart: the others by a scan of the band (a uniform choice all the same)
+        others = [v for i in range(start, end) if (v := self.fleet.nth(role, BY_KV_USED, i)).worker_id not in apart]
+        return rng.choice(others) if others else None
 
     def _in_transit_apart(
         self, role: Role, decay: float, least_used: float, limits: Sequence[float], counts: list[int]
