@@ -29,6 +29,7 @@ from flexlb.routing.decide import orders_per_role
 from flexlb.routing.strategies import PREFILL_ROLES
 from flexlb.state.block_mirror import BlockMirror
 from flexlb.state.errors import REDIS_UNAVAILABLE
+from flexlb.state.script_batch import AFTER_ANSWER_DEFER_S, DEFER_S
 from flexlb.state.store import FleetStore, PrefixHits
 from flexlb.state.view import FleetView
 from flexlb.state.view_sync import ViewSync
@@ -146,11 +147,12 @@ class Scheduler:
 
         The release runs as a task of its own: a caller cancelled meanwhile (client gone, shutdown) does not cut it
         short, and :meth:`finish_releases` waits for it before the Redis client closes."""
-        return await asyncio.shield(self.release_soon(request_id))
+        return await asyncio.shield(self.release_soon(request_id, defer_s=DEFER_S))
 
-    def release_soon(self, request_id: int) -> asyncio.Task[int]:
-        """Start the release of :meth:`release` without waiting for it (the proxy, once its answer is out)."""
-        task = asyncio.ensure_future(self._release(request_id))
+    def release_soon(self, request_id: int, *, defer_s: float = AFTER_ANSWER_DEFER_S) -> asyncio.Task[int]:
+        """Start the release of :meth:`release` without waiting for it (the proxy, once its answer is out: nobody
+        waits for it, so it may wait up to ``defer_s`` to share a batch with other calls)."""
+        task = asyncio.ensure_future(self._release(request_id, defer_s))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
         return task
@@ -169,7 +171,7 @@ class Scheduler:
                 exc,
             )
 
-    async def _release(self, request_id: int) -> int:
+    async def _release(self, request_id: int, defer_s: float) -> int:
         released = 0
         local = self._local.pop(request_id, None)
         if local is not None:
@@ -177,7 +179,7 @@ class Scheduler:
         workers, _ = self._reserved_here.pop(request_id, ((), 0.0))
         self.metrics.in_flight.set(self.in_flight)
         try:
-            released += await self.store.release_request(request_id, workers)
+            released += await self.store.release_request(request_id, workers, defer_s=defer_s)
             self._mark_redis_up()
         except REDIS_UNAVAILABLE as exc:
             self._mark_redis_down(exc)

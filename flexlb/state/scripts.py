@@ -105,10 +105,11 @@ class Scripts:
         for script in self._scripts.values():
             await self._redis.script_load(script.script)
 
-    async def call(self, name: str, keys: list[str], args: list[Any], *, defer: bool = False) -> Any:
-        """``defer``: nothing waits for the answer to go on: it may wait a moment to share a batch (ScriptBatch)."""
+    async def call(self, name: str, keys: list[str], args: list[Any], *, defer_s: float = 0.0) -> Any:
+        """``defer_s``: nothing waits for the answer to go on: it may wait up to that long to share a batch
+        (ScriptBatch)."""
         if self.batch is not None and name in BATCHED:
-            return await self.batch.call(name, keys, args, defer=defer)
+            return await self.batch.call(name, keys, args, defer_s=defer_s)
         return await self._call(name, keys, args)
 
     def submit(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any] | None:

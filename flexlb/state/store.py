@@ -18,6 +18,7 @@ from flexlb.domain import WorkerSpec, WorkerStatus, WorkerView
 from flexlb.state.codec import SCRIPT_OWNED, WorkerDecoder, parse_status_value, spec_fields, status_fields
 from flexlb.state.keys import ServiceKeys
 from flexlb.state.pipelined import PipelinedRedis
+from flexlb.state.script_batch import DEFER_S
 from flexlb.state.scripts import Scripts
 
 LOOKUP_CHUNK = 128  # blocks per lookup call: 8k tokens of 64-token blocks, so long prompts build few keys at once
@@ -178,11 +179,11 @@ class FleetStore:
         """Workers that hold (or held until expiry) a reservation of the request."""
         return sorted(await self.redis.hkeys(self.keys.request(request_id)))
 
-    async def _release(self, request_id: int, worker_ids: Sequence[str], *, defer: bool = False) -> tuple[int, int]:
+    async def _release(self, request_id: int, worker_ids: Sequence[str], *, defer_s: float = 0.0) -> tuple[int, int]:
         keys = [self.keys.request(request_id), *self.keys.change_keys()]
         for wid in worker_ids:
             keys += self.keys.reservation_pair(wid)
-        released, remaining = await self.scripts.call("release", keys, [request_id, *worker_ids], defer=defer)
+        released, remaining = await self.scripts.call("release", keys, [request_id, *worker_ids], defer_s=defer_s)
         return int(released), int(remaining)
 
     async def release(self, request_id: int, worker_ids: Sequence[str] | None = None) -> int:
@@ -194,11 +195,14 @@ class FleetStore:
             return 0
         return (await self._release(request_id, worker_ids))[0]
 
-    async def release_request(self, request_id: int, likely_workers: Sequence[str]) -> int:
+    async def release_request(self, request_id: int, likely_workers: Sequence[str], *, defer_s: float = DEFER_S) -> int:
         """Remove every reservation of the request, trying ``likely_workers`` first: one round trip when they are
         all of them (the router that reserved knows), two when another router reserved some too. The request is over:
-        its release may wait a moment to share a batch with the next call (Scripts.call ``defer``)."""
-        released, remaining = await self._release(request_id, likely_workers, defer=True) if likely_workers else (0, 1)
+        its release may wait up to ``defer_s`` to share a batch with other calls (Scripts.call)."""
+        if likely_workers:
+            released, remaining = await self._release(request_id, likely_workers, defer_s=defer_s)
+        else:
+            released, remaining = 0, 1
         if remaining:
             released += await self.release(request_id)
         return released

@@ -165,21 +165,26 @@ async def test_a_call_redis_cannot_take_fails_its_callers_and_the_batch_goes_on(
 async def test_a_deferred_call_shares_the_next_batch_or_goes_alone_a_moment_later(
     real_redis: aioredis.Redis, redis_server: EmbeddedRedis, service: str
 ) -> None:
-    """A release nothing waits for (``defer``) waits up to DEFER_S for company: the next call takes it along, in one
-    batch, after it; without company it goes alone."""
+    """A release nothing waits for (``defer_s``) waits up to that long for company: the next call takes it along, in
+    one batch, after it; without company it goes alone; of several waiting, the shortest wait sends them all."""
     w = WORKERS[3].worker_id
     async with fleet(real_redis, redis_server, service) as store:
         batch = store.scripts.batch
         assert batch is not None
         assert (await store.reserve(1, [(w, 10)], 60_000)).ok
-        before, batch.defer_s = batch.batches, 60.0  # company comes long before the wait is over
-        deferred = asyncio.ensure_future(store.release_request(1, [w]))
+        before = batch.batches
+        deferred = asyncio.ensure_future(store.release_request(1, [w], defer_s=60.0))  # company comes long before
         for _ in range(5):  # loop rounds: a call that is not deferred would be sent (alone) by now
             await asyncio.sleep(0)
         assert not deferred.done()
         again = await store.reserve(1, [(w, 10)], 60_000)  # the same request: after the release, counted anew
         assert await deferred == 1 and batch.batches == before + 1  # one batch of the two
         assert again.ok and again.pending == ((1, 10),)
-        batch.defer_s = 0.001
-        assert await store.release_request(1, [w]) == 1  # alone: sent a moment later
+        assert await store.release_request(1, [w], defer_s=0.001) == 1  # alone: sent a moment later
         assert batch.batches == before + 1
+        assert (await store.reserve(2, [(w, 10)], 60_000)).ok and (await store.reserve(3, [(w, 10)], 60_000)).ok
+        long_wait = asyncio.ensure_future(store.release_request(2, [w], defer_s=60.0))
+        await asyncio.sleep(0)
+        short_wait = asyncio.ensure_future(store.release_request(3, [w], defer_s=0.001))
+        assert await asyncio.wait_for(asyncio.gather(long_wait, short_wait), 10) == [1, 1]  # not 60 s: the shorter
+        assert batch.batches == before + 2  # the two in one batch
