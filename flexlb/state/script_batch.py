@@ -21,7 +21,7 @@ from flexlb.state.pipelined import PipelinedRedis
 BATCHED = ("reserve", "release")  # the scripts lua/batch.lua can run
 # How long a deferred call may wait to share a batch: a release no decision waits for (the schedule API's /release,
 # whose client waits for its answer), and one nobody waits for at all (the proxy's, once the answer is out: waiting
-# 4 ms instead of 1 ms shares most of them with other calls, ~10% of a proxying router's CPU; the worker reports
+# 4 ms instead of 1 ms shares most of them with other calls, ~7% of a proxying router's CPU; the worker reports
 # the request done by then, and the master's hand-over drops most reservations before their release anyway)
 DEFER_S = 0.001
 AFTER_ANSWER_DEFER_S = 0.004
