@@ -345,17 +345,18 @@ class _Scan:
             limits = [least_used + (k + 1) * width for k in range(bands)]
             edges = [self.fleet.count_up_to(role, BY_KV_USED, limit) for limit in limits]
             counts = [e - s for s, e in zip([0, *edges[:-1]], edges, strict=True)]
-            seen = self._band_draws(role, PLAIN_BAND_TRIES, least_used, edges, counts, {})
-            if seen is None and self.local_load and decay > 0:
+            if self.local_load and decay > 0:
                 # A worker this router has reservations in transit on holds more than its order key says, so its
                 # band's largest weight overstates it: a busy router's least used workers are the ones it just
                 # chose, and in a mid-sized fleet most proposals of the first band were rejected until the sampler
-                # fell back to its scan. Such workers are then proposed apart, each by its own weight, and left out
-                # of their band's count (each trial of either kind is exact on its own).
-                apart = self._in_transit_apart(role, decay, least_used, limits, counts)
-                seen = self._band_draws(role, BAND_TRIES, least_used, edges, counts, apart)
-            elif seen is None:
-                seen = self._band_draws(role, BAND_TRIES - PLAIN_BAND_TRIES, least_used, edges, counts, {})
+                # fell back to its scan. After a few plain proposals such workers are proposed apart, each by its
+                # own weight, and left out of their band's count (each trial of either kind is exact on its own).
+                seen = self._band_draws(role, PLAIN_BAND_TRIES, least_used, edges, counts, {})
+                if seen is None:
+                    apart = self._in_transit_apart(role, decay, least_used, limits, counts)
+                    seen = self._band_draws(role, BAND_TRIES, least_used, edges, counts, apart)
+            else:
+                seen = self._band_draws(role, BAND_TRIES, least_used, edges, counts, {})
             if seen is not None:
                 return seen
             if decay > 0:  # the least used are not eligible (at their limits): the eligible ones near them
