@@ -64,6 +64,13 @@ class InTransit:
         return max(base[0], highest[0]), max(base[1], highest[1])
 
 
+def _above(floor: Load, base: Load) -> Load | None:
+    """What ``floor`` adds to the view's ``base`` load, or None when it adds nothing."""
+    if floor[0] > base[0] or floor[1] > base[1]:
+        return max(floor[0] - base[0], 0), max(floor[1] - base[1], 0)
+    return None
+
+
 class ExtraLoad(Mapping[str, Load]):
     """``InTransit.extra``: worked out per worker when asked, as a decision asks about a few workers of many while
     a busy router has reservations in transit on dozens. Valid until the next add or remove."""
@@ -75,23 +82,13 @@ class ExtraLoad(Mapping[str, Load]):
 
     def get(self, worker_id: str, default: Load | None = None) -> Load | None:  # type: ignore[override]
         floor = self._highest.get(worker_id)
-        if floor is None:
-            return default
-        count, held = floor
-        base_count, base_held = self._pending(worker_id)
-        if count > base_count or held > base_held:
-            return max(count - base_count, 0), max(held - base_held, 0)
-        return default
+        extra = None if floor is None else _above(floor, self._pending(worker_id))
+        return default if extra is None else extra
 
     def as_dict(self) -> dict[str, Load]:
-        """Every worker's, at once: ``get``'s rule inline, as this runs once per decision over every floor."""
-        out = {}
+        """Every worker's, at once."""
         pending = self._pending
-        for wid, (count, held) in self._highest.items():
-            base_count, base_held = pending(wid)
-            if count > base_count or held > base_held:
-                out[wid] = (max(count - base_count, 0), max(held - base_held, 0))
-        return out
+        return {wid: extra for wid, floor in self._highest.items() if (extra := _above(floor, pending(wid)))}
 
     def items(self) -> ItemsView[str, Load]:  # type: ignore[override]
         return self.as_dict().items()  # each worker's worked out once, not by __iter__ and then __getitem__
