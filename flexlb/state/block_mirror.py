@@ -148,7 +148,6 @@ class BlockMirror:
         """``blocks`` are in flight on ``worker_id`` until ``until_ms`` (or each until ``expiries[block]``); at most
         ``cap`` of them kept per worker (0: no bound), the soonest to expire dropped first."""
         inflight = self._inflight.setdefault(worker_id, {})
-        index = self._index
         add = self._add
         if expiries is None:
             held = inflight.get
@@ -160,11 +159,7 @@ class BlockMirror:
             for block in fresh:
                 inflight.pop(block, None)  # to the end: the newest
                 inflight[block] = until_ms
-                holders = index.get(block)
-                if holders is None:
-                    index[block] = worker_id
-                elif holders != worker_id:
-                    add(block, worker_id)
+                add(block, worker_id)
             self._push(until_ms, worker_id, fresh)
         else:  # a read of the worker's blocks: each with its own expiry
             for block in blocks:
