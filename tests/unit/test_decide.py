@@ -135,6 +135,24 @@ def test_pruned_round_robin_and_random_pick_eligible_workers(seed: int, size: in
             assert pruned.choices[Role.DECODE].worker.worker_id in eligible_ids
 
 
+def weighted_cache_picks(
+    fleet: FleetView, memory: ChoiceMemory, draws: int, local_load: dict[str, tuple[int, int]]
+) -> Counter[str]:
+    """How often each decode worker is chosen by the pruned WEIGHTED_CACHE over ``draws`` decisions."""
+    return Counter(
+        decide(
+            ScheduleRequest(request_id=i + 1, seq_len=10),
+            fleet,
+            options(StrategyName.WEIGHTED_CACHE, Role.DECODE, prune_above=0),
+            memory,
+            local_load=local_load,
+        )
+        .choices[Role.DECODE]
+        .worker.worker_id
+        for i in range(draws)
+    )
+
+
 @pytest.mark.parametrize(
     ("kv_used", "full", "in_transit"),
     [
@@ -172,18 +190,7 @@ def test_pruned_weighted_cache_samples_the_full_scans_distribution(
     expected = dict(zip([v.worker_id for v in workers], weighted_cache_weights(workers, 0.001), strict=True))
     memory = ChoiceMemory(rng=random.Random(11))
     draws = 20_000
-    picks = Counter(
-        decide(
-            ScheduleRequest(request_id=i, seq_len=10),
-            fleet,
-            options(StrategyName.WEIGHTED_CACHE, Role.DECODE, prune_above=0),
-            memory,
-            local_load=local_load,
-        )
-        .choices[Role.DECODE]
-        .worker.worker_id
-        for i in range(draws)
-    )
+    picks = weighted_cache_picks(fleet, memory, draws, local_load)
     assert set(picks) <= set(expected)
     for wid, p in expected.items():
         assert abs(picks[wid] / draws - p) < 0.015, (wid, picks[wid] / draws, p)
@@ -327,18 +334,7 @@ def test_weighted_cache_proposes_workers_in_transit_by_their_own_weight() -> Non
     least_used = [wid for i, wid in enumerate(hashes) if i % 7 == 0]  # every worker within the bands' horizon
     local_load = {wid: (1, 2_000 * (1 + j % 3)) for j, wid in enumerate(least_used)}
     memory = ChoiceMemory(rng=random.Random(1))
-    chosen = Counter(
-        decide(
-            ScheduleRequest(request_id=i + 1, seq_len=10),
-            fleet,
-            options(StrategyName.WEIGHTED_CACHE, Role.DECODE, prune_above=0),
-            memory,
-            local_load=local_load,
-        )
-        .choices[Role.DECODE]
-        .worker.worker_id
-        for i in range(500)
-    )
+    chosen = weighted_cache_picks(fleet, memory, 500, local_load)
     # a few plain proposals, then the ones in transit by their own weight: was ~11 per decision, then the scan
     assert fleet.draws <= PLAIN_BAND_TRIES * 500
     assert set(chosen) <= set(least_used)
