@@ -30,7 +30,7 @@ from flexlb.bench.workloads import RequestSpec
 from flexlb.domain import Role
 from flexlb.stack.interrupts import Interrupts
 from flexlb.stack.local import Stack, StackError
-from flexlb.stack.processes import Child, spawn, stop_all
+from flexlb.stack.processes import Child, process_cpu_seconds, spawn, stop_all
 from flexlb.stack.terminal import Terminal
 from flexlb.stack.worker_options import WorkerOptions
 
@@ -88,17 +88,6 @@ class RouterProfiler:
     def result(self) -> dict[str, Any]:
         samples, parts = po.profile_parts(self.path.read_text() if self.path.exists() else "")
         return {"path": str(self.path), "samples": samples, "parts": parts}
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process ``pid`` so far, from /proc (None where there is no /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) ": field 3 (state) onwards
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
 
 
 async def _send_plain(session: aiohttp.ClientSession, url: str, spec: RequestSpec, record: RequestRecord) -> None:
@@ -236,11 +225,11 @@ def run_proxy_bench(
         profiling = profiler is not None and mode == "proxy"
         if profiling:
             profiler.start()
-        cpu_before = cpu_seconds(router.child.pid)
+        cpu_before = process_cpu_seconds(router.child.pid)
         try:
             outcome = asyncio.run(_phase(targets[mode], params, index, interrupts, progress))
         finally:
-            cpu_after = cpu_seconds(router.child.pid)
+            cpu_after = process_cpu_seconds(router.child.pid)
             if profiling:
                 profiler.stop()
         term.line()

@@ -42,7 +42,7 @@ from flexlb.bench.report import Target, latency_summary
 from flexlb.domain import Role, WorkerSpec
 from flexlb.embedded_redis import EmbeddedRedis, free_port
 from flexlb.proxy.http1 import UpstreamError, UpstreamPool
-from flexlb.stack.processes import Child, NotReady, spawn, stop_all, wait_http_ready
+from flexlb.stack.processes import Child, NotReady, process_cpu_seconds, spawn, stop_all, wait_http_ready
 from flexlb.state.scripts import SCRIPT_NAMES, script_source
 from flexlb.state.store import FleetStore
 
@@ -208,15 +208,6 @@ def counters_delta(before: ServerCounters, after: ServerCounters, ops: int) -> d
             for n, c in sorted(calls.items())
         },
     }
-
-
-def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds a process used so far (Linux /proc), None where that cannot be read."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def read_counters(client: redis_sync.Redis) -> ServerCounters:
@@ -620,10 +611,10 @@ def run_schedule_bench(params: ScheduleBenchParams, *, out: Callable[[str], None
             now = time.time()
             if before is None and now >= start:
                 before = read_counters(admin)
-                cpu_before = process_cpu_s(stack.router.pid)
+                cpu_before = process_cpu_seconds(stack.router.pid)
             if now >= end:
                 after = read_counters(admin)
-                cpu_after = process_cpu_s(stack.router.pid)
+                cpu_after = process_cpu_seconds(stack.router.pid)
             if now >= next_tick or after is not None:
                 ok, errors = sum(counter[0::2]), sum(counter[1::2])
                 phase = "warm-up" if now - 0.5 < start else "measure"  # the second that just ended

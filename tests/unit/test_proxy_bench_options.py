@@ -9,8 +9,9 @@ import os
 import pytest
 
 from flexlb.bench.proxy_overhead import LOOP_PART, OTHER_PART, ProxyBenchParams, added, combine, profile_parts, render
-from flexlb.bench.proxy_run import BenchWorkerOptions, cpu_seconds
+from flexlb.bench.proxy_run import BenchWorkerOptions
 from flexlb.cli import build_parser
+from flexlb.stack.processes import process_cpu_seconds
 
 TARGET_SETTING = (
     "bench proxy --concurrency 32 --prompt-tokens 32 --max-tokens 8 --time-scale 1 --strategy ROUND_ROBIN "
@@ -69,11 +70,11 @@ def test_router_cpu_per_request_and_the_table_of_answers_not_streamed() -> None:
 
 
 def test_cpu_seconds_of_this_process() -> None:
-    first = cpu_seconds(os.getpid())
+    first = process_cpu_seconds(os.getpid())
     if first is None:
         pytest.skip("no /proc here")
     sum(i * i for i in range(200_000))  # some CPU work
-    second = cpu_seconds(os.getpid())
+    second = process_cpu_seconds(os.getpid())
     assert second is not None and second >= first >= 0
 
 
